@@ -48,6 +48,10 @@ __all__ = [
 #: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (seed 004, Sec. 4.1).
 PHASE1 = (0.001, 0.05, 0.001, 0.001)
 PHASE2 = (0.001, 0.03, 0.025, 2.5)
+#: Default weight of the data terms ``||I' - I||^2`` of Eqs. 6 and 9: intensities on the 8-bit scale
+#: (255^2). With intensities in [0, 1] (weight 1) the paper's lambdas over-smooth the albedo and
+#: the depth (see docs/fine.md for the measurements).
+DATA_WEIGHT = 255.0 ** 2
 
 try:  # geomfit.rtv provides the RTV weights and the screened-Poisson solver
     from .rtv import rtv_weights, solve_screened_poisson
@@ -190,7 +194,7 @@ def _as_hwc(x, H, W, C, xp, name):
 
 
 def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_skin=0.3, lam_rtv=2.5,
-                 iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=1.0):
+                 iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=DATA_WEIGHT):
     """Albedo with the skin-colour and RTV detail-reducing terms (seed 004, Eqs. 6-7).
 
     Minimises over ``gamma`` (per channel)::
@@ -428,19 +432,52 @@ class _DepthProblem:
         return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ u)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
 
 
+def _pcg(A, b, Msolve, rtol=1e-6, maxiter=50):
+    """Preconditioned conjugate gradients (NumPy or CuPy): returns (x, iterations, converged)."""
+    xp = get_array_module(b)
+    x = xp.zeros_like(b)
+    r = b.copy()
+    bn = float(xp.linalg.norm(b))
+    if bn == 0.0:
+        return x, 0, True
+    z = Msolve(r)
+    p = z.copy()
+    rz = float(r @ z)
+    for k in range(1, int(maxiter) + 1):
+        Ap = A @ p
+        pAp = float(p @ Ap)
+        if not pAp > 0:
+            return x, k, False
+        alpha = rz / pAp
+        x += alpha * p
+        r -= alpha * Ap
+        if float(xp.linalg.norm(r)) <= rtol * bn:
+            return x, k, True
+        z = Msolve(r)
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x, int(maxiter), False
+
+
 @dataclass
 class DepthInfo:
     """Convergence record of :func:`solve_depth`: energies (Eq. 9) after each accepted step (the
     first entry is the initial energy), the wall-clock seconds at which each was reached, the number
-    of linear solves and the final damping."""
+    of linear solves, factorisations and preconditioned-CG iterations, the final damping, and the
+    last factor (pass it as ``preconditioner`` to the next call to factor once, solve many)."""
     energies: List[float] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
     solves: int = 0
+    factorizations: int = 0
+    cg_iterations: int = 0
     damping: float = 0.0
+    factor: object = None
 
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
-                tol=1e-4, damping=1e-4, data_mask=None, data_weight=1.0, gradient_scale=1.0, return_info=False):
+                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, preconditioner=None,
+                cg_tol=1e-6, cg_maxiter=20, return_info=False):
     """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -478,6 +515,16 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         Initial Marquardt damping (relative to the diagonal).
     data_mask : bool array (H, W), optional
         Pixels allowed in the data term (e.g. not saturated); default all of ``mask``.
+    data_weight : float
+        Weight of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
+    gradient_scale : float
+        Scale of the grey image in the gradient term (1: intensities in [0, 1]).
+    preconditioner : SPDFactor, optional
+        A factor of a previous system of the same size (``info.factor``): the steps are then
+        solved by conjugate gradients preconditioned with it, refactoring only if CG does not reach
+        ``cg_tol`` in ``cg_maxiter`` iterations. Without it, the first step factors.
+    cg_tol, cg_maxiter : float, int
+        Relative residual and iteration cap of those CG solves.
     return_info : bool
         Also return a :class:`DepthInfo`.
 
@@ -509,6 +556,8 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     E = prob.energy(u)
     info = DepthInfo(energies=[E], times=[time.perf_counter() - t0])
     mu = float(damping)
+    F = preconditioner
+    reuse = True
     for _ in range(int(iterations)):
         rab = prob.data_derivatives(u)
         Jd = prob.data_jacobian(rab)
@@ -518,7 +567,18 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         accepted = False
         for _try in range(10):
             A = Hm + spm.diags(mu * dg)
-            step = factorize_spd(A.tocsc() if xp is np else A).solve(-g)
+            step = None
+            if reuse and F is not None and F.method != "cg" and F.shape == A.shape:
+                # factor once, solve many: the last factor preconditions CG on the new system
+                step, its, ok = _pcg(A, -g, F.solve, rtol=cg_tol, maxiter=cg_maxiter)
+                info.cg_iterations += its
+                if not ok:  # the system moved too far from the factored one: refactor from now on
+                    step = None
+                    reuse = False
+            if step is None:
+                F = factorize_spd(A.tocsc() if xp is np else A)
+                info.factorizations += 1
+                step = F.solve(-g)
             info.solves += 1
             E_new = prob.energy(u + step)
             if np.isfinite(E_new) and E_new < E:
@@ -536,6 +596,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         if dE < tol * E:
             break
     info.damping = mu
+    info.factor = F
     out = xp.ascontiguousarray(d).copy()
     out.reshape(-1)[xp.asarray(prob.cols)] = u
     return (out, info) if return_info else out
@@ -660,8 +721,8 @@ class FineResult:
 def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                phases: Sequence[Sequence[float]] = (PHASE1, PHASE2), lam_skin=0.3, lam_rtv=2.5,
                lam_spec=0.5, specular=True, shared_light=False, init_rounds=2, outer_iterations=2,
-               depth_iterations=3, rtv_iterations=3, saturation=0.995, min_pixels=64, data_weight=1.0,
-               gradient_scale=1.0):
+               depth_iterations=3, rtv_iterations=3, saturation=0.995, min_pixels=64, data_weight=DATA_WEIGHT,
+               gradient_scale=1.0, albedo_data_weight=None):
     """Seed 004's fine stage: lighting, albedo, specular, then phased depth shape from shading.
 
     Steps (seed 004, Sec. 3.4 and 4.1):
@@ -755,9 +816,11 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     n = _depth_normals(d_in)
     Y = sh_basis(n)
     sh = fit_sh_lighting(I, n, gamma, dm, shared=shared_light)
-    for _ in range(int(init_rounds)):
+    for k in range(int(init_rounds)):
         S = Y @ sh
-        gamma = solve_albedo(I, S, None, dm, avg, lam_skin, lam_rtv, iterations=rtv_iterations)
+        gamma = solve_albedo(I, S, None, dm, avg, lam_skin, lam_rtv, iterations=rtv_iterations if k == 0 else 1,
+                             albedo0=None if k == 0 else gamma,
+                             data_weight=albedo_data_weight or data_weight)
         sh = fit_sh_lighting(I, n, gamma, dm, shared=shared_light)
     S = _as_hwc(Y @ sh, H, W, 3, xp, "shading")
     timings["light_albedo"] = time.perf_counter() - t
@@ -768,6 +831,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
 
     # 4: depth phases
     d = d_in
+    factor = None
     energy: Dict[str, List[float]] = {}
     for k, lam in enumerate(phases):
         name = f"phase{k + 1}"
@@ -778,12 +842,13 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                 beta = solve_specular(I, gamma * S, beta0, dm, lam_spec)
             d, info = solve_depth(I, d, m, gamma, sh, beta, depth0=d_in, lam=lam, iterations=depth_iterations,
                                   data_mask=dm, data_weight=data_weight, gradient_scale=gradient_scale,
-                                  return_info=True)
+                                  preconditioner=factor, return_info=True)
+            factor = info.factor
             hist.extend(info.energies if not hist else info.energies[1:])
             n = _depth_normals(d)
             S = _as_hwc(shade(n, sh), H, W, 3, xp, "shading")
-            gamma = solve_albedo(I, S, beta, dm, avg, lam_skin, lam_rtv, iterations=rtv_iterations,
-                                 albedo0=gamma)
+            gamma = solve_albedo(I, S, beta, dm, avg, lam_skin, lam_rtv, iterations=1,
+                                 albedo0=gamma, data_weight=albedo_data_weight or data_weight)
         energy[name] = hist
         timings[name] = time.perf_counter() - t
     if specular:
@@ -800,7 +865,8 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
 # Synthetic scene (tests, benchmarks, docs)
 # ----------------------------------------------------------------------------------------------
 
-def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, blur_sigma=3.0):
+def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, blur_sigma=3.0, albedo_gradient=0.0,
+                    n_blotches=6, edge_width=1.0, blotch_radius=(0.05, 0.12)):
     """A synthetic face-like test scene with known geometry, albedo and light.
 
     An ellipsoid (pixel units, larger = closer) plus sinusoidal wrinkles on the upper half and a few
@@ -810,7 +876,8 @@ def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, 
     Returns
     -------
     dict with ``image`` (H, W, 3), ``depth`` (true), ``depth_blur`` (start), ``mask``, ``albedo``,
-    ``sh`` (9, 3), ``normals`` (true), ``detail`` (the wrinkle/bump height field).
+    ``sh`` (9, 3), ``normals`` (true), ``detail`` (the wrinkle/bump height field), ``regions``
+    (1 = skin, one label per blotch: the segmentation the skin-colour term uses).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -831,12 +898,16 @@ def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, 
     depth_blur = base + gaussian_filter(detail, blur_sigma)
     skin = np.array([0.75, 0.55, 0.45])
     alb = np.broadcast_to(skin, (H, W, 3)).copy()
-    for _ in range(6):
+    regions = mask.astype(np.int64)
+    for _ in range(int(n_blotches)):
         bx, by = rng.uniform(-0.6, 0.6, 2)
-        rad = rng.uniform(0.05, 0.12)
+        rad = rng.uniform(*blotch_radius)
         col = skin * rng.uniform(0.6, 0.9, 3)
-        alb[(u - bx) ** 2 + (v - by) ** 2 < rad ** 2] = col
-    alb *= (1.0 + 0.1 * (u + 0.5 * v))[..., None]
+        dist = np.sqrt((u - bx) ** 2 + (v - by) ** 2) * R  # pixels
+        w = 1.0 / (1.0 + np.exp((dist - rad * R) / max(edge_width, 1e-6)))
+        alb = alb * (1 - w[..., None]) + col * w[..., None]
+        regions[mask & (w > 0.5)] = regions.max() + 1
+    alb *= (1.0 + albedo_gradient * (u + 0.5 * v))[..., None]
     sh = np.zeros((9, 3))
     sh[0] = 2.6
     sh[1] = 0.35
@@ -847,4 +918,4 @@ def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, 
     n = _depth_normals(depth)
     img = np.clip(alb * shade(n, sh), 0, 1)
     return dict(image=img, depth=depth, depth_blur=depth_blur, mask=mask, albedo=alb, sh=sh, normals=n,
-                detail=detail)
+                detail=detail, regions=regions)
