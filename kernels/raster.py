@@ -212,7 +212,7 @@ if cuda is not None:
                         if phase == 0:
                             cuda.atomic.max(zbuf, p, z)
                         elif z == zbuf[p]:
-                            cuda.atomic.max(tid, p, t)
+                            cuda.atomic.max(tid, p, np.int32(t))
 
         @cuda.jit
         def _k_resolve(verts, faces, W, tid, bary, depth, vidx):
