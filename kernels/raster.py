@@ -97,7 +97,6 @@ def _make_sample(setup, evaluate):
 
 _edge_setup = njit(cache=True, inline="always")(_edge_setup_py)
 _edge_eval = njit(cache=True, inline="always")(_edge_eval_py)
-_sample = njit(cache=True)(_make_sample(_edge_setup, _edge_eval))
 _bbox_cpu = njit(cache=True)(_bbox)
 
 
@@ -113,6 +112,9 @@ def _zbuffer_cpu(verts, faces, H, W, zbuf, tid, bary):
         x0, y0, z0 = verts[i0, 0], verts[i0, 1], verts[i0, 2]
         x1, y1, z1 = verts[i1, 0], verts[i1, 1], verts[i1, 2]
         x2, y2, z2 = verts[i2, 0], verts[i2, 1], verts[i2, 2]
+        r0, r1, j0, j1 = _bbox_cpu(x0, y0, x1, y1, x2, y2, H, W)
+        if r1 < r0 or j1 < j0:  # no pixel centre in the bounding box (tiny or off-screen face)
+            continue
         area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
         if not (area != 0.0):
             continue
@@ -120,7 +122,6 @@ def _zbuffer_cpu(verts, faces, H, W, zbuf, tid, bary):
         a0, c0, e0, f0, o0 = _edge_setup(i1, i2, x1, y1, x2, y2, s)
         a1, c1, e1, f1, o1 = _edge_setup(i2, i0, x2, y2, x0, y0, s)
         a2, c2, e2, f2, o2 = _edge_setup(i0, i1, x0, y0, x1, y1, s)
-        r0, r1, j0, j1 = _bbox_cpu(x0, y0, x1, y1, x2, y2, H, W)
         for r in range(r0, r1 + 1):
             py = r + 0.5
             for j in range(j0, j1 + 1):
