@@ -75,24 +75,25 @@ def _bbox(x0, y0, x1, y1, x2, y2, H, W):
     return r0, r1, j0, j1
 
 
-def _make_sample(setup, evaluate):
-    def sample(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py):
-        """(inside, w0, w1, w2, z) of pixel centre p in triangle (i0, i1, i2); b_k = w_k / sum(w)."""
-        area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
-        if not (area != 0.0):  # degenerate or NaN
-            return False, 0.0, 0.0, 0.0, 0.0
-        s = 1.0 if area > 0.0 else -1.0
-        a0, c0, e0, f0, o0 = setup(i1, i2, x1, y1, x2, y2, s)  # edge opposite vertex 0
-        a1, c1, e1, f1, o1 = setup(i2, i0, x2, y2, x0, y0, s)
-        a2, c2, e2, f2, o2 = setup(i0, i1, x0, y0, x1, y1, s)
-        w0, in0 = evaluate(a0, c0, e0, f0, o0, px, py)
-        w1, in1 = evaluate(a1, c1, e1, f1, o1, px, py)
-        w2, in2 = evaluate(a2, c2, e2, f2, o2, px, py)
-        tot = w0 + w1 + w2
-        if not (in0 and in1 and in2 and tot > 0.0):
-            return False, 0.0, 0.0, 0.0, 0.0
-        return True, w0, w1, w2, (w0 * z0 + w1 * z1 + w2 * z2) / tot
-    return sample
+def _sample_py(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py):
+    """(inside, w0, w1, w2, z) of pixel centre p in triangle (i0, i1, i2); b_k = w_k / sum(w).
+
+    CUDA device function (the CPU kernel inlines the same arithmetic).
+    """
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+    if not (area != 0.0):  # degenerate or NaN
+        return False, 0.0, 0.0, 0.0, 0.0
+    s = 1.0 if area > 0.0 else -1.0
+    a0, c0, e0, f0, o0 = _setup_d(i1, i2, x1, y1, x2, y2, s)  # edge opposite vertex 0
+    a1, c1, e1, f1, o1 = _setup_d(i2, i0, x2, y2, x0, y0, s)
+    a2, c2, e2, f2, o2 = _setup_d(i0, i1, x0, y0, x1, y1, s)
+    w0, in0 = _eval_d(a0, c0, e0, f0, o0, px, py)
+    w1, in1 = _eval_d(a1, c1, e1, f1, o1, px, py)
+    w2, in2 = _eval_d(a2, c2, e2, f2, o2, px, py)
+    tot = w0 + w1 + w2
+    if not (in0 and in1 and in2 and tot > 0.0):
+        return False, 0.0, 0.0, 0.0, 0.0
+    return True, w0, w1, w2, (w0 * z0 + w1 * z1 + w2 * z2) / tot
 
 
 _edge_setup = njit(cache=True, inline="always")(_edge_setup_py)
@@ -190,7 +191,7 @@ if cuda is not None:
     try:
         _setup_d = cuda.jit(device=True)(_edge_setup_py)
         _eval_d = cuda.jit(device=True)(_edge_eval_py)
-        _sample_d = cuda.jit(device=True)(_make_sample(_setup_d, _eval_d))
+        _sample_d = cuda.jit(device=True)(_sample_py)
         _bbox_d = cuda.jit(device=True)(_bbox)
 
         @cuda.jit
