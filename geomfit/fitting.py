@@ -82,7 +82,8 @@ class LandmarkFit:
         True when a convergence test (relative cost decrease, step size, gradient, zero cost)
         was met before ``max_iter``; never True for a non-finite result.
     cost_history : ndarray
-        Normalised cost (the energy above) at the start and after every LM iteration.
+        Normalised cost (the energy above) at the start and after every LM iteration (of each
+        phase, see Notes of :func:`fit_landmarks`; the start-up phase uses the start-up weights).
     landmark_vertices : ndarray of int, shape (68,)
         Model vertex used for each iBUG landmark (-1: not used, e.g. missing or unmapped).
     contour_vertices : ndarray of int, shape (16,)
@@ -459,6 +460,9 @@ def _initialise(p: _Prep, Ln, w, reg, n_alternations, xp):
     Mf = p.Mf
     R, s, t, S = _affine_pose(p.mean_fixed[None], Ln[:, :Mf], w[:, :Mf], xp)
     coef = xp.zeros((B, p.P))
+    # the contour correspondences need a good pose and shape: the alternation uses only the
+    # fixed landmarks; the jaw contour joins in Levenberg-Marquardt
+    w = w * xp.asarray((np.arange(p.M) < Mf).astype(np.float64))
     for _ in range(n_alternations):
         if p.P:
             cost, r, Us, sel = _evaluate(p, Ln, w, R, s, t, coef, reg)
@@ -567,7 +571,7 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
     exc = coef[:, p.K:]
     if single:
         hist1 = hist[0]
-        hist1 = hist1[: int(iters[0]) + 1]
+        hist1 = hist1[~xp.isnan(hist1)]
         return LandmarkFit(idc[0], exc[0], R[0], float(scale[0]), trans[0], float(rmse[0]), int(iters[0]),
                            bool(conv[0]), hist1, lv[0], cv[0], hw[0], model)
     return LandmarkFit(idc, exc, R, scale, trans, rmse, iters, conv, hist, lv, cv, hw, model)
@@ -576,7 +580,7 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
 def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None, w_id: float = 1e-3,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
                   n_alternations: int = 3, max_iter: int = 50, ftol: float = 1e-7, xtol: float = 1e-8,
-                  gtol: float = 1e-12, fast: bool = True) -> LandmarkFit:
+                  gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True) -> LandmarkFit:
     """Fit pose, identity and expression of a morphable model to 2D landmarks (seed 001 Eq. 1).
 
     Parameters
@@ -604,6 +608,9 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     ftol, xtol, gtol : float
         Convergence: relative cost decrease of an accepted step ``<= ftol``, or step norm
         ``<= xtol * (xtol + ||theta||)``, or gradient max-norm ``<= gtol``.
+    w_init : float
+        Minimum regulariser weight during the initial alternation (keeps the start point
+        plausible when ``w_id``/``w_exp`` are small or 0).
     fast : bool
         Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
         False forms ``J^T J`` directly (reference path, same result).
@@ -638,7 +645,17 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     p = _prep(model, n_id, n_exp, xp)
     single, Ln, w, c, d, hw = _prepare_landmarks(landmarks, image_size, visible, xp, p)
     reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
-    R, s, t, coef = _initialise(p, Ln, w, reg, int(n_alternations), xp)
+    # the initial alternation is regularised at least by w_init: a start point, not the answer
+    reg_init = xp.maximum(reg, float(w_init))
+    R, s, t, coef = _initialise(p, Ln, w, reg_init, int(n_alternations), xp)
+    if bool(xp.any(reg_init != reg)):
+        # continuation: converge loosely under the start-up regulariser first, so that the jaw
+        # contour correspondences are settled by a plausible shape before the prior is relaxed
+        R, s, t, coef, _, _, it0, hist0 = _lm_batch(p, Ln, w, R, s, t, coef, reg_init, int(max_iter),
+                                                    max(ftol, 1e-4), xtol, gtol, 1e-3, fast, xp)
     R, s, t, coef, cost, conv, iters, hist = _lm_batch(p, Ln, w, R, s, t, coef, reg, int(max_iter), ftol, xtol,
                                                        gtol, 1e-3, fast, xp)
+    if bool(xp.any(reg_init != reg)):
+        iters = iters + it0
+        hist = xp.concatenate([hist0, hist], axis=1)
     return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp)
