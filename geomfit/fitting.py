@@ -659,3 +659,162 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         iters = iters + it0
         hist = xp.concatenate([hist0, hist], axis=1)
     return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several photos of one person: shared identity, per-photo pose and expression
+# ------------------------------------------------------------------------------------------------
+def _lm_multi(p: _Prep, Ln, w, R, s, t, coef, w_id, reg_exp, max_iter, ftol, xtol, gtol, lam0, xp):
+    """One LM on [alpha (shared), (pose_i, beta_i) for every photo i]; Schur complement on the
+    per-photo blocks (block-arrow normal equations)."""
+    n = Ln.shape[0]
+    K, P = p.K, p.P
+    reg_img = xp.concatenate([xp.zeros(K), reg_exp])  # the identity prior is counted once, below
+    ia = np.arange(6, 6 + K)
+    ib = np.concatenate([np.arange(6), np.arange(6 + K, 6 + P)])
+    nb = ib.size
+
+    def total(cost_i, alpha):
+        return cost_i.sum() + w_id * (alpha * alpha).sum()
+
+    cost_i, r, Us, sel = _evaluate(p, Ln, w, R, s, t, coef, reg_img)
+    F = total(cost_i, coef[0, :K])
+    H, g = _normal_equations(p, R, s, coef, r, Us, sel, w, reg_img)
+    lam, nu = lam0, 2.0
+    hist = [float(F)]
+    conv = False
+    it = 0
+    eyeK = xp.eye(K)
+    for it in range(1, max_iter + 1):
+        alpha = coef[0, :K]
+        Haa = H[:, ia][:, :, ia].sum(0) + w_id * eyeK
+        ga = g[:, ia].sum(0) + w_id * alpha
+        Hbb = H[:, ib][:, :, ib]
+        Hba = H[:, ib][:, :, ia]
+        gb = g[:, ib]
+        Da = xp.maximum(xp.diagonal(Haa), 1e-12)
+        Db = xp.maximum(xp.diagonal(Hbb, axis1=1, axis2=2), 1e-12)
+        Haa_d = Haa + lam * xp.diag(Da)
+        Hbb_d = Hbb + lam * (Db[:, :, None] * xp.eye(nb))
+        Y = xp.linalg.solve(Hbb_d, xp.concatenate([Hba, gb[:, :, None]], axis=2))  # (n, nb, K+1)
+        S = Haa_d - (xp.swapaxes(Hba, 1, 2) @ Y[:, :, :K]).sum(0)
+        rhs = -ga + (xp.swapaxes(Hba, 1, 2) @ Y[:, :, K:]).sum(0)[:, 0]
+        da = xp.linalg.solve(S, rhs) if K else xp.zeros(0)
+        db = -Y[:, :, K] - Y[:, :, :K] @ da
+        d = xp.zeros((n, 6 + P))
+        d[:, ib] = db
+        d[:, ia] = da[None, :]
+        Rn, sn, tn, cn = _apply_step(R, s, t, coef, d, xp)
+        cost_n, rn, Un, seln = _evaluate(p, Ln, w, Rn, sn, tn, cn, reg_img)
+        Fn = total(cost_n, cn[0, :K])
+        dHd = (d[:, None, :] @ H @ d[:, :, None]).sum() + w_id * (da * da).sum()
+        dDd = (da * da * Da).sum() + (db * db * Db).sum()
+        pred = float(dHd + 2 * lam * dDd)
+        Ff, Fnf = float(F), float(Fn)
+        acc = np.isfinite(Fnf) and Fnf < Ff
+        rho = (Ff - Fnf) / pred if pred > 0 else 0.0
+        theta = xp.concatenate([alpha, xp.log(s), t.ravel(), coef[:, K:].ravel()])
+        small_step = float(xp.sqrt((d[:, ib] ** 2).sum() + (da * da).sum())) <= xtol * (
+            xtol + float(xp.sqrt((theta * theta).sum())))
+        if acc:
+            lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            nu = 2.0
+            R, s, t, coef, F = Rn, sn, tn, cn, Fn
+            H, g = _normal_equations(p, R, s, coef, rn, Un, seln, w, reg_img)
+            hist.append(Fnf)
+            gfull = xp.concatenate([g[:, ia].sum(0) + w_id * coef[0, :K], g[:, ib].ravel()])
+            if (Ff - Fnf) <= ftol * Ff or small_step or Fnf <= 1e-26 or float(xp.abs(gfull).max()) <= gtol:
+                conv = True
+                break
+        else:
+            lam *= nu
+            nu *= 2.0
+            hist.append(Ff)
+            if np.isfinite(Fnf) and small_step:
+                conv = True
+                break
+            if lam > 1e16:
+                break
+    conv = conv and bool(xp.isfinite(F))
+    return R, s, t, coef, F, conv, it, xp.asarray(hist)
+
+
+def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes, *, visible=None,
+                        w_id: float = 1e-3, w_exp: float = 1e-3, n_id: Optional[int] = None,
+                        n_exp: Optional[int] = None, n_alternations: int = 3, max_iter: int = 50,
+                        ftol: float = 1e-7, xtol: float = 1e-8, gtol: float = 1e-12,
+                        w_init: float = 1e-3) -> LandmarkFit:
+    """Fit one identity to several photos of a person, with per-photo pose and expression.
+
+    Minimises the sum over photos of seed 001 Eq. (1)'s data and expression terms plus one shared
+    identity prior ``w_id ||alpha||^2``, by one Levenberg-Marquardt on the joint parameter vector.
+    Its normal equations have block-arrow structure (photos couple only through ``alpha``): each
+    step eliminates the per-photo (pose, expression) blocks by a Schur complement and solves a
+    K x K system for the identity update.
+
+    Parameters
+    ----------
+    model : MorphableModel
+    landmarks : sequence of ndarray, each (68, 2), or ndarray (n, 68, 2)
+        Pixel coordinates (top-left origin, y down); NaN rows ignored.
+    image_sizes : (h, w) or sequence of (h, w)
+        One size for all photos or one per photo.
+    visible : ndarray of bool, shape (n, 68), optional
+    w_id, w_exp, n_id, n_exp, n_alternations, max_iter, ftol, xtol, gtol, w_init
+        As in :func:`fit_landmarks`. Start: per-photo initialisation as in :func:`fit_landmarks`,
+        identity averaged over photos.
+
+    Returns
+    -------
+    LandmarkFit
+        ``id_coeffs`` (K,) shared; ``exp_coeffs`` (n, E), ``rotation`` (n, 3, 3), ``scale`` (n,),
+        ``translation`` (n, 2), ``rmse_px`` (n,), ``vertices`` (n, N, 3), ``projected`` (n, N, 2),
+        ``landmark_vertices`` (n, 68); ``iterations`` (int), ``converged`` (bool) and
+        ``cost_history`` (1-D) for the joint problem.
+
+    Raises
+    ------
+    ValueError
+        As :func:`fit_landmarks`, and for an empty list of photos.
+
+    References
+    ----------
+    Seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1), extended to shared identity.
+    """
+    if isinstance(landmarks, (list, tuple)):
+        if len(landmarks) == 0:
+            raise ValueError("fit_landmarks_multi: no photos given")
+        xp = get_array_module(*landmarks)
+        shapes = {tuple(np.shape(a)) for a in landmarks}
+        if len(shapes) != 1:
+            raise ValueError(f"fit_landmarks_multi: every photo needs (68, 2) landmarks, got shapes {sorted(shapes)}")
+        lm = xp.stack([xp.asarray(a) for a in landmarks])
+    else:
+        xp = get_array_module(landmarks)
+        lm = xp.asarray(landmarks)
+    if lm.ndim != 3:
+        raise ValueError(f"fit_landmarks_multi: landmarks must be a list of (68, 2) arrays or (n, 68, 2), got {lm.shape}")
+    _check_reg(w_id, w_exp)
+    p = _prep(model, n_id, n_exp, xp)
+    _, Ln, w, c, d, hw = _prepare_landmarks(lm, image_sizes, visible, xp, p)
+    n = Ln.shape[0]
+    reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
+    reg_init = xp.maximum(reg, float(w_init))
+    R, s, t, coef = _initialise(p, Ln, w, reg_init, int(n_alternations), xp)
+    coef[:, : p.K] = coef[:, : p.K].mean(0)
+    hists, it_total = [], 0
+    phases = [(max(float(w_id), float(w_init)), xp.maximum(reg[p.K:], float(w_init)), max(ftol, 1e-4))] \
+        if bool(xp.any(reg_init != reg)) else []
+    phases.append((float(w_id), reg[p.K:], ftol))
+    for wi, re, ft in phases:
+        R, s, t, coef, F, conv, it, hist = _lm_multi(p, Ln, w, R, s, t, coef, wi, re, int(max_iter), ft, xtol,
+                                                     gtol, 1e-3, xp)
+        hists.append(hist)
+        it_total += it
+    iters = xp.full(n, it_total)
+    res = _finish(p, model, R, s, t, coef, xp.full(n, F), xp.full(n, conv), iters, xp.zeros((n, 1)),
+                  Ln, w, c, d, hw, False, xp, multi_id=coef[0, : p.K])
+    res.iterations = int(it_total)
+    res.converged = bool(conv)
+    res.cost_history = xp.concatenate(hists)
+    return res
