@@ -196,6 +196,8 @@ class _Prep:
         idb = np.asarray(asnumpy(model.id_basis[:, :, :n_id]), dtype=np.float64)[sv]
         exb = np.asarray(asnumpy(model.exp_basis[:, :, :n_exp]), dtype=np.float64)[sv]
         basis = np.concatenate([mean[:, :, None], idb, exb], axis=2)  # (Nv, 3, 1+P)
+        if not np.isfinite(basis).all():
+            raise ValueError(f"MorphableModel({model.name}): mean or bases are not finite at the landmark vertices")
         Cf = basis[: self.Mf, :, 1:]
         G = np.einsum("kip,kjq->ijpq", Cf, Cf)  # (3, 3, P, P)
         self.xp = xp
@@ -209,6 +211,8 @@ class _Prep:
 
 
 def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
+    if not isinstance(model, MorphableModel):
+        raise TypeError(f"model must be a geomfit MorphableModel, got {type(model).__name__}")
     K, E = model.n_id, model.n_exp
     n_id = K if n_id is None else int(n_id)
     n_exp = E if n_exp is None else int(n_exp)
@@ -244,6 +248,25 @@ def _rodrigues(w, xp):
     return eye + a[:, None, None] * Kx + b[:, None, None] * (Kx @ Kx)
 
 
+def _solve(A, b, xp):
+    """Batched ``solve(A, b)`` that never raises: systems with non-finite entries give NaN, exactly
+    singular ones fall back to the pseudo-inverse."""
+    fa = xp.isfinite(A).all(axis=(-2, -1))
+    fb = xp.isfinite(b).all(axis=tuple(range(fa.ndim, b.ndim)))
+    bad = ~(fa & fb)
+    if bool(bad.any()):
+        eye = xp.eye(A.shape[-1])
+        A = xp.where(bad[..., None, None], eye, A)
+        b = xp.where(bad.reshape(bad.shape + (1,) * (b.ndim - bad.ndim)), 0.0, b)
+    try:
+        x = xp.linalg.solve(A, b)
+    except np.linalg.LinAlgError:
+        x = xp.linalg.pinv(A) @ b
+    if bool(bad.any()):
+        x = xp.where(bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim)), xp.nan, x)
+    return x
+
+
 def _skew(w, xp):
     z = xp.zeros_like(w[:, 0])
     return xp.stack([xp.stack([z, -w[:, 2], w[:, 1]], 1),
@@ -254,6 +277,7 @@ def _skew(w, xp):
 def _ortho_from_affine(A, xp):
     """Nearest scaled-orthographic camera to an affine 2x4 camera given as (B, 4, 2)."""
     M = xp.swapaxes(A[:, :3, :], 1, 2)  # (B, 2, 3)
+    M = xp.where(xp.isfinite(M), M, 0.0)  # a broken start fails later as "not converged", not here
     U, S, Vh = xp.linalg.svd(M, full_matrices=False)
     R2 = U @ Vh  # (B, 2, 3) orthonormal rows
     r3 = xp.cross(R2[:, 0], R2[:, 1])
@@ -268,7 +292,7 @@ def _affine_pose(X, L, w, xp):
     Xh = xp.concatenate([xp.broadcast_to(X, (B,) + X.shape[-2:]), xp.ones((B, X.shape[-2], 1))], axis=2)
     Xw = Xh * w[:, :, None]
     N = xp.swapaxes(Xw, 1, 2) @ Xh + 1e-12 * xp.eye(4)
-    A = xp.linalg.solve(N, xp.swapaxes(Xw, 1, 2) @ L)  # (B, 4, 2)
+    A = _solve(N, xp.swapaxes(Xw, 1, 2) @ L, xp)
     R, s, S = _ortho_from_affine(A, xp)
     # translation re-solved for the scaled orthographic camera
     u = xp.broadcast_to(X, (B,) + X.shape[-2:]) @ xp.swapaxes(R[:, :2], 1, 2)
@@ -469,7 +493,7 @@ def _initialise(p: _Prep, Ln, w, reg, n_alternations, xp):
             H, g = _normal_equations(p, R, s, coef, r, Us, sel, w, reg)
             Hs, gs = H[:, 6:, 6:], g[:, 6:]
             Hs = Hs + 1e-10 * xp.eye(p.P)
-            coef = coef - xp.linalg.solve(Hs, gs[:, :, None])[:, :, 0]
+            coef = coef - _solve(Hs, gs[:, :, None], xp)[:, :, 0]
         cost, r, Us, sel = _evaluate(p, Ln, w, R, s, t, coef, reg)
         c1 = xp.concatenate([xp.ones((B, 1)), coef], axis=1)
         X = (c1 @ p.basis_flat_T).reshape(B, -1, 3)
@@ -507,7 +531,7 @@ def _lm_batch(p: _Prep, Ln, w, R, s, t, coef, reg, max_iter, ftol, xtol, gtol, l
         Dg = xp.maximum(Ha[:, ar, ar], 1e-12)
         A = Ha.copy()
         A[:, ar, ar] += la[:, None] * Dg
-        d = -xp.linalg.solve(A, ga[:, :, None])[:, :, 0]
+        d = -_solve(A, ga[:, :, None], xp)[:, :, 0]
         Ra, sa, ta, ca = R[act], s[act], t[act], coef[act]
         Rn, sn, tn, cn = _apply_step(Ra, sa, ta, ca, d, xp)
         La, wa = Ln[act], w[act]
@@ -696,10 +720,10 @@ def _lm_multi(p: _Prep, Ln, w, R, s, t, coef, w_id, reg_exp, max_iter, ftol, xto
         Db = xp.maximum(xp.diagonal(Hbb, axis1=1, axis2=2), 1e-12)
         Haa_d = Haa + lam * xp.diag(Da)
         Hbb_d = Hbb + lam * (Db[:, :, None] * xp.eye(nb))
-        Y = xp.linalg.solve(Hbb_d, xp.concatenate([Hba, gb[:, :, None]], axis=2))  # (n, nb, K+1)
+        Y = _solve(Hbb_d, xp.concatenate([Hba, gb[:, :, None]], axis=2), xp)  # (n, nb, K+1)
         S = Haa_d - (xp.swapaxes(Hba, 1, 2) @ Y[:, :, :K]).sum(0)
         rhs = -ga + (xp.swapaxes(Hba, 1, 2) @ Y[:, :, K:]).sum(0)[:, 0]
-        da = xp.linalg.solve(S, rhs) if K else xp.zeros(0)
+        da = _solve(S, rhs[:, None], xp)[:, 0] if K else xp.zeros(0)
         db = -Y[:, :, K] - Y[:, :, :K] @ da
         d = xp.zeros((n, 6 + P))
         d[:, ib] = db
