@@ -203,8 +203,7 @@ class _Prep:
         self.xp = xp
         self.basis = xp.asarray(basis)
         self.basis_flat_T = xp.asarray(np.ascontiguousarray(basis.transpose(2, 0, 1).reshape(1 + self.P, -1)))
-        self.Cfix_T = xp.asarray(np.ascontiguousarray(Cf.transpose(1, 0, 2).reshape(3, -1)))  # (3, Mf*P)
-        self.Ccoef = xp.asarray(np.ascontiguousarray(basis[:, :, 1:]))  # (Nv, 3, P)
+        self.Call_T = xp.asarray(np.ascontiguousarray(basis[:, :, 1:].transpose(1, 0, 2).reshape(3, -1)))
         self.G9 = xp.asarray(G.reshape(9, self.P * self.P))
         self.Gtr = xp.asarray(G[0, 0] + G[1, 1] + G[2, 2])
         self.mean_fixed = xp.asarray(mean[: self.Mf])
@@ -330,26 +329,31 @@ def _evaluate(p: _Prep, L, w, R, s, t, coef, reg):
 
 
 def _jacobian(p: _Prep, R, s, Us, sel, w):
-    """Weighted Jacobian blocks: pose (B, M, 2, 6) and coefficients (B, M, 2, P), plus unweighted Js fixed."""
+    """Weighted Jacobian blocks in coordinate-major layout: pose (B, 2, M, 6) and coefficients
+    (B, 2, M, P) (row (c, k) is image coordinate c of landmark k), plus the unweighted, unscaled
+    coefficient rows of the fixed landmarks (B, 2, Mf, P)."""
     xp = p.xp
     B = R.shape[0]
-    Mf, P = p.Mf, p.P
-    R2 = R[:, :2, :]
-    sw = s[:, None] * w  # (B, M)
-    ux, uy, uz = Us[..., 0], Us[..., 1], Us[..., 2]
-    z, o = xp.zeros_like(ux), xp.ones_like(ux)
-    sc = s[:, None]
-    jx = xp.stack([z, sc * uz, -sc * uy, sc * ux, o, z], axis=-1)
-    jy = xp.stack([-sc * uz, z, sc * ux, sc * uy, z, o], axis=-1)
-    Jp = xp.stack([jx, jy], axis=2) * w[:, :, None, None]  # (B, M, 2, 6)
-    Jf = (R2 @ p.Cfix_T).reshape(B, 2, Mf, P).transpose(0, 2, 1, 3)  # unweighted, unscaled
-    if p.M > Mf:
-        Cc = p.Ccoef[sel[:, Mf:]]  # (B, Mc, 3, P)
-        Jc = R2[:, None] @ Cc  # (B, Mc, 2, P)
-        Js = xp.concatenate([Jf, Jc], axis=1)
+    Mf, P, M = p.Mf, p.P, p.M
+    # every slot's basis rows rotated by R in one BLAS call: (B*2, 3) @ (3, Nv*P)
+    A = (R[:, :2, :].reshape(B * 2, 3) @ p.Call_T).reshape(B, 2, -1, P)
+    Jf = A[:, :, :Mf]
+    if M > Mf:
+        Jc = A[xp.arange(B)[:, None, None], xp.arange(2)[None, :, None], sel[:, None, Mf:]]
+        Js = xp.concatenate([Jf, Jc], axis=2)
     else:
         Js = Jf
-    Js = Js * sw[:, :, None, None]
+    Js = Js * (s[:, None] * w)[:, None, :, None]
+    su = Us * (s[:, None, None] * w[:, :, None])  # (B, M, 3)
+    Jp = xp.zeros((B, 2, M, 6))
+    Jp[:, 0, :, 1] = su[..., 2]
+    Jp[:, 0, :, 2] = -su[..., 1]
+    Jp[:, 0, :, 3] = su[..., 0]
+    Jp[:, 0, :, 4] = w
+    Jp[:, 1, :, 0] = -su[..., 2]
+    Jp[:, 1, :, 2] = su[..., 0]
+    Jp[:, 1, :, 3] = su[..., 1]
+    Jp[:, 1, :, 5] = w
     return Jp, Js, Jf
 
 
@@ -362,7 +366,7 @@ def _normal_equations(p: _Prep, R, s, coef, r, Us, sel, w, reg, fast=True):
     Jp, Js, Jf = _jacobian(p, R, s, Us, sel, w)
     Jp2 = Jp.reshape(B, 2 * M, 6)
     Js2 = Js.reshape(B, 2 * M, P)
-    rf = r.reshape(B, 2 * M, 1)
+    rf = xp.swapaxes(r, 1, 2).reshape(B, 2 * M, 1)
     JpT = xp.swapaxes(Jp2, 1, 2)
     Hpp = JpT @ Jp2
     Hps = JpT @ Js2
@@ -373,24 +377,26 @@ def _normal_equations(p: _Prep, R, s, coef, r, Us, sel, w, reg, fast=True):
         r3 = R[:, 2, :]
         rr = (r3[:, :, None] * r3[:, None, :]).reshape(B, 9)
         Hss = (p.Gtr[None] - (rr @ p.G9).reshape(B, P, P)) * (s * s)[:, None, None]
-        wf = w[:, :Mf]
-        miss = wf == 0
+        miss = w[:, :Mf] == 0
         nmiss = int(miss.sum(1).max()) if Mf else 0
         if nmiss:
             order = xp.argsort(~miss, axis=1, kind="stable")[:, :nmiss]  # missing ones first
             valid = xp.take_along_axis(miss, order, axis=1)
-            Jm = xp.take_along_axis(Jf, order[:, :, None, None], axis=1)
-            Jm = (Jm * (s[:, None] * valid)[:, :, None, None]).reshape(B, 2 * nmiss, P)
+            Jm = xp.take_along_axis(Jf, order[:, None, :, None], axis=2)
+            Jm = (Jm * (s[:, None] * valid)[:, None, :, None]).reshape(B, 2 * nmiss, P)
             Hss = Hss - xp.swapaxes(Jm, 1, 2) @ Jm
         if M > Mf:
-            Jc = Js2[:, 2 * Mf:]
+            Jc = Js[:, :, Mf:].reshape(B, 2 * (M - Mf), P)
             Hss = Hss + xp.swapaxes(Jc, 1, 2) @ Jc
     else:
         Hss = xp.swapaxes(Js2, 1, 2) @ Js2
     idx = xp.arange(P)
     Hss[:, idx, idx] += reg
-    H = xp.concatenate([xp.concatenate([Hpp, Hps], 2),
-                        xp.concatenate([xp.swapaxes(Hps, 1, 2), Hss], 2)], 1)
+    H = xp.empty((B, 6 + P, 6 + P))
+    H[:, :6, :6] = Hpp
+    H[:, :6, 6:] = Hps
+    H[:, 6:, :6] = xp.swapaxes(Hps, 1, 2)
+    H[:, 6:, 6:] = Hss
     g = xp.concatenate([gp, gs], 1)
     return H, g
 
@@ -603,7 +609,7 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
 
 def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None, w_id: float = 1e-3,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
-                  n_alternations: int = 3, max_iter: int = 50, ftol: float = 1e-7, xtol: float = 1e-8,
+                  n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
                   gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True) -> LandmarkFit:
     """Fit pose, identity and expression of a morphable model to 2D landmarks (seed 001 Eq. 1).
 
@@ -765,8 +771,8 @@ def _lm_multi(p: _Prep, Ln, w, R, s, t, coef, w_id, reg_exp, max_iter, ftol, xto
 
 def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes, *, visible=None,
                         w_id: float = 1e-3, w_exp: float = 1e-3, n_id: Optional[int] = None,
-                        n_exp: Optional[int] = None, n_alternations: int = 3, max_iter: int = 50,
-                        ftol: float = 1e-7, xtol: float = 1e-8, gtol: float = 1e-12,
+                        n_exp: Optional[int] = None, n_alternations: int = 2, max_iter: int = 50,
+                        ftol: float = 1e-6, xtol: float = 1e-8, gtol: float = 1e-12,
                         w_init: float = 1e-3) -> LandmarkFit:
     """Fit one identity to several photos of a person, with per-photo pose and expression.
 

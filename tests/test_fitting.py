@@ -88,7 +88,7 @@ def test_jacobian_matches_finite_differences():
     p, Ln, w, R, s, t, coef, reg = _setup(model, drop=[(0, 20), (1, 3)])
     cost, r, Us, sel = F._evaluate(p, Ln, w, R, s, t, coef, reg)
     Jp, Js, _ = F._jacobian(p, R, s, Us, sel, w)
-    J = np.concatenate([Jp, Js], -1)  # (B, M, 2, 6+P)
+    J = np.swapaxes(np.concatenate([Jp, Js], -1), 1, 2)  # (B, M, 2, 6+P)
     npar = J.shape[-1]
     eps = 1e-6
     for i in range(npar):
