@@ -133,3 +133,13 @@ def atomic_write(path, writer, mode: str = "wb"):
         except FileNotFoundError:
             pass
         raise
+
+
+def build_model(path, **fields):
+    """Construct a MorphableModel, re-raising its validation errors with the file name."""
+    from ..model import MorphableModel
+
+    try:
+        return MorphableModel(**fields)
+    except ValueError as e:
+        raise file_error(path, f"inconsistent model: {e}") from None

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 
 from ..model import MorphableModel
-from ._errors import file_error
+from ._errors import build_model, file_error
 from .eos import read_eos_blendshapes, read_eos_model
 from .landmarks import read_contours, read_landmark_mapping
 
@@ -64,7 +64,7 @@ def _from_eos(path, dtype) -> MorphableModel:
     if f.color.mean.size:
         color_mean = f.color.mean.reshape(n, 3).astype(dtype)
         color_basis = f.color.rescaled_basis.reshape(n, 3, -1).astype(dtype)
-    m = MorphableModel(mean=mean, id_basis=id_basis, exp_basis=exp_basis,
+    m = build_model(path, mean=mean, id_basis=id_basis, exp_basis=exp_basis,
                        faces=f.shape.triangles.astype(np.int64), texcoords=texcoords,
                        color_mean=color_mean, color_basis=color_basis, name=os.fspath(path))
     return m, dict(f.landmark_definitions or {})
