@@ -26,6 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from .camera import ScaledOrthographic
+from .mesh import cotangent_laplacian, uniform_laplacian
 from .backend import asnumpy, factorize_spd, get_array_module, is_cupy, sparse_module, to_device
 
 __all__ = [
@@ -161,16 +163,8 @@ def _laplacian(v, f, kind):
     """Row-normalised Laplacian ``I - diag(1/sum w) W`` (seed 004 Eq. 2) as CSR."""
     n = v.shape[0]
     if kind == "uniform":
-        try:
-            from .mesh import uniform_laplacian  # one implementation where geomfit.mesh is present
-        except ImportError:  # pragma: no cover - before geomfit.mesh lands
-            uniform_laplacian = _uniform_laplacian_fallback
         return sp.csr_matrix(uniform_laplacian(f, n))
     if kind == "cotangent":
-        try:
-            from .mesh import cotangent_laplacian
-        except ImportError:  # pragma: no cover
-            cotangent_laplacian = _cotangent_laplacian_fallback
         C = sp.csr_matrix(cotangent_laplacian(v, f))  # libigl convention: off-diagonal cot weights
         if not np.all(np.isfinite(C.data)):
             raise ValueError("cotangent weights are not finite (zero-area triangles?)")
@@ -181,29 +175,6 @@ def _laplacian(v, f, kind):
                              "degenerate triangles; use weights='uniform' or clean the mesh")
         return sp.csr_matrix(sp.diags(1.0 / s) @ (-C))
     raise ValueError(f"weights must be 'uniform' or 'cotangent', got {kind!r}")
-
-
-def _uniform_laplacian_fallback(f, n):  # pragma: no cover - replaced by geomfit.mesh
-    i = f[:, [0, 1, 2, 1, 2, 0]].reshape(-1)
-    j = f[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
-    A = sp.csr_matrix((np.ones(i.size), (i, j)), shape=(n, n))
-    A.data[:] = 1.0
-    deg = np.asarray(A.sum(axis=1)).ravel()
-    return sp.identity(n, format="csr") - sp.diags(1.0 / np.maximum(deg, 1)) @ A
-
-
-def _cotangent_laplacian_fallback(v, f):  # pragma: no cover - replaced by geomfit.mesh
-    n = v.shape[0]
-    cot = np.empty((f.shape[0], 3))
-    for k in range(3):
-        p, q, r = v[f[:, k]], v[f[:, (k + 1) % 3]], v[f[:, (k + 2) % 3]]
-        e1, e2 = q - p, r - p
-        cot[:, k] = np.einsum("ij,ij->i", e1, e2) / np.linalg.norm(np.cross(e1, e2), axis=1)
-    i = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
-    j = np.concatenate([f[:, 2], f[:, 0], f[:, 1]])
-    w = 0.5 * cot.T.reshape(-1)
-    W = sp.csr_matrix((np.concatenate([w, w]), (np.concatenate([i, j]), np.concatenate([j, i]))), shape=(n, n))
-    return W - sp.diags(np.asarray(W.sum(axis=1)).ravel())
 
 
 def _check_components(f, n, h):
@@ -456,3 +427,205 @@ def laplacian_deform(vertices, faces, handle_indices, targets, weights=0.6, lapl
     array (N, 3) or (B, N, 3)
     """
     return LaplacianDeformer(vertices, faces, handle_indices, weights, weights=laplacian_weights).deform(targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's correspondence step + deformation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class MediumResult:
+    """Result of :func:`medium_stage`.
+
+    Attributes
+    ----------
+    vertices : ndarray (N, 3)
+        The medium mesh in model space.
+    coarse_vertices : ndarray (N, 3)
+    faces : ndarray (F, 3)
+    handle_indices : ndarray of int (M,)
+        Vertices used as handles.
+    targets : ndarray (M, 3)
+        Their model-space targets ``mu``.
+    weights : ndarray (M,)
+        Their weights.
+    landmark_index : ndarray of int (M,)
+        Row of ``landmarks_2d`` each handle came from.
+    dropped : ndarray of int
+        Rows of ``landmarks_2d`` not used (outside the image, on background, or a vertex already
+        taken by an earlier landmark).
+    deformer : LaplacianDeformer
+        The factored system (re-use it to deform with new targets or weights).
+    """
+
+    vertices: np.ndarray
+    coarse_vertices: np.ndarray
+    faces: np.ndarray
+    handle_indices: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    landmark_index: np.ndarray
+    dropped: np.ndarray
+    deformer: Any = field(repr=False, default=None)
+
+
+def _camera_params(camera):
+    if isinstance(camera, dict):
+        R, s, t = camera["rotation"], camera["scale"], camera["translation"]
+    else:
+        R, s, t = camera.rotation, camera.scale, camera.translation
+    R = np.asarray(asnumpy(R), dtype=np.float64)
+    s = np.asarray(asnumpy(s), dtype=np.float64)
+    t = np.asarray(asnumpy(t), dtype=np.float64)
+    if R.shape != (3, 3) or s.size != 1 or t.shape != (2,):
+        raise ValueError("medium_stage: one image at a time: rotation (3, 3), scalar scale, translation (2,) "
+                         f"expected, got {R.shape}, {s.shape}, {t.shape}")
+    s = float(s.reshape(()))
+    if not (np.all(np.isfinite(R)) and np.isfinite(s) and s > 0 and np.all(np.isfinite(t))):
+        raise ValueError("medium_stage: camera parameters must be finite with scale > 0")
+    return R, s, t
+
+
+def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=None, camera=None,
+                 landmark_ids=None, weights=None, dense_weight: float = 0.1, use_model_landmarks: bool = True,
+                 index_map=None, laplacian_weights: str = "uniform") -> MediumResult:
+    """Seed 004's medium stage: tie image landmarks to vertices and Laplacian-deform the coarse mesh.
+
+    Parameters
+    ----------
+    coarse : LandmarkFit-like or array (N, 3)
+        The coarse fit: an object with ``vertices``, ``rotation``, ``scale``, ``translation`` (and
+        optionally ``model``, ``image_size``), as returned by :func:`geomfit.fit_landmarks`; or the
+        coarse vertices (model space), in which case ``camera`` and ``faces`` (or ``model``) are needed.
+    landmarks_2d : array (K, 2)
+        Landmark pixel positions ``(x, y)``: origin top-left, y down (``.pts`` convention). 68 iBUG
+        points or a dense set.
+    image_size : (h, w), optional
+        Defaults to ``coarse.image_size``.
+    model : MorphableModel, optional
+        Supplies ``faces`` and the iBUG -> vertex map ``model.landmarks`` (defaults to ``coarse.model``).
+    faces : int array (F, 3), optional
+        Mesh faces when no model is given.
+    camera : ScaledOrthographic or dict, optional
+        ``rotation`` (3, 3), ``scale``, ``translation`` (2,) when ``coarse`` is an array. Projection:
+        ``x = s (R v)_x + t_x``, ``y = h - (s (R v)_y + t_y)``, depth ``z' = s (R v)_z``.
+    landmark_ids : int array (K,), optional
+        iBUG number (1-based) of each landmark; defaults to 1..68 when K == 68, else none (dense).
+    weights : float or array (K,), optional
+        Handle weight per landmark; default :func:`ibug_region_weights` for iBUG landmarks and
+        ``dense_weight`` for the others.
+    use_model_landmarks : bool
+        Use ``model.landmarks`` for iBUG landmarks that have a fixed vertex (the others, e.g. the
+        jaw contour, go through the index map).
+    index_map : int array (h, w), optional
+        Precomputed vertex-index map (-1 = background). By default the coarse mesh is rasterised
+        with :func:`geomfit.render.rasterize`.
+    laplacian_weights : {"uniform", "cotangent"}
+
+    Returns
+    -------
+    MediumResult
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, non-finite landmarks, no landmark landing on the mesh, missing camera/faces.
+    ImportError
+        When no ``index_map`` is given and :mod:`geomfit.render` is unavailable.
+
+    Notes
+    -----
+    Each landmark ``s = (x, y)`` is tied to a vertex ``v``: its fixed model vertex when known, else
+    the vertex in the index map at the landmark's pixel (row ``floor(y)``, column ``floor(x)``). Its
+    target is ``(x, y, z')`` in screen space with ``z'`` the vertex's own depth (seed 004 section 3.3),
+    mapped back to model space by the inverse camera, so the deformation only moves handles parallel
+    to the image plane. A vertex hit by several landmarks keeps the first one. Landmarks outside the
+    image or on background are dropped (listed in ``dropped``).
+
+    References
+    ----------
+    Jin et al. (seed 004), section 3.3 (index maps, Eq. 3, ``mu = (x, y, z')``), section 4.1 (weights).
+    """
+    if model is None:
+        model = getattr(coarse, "model", None)
+    if hasattr(coarse, "vertices") and hasattr(coarse, "rotation"):
+        verts = coarse.vertices
+        if camera is None:
+            camera = coarse
+        if image_size is None:
+            image_size = getattr(coarse, "image_size", None)
+    else:
+        verts = coarse
+    if camera is None:
+        raise ValueError("medium_stage: a camera (rotation, scale, translation) is needed with raw vertices")
+    if image_size is None:
+        raise ValueError("medium_stage: image_size (h, w) is needed")
+    if faces is None:
+        if model is None:
+            raise ValueError("medium_stage: faces or a model with faces is needed")
+        faces = model.faces
+    v, f = _check_mesh(verts, faces)
+    n = v.shape[0]
+    R, s, t = _camera_params(camera)
+    hw = np.asarray(asnumpy(image_size)).reshape(-1)
+    if hw.size != 2 or np.any(hw <= 0):
+        raise ValueError(f"medium_stage: image_size must be (h, w) > 0, got {image_size!r}")
+    H, W = int(hw[0]), int(hw[1])
+    lm = np.asarray(asnumpy(landmarks_2d), dtype=np.float64)
+    if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] == 0:
+        raise ValueError(f"medium_stage: landmarks_2d must have shape (K, 2), got {lm.shape}")
+    if not np.all(np.isfinite(lm)):
+        raise ValueError("medium_stage: landmarks_2d contain NaN or infinite values")
+    k = lm.shape[0]
+    if landmark_ids is None:
+        ids = np.arange(1, 69) if k == 68 else np.zeros(k, dtype=np.int64)
+    else:
+        ids = np.asarray(asnumpy(landmark_ids)).astype(np.int64).reshape(-1)
+        if ids.shape != (k,):
+            raise ValueError(f"medium_stage: landmark_ids must have shape ({k},), got {ids.shape}")
+    if weights is None:
+        table = ibug_region_weights()
+        w_all = np.array([table.get(int(i), dense_weight) for i in ids], dtype=np.float64)
+    else:
+        w_all = _check_weights(weights, k, name="weights")
+
+    cam = ScaledOrthographic(scale=s, rotation=R, translation=t)
+    screen = np.asarray(cam.to_screen(v, H))
+    vert = np.full(k, -1, dtype=np.int64)
+    if use_model_landmarks and model is not None and getattr(model, "landmarks", None):
+        known = np.array([int(model.landmarks.get(int(i), -1)) for i in ids])
+        vert = np.where(known >= 0, known, vert)
+    need = vert < 0
+    if need.any():
+        if index_map is None:
+            try:
+                from .render import rasterize
+            except ImportError as e:  # pragma: no cover - geomfit.render is part of the package
+                raise ImportError("medium_stage: geomfit.render.rasterize is needed to build the index map "
+                                  "(or pass index_map=)") from e
+            index_map = asnumpy(rasterize(screen, f, H, W).vertex_index)
+        imap = np.asarray(asnumpy(index_map))
+        if imap.shape != (H, W):
+            raise ValueError(f"medium_stage: index_map must have shape ({H}, {W}), got {imap.shape}")
+        col = np.floor(lm[:, 0]).astype(np.int64)
+        row = np.floor(lm[:, 1]).astype(np.int64)
+        inside = need & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        looked = np.full(k, -1, dtype=np.int64)
+        looked[inside] = imap[row[inside], col[inside]]
+        vert = np.where(need, looked, vert)
+    if vert.max() >= n:
+        raise ValueError(f"medium_stage: landmark vertices out of range [0, {n})")
+    ok = vert >= 0
+    first = np.zeros(k, dtype=bool)
+    _, first_idx = np.unique(np.where(ok, vert, -1 - np.arange(k)), return_index=True)
+    first[first_idx] = True
+    use = ok & first
+    if not use.any():
+        raise ValueError("medium_stage: no landmark falls on the rendered coarse mesh")
+    li = np.flatnonzero(use)
+    h = vert[li]
+    mu = np.asarray(cam.unproject(lm[li], screen[h, 2], H))
+    deformer = LaplacianDeformer(v, f, h, w_all[li], weights=laplacian_weights)
+    out = deformer.deform(mu)
+    return MediumResult(vertices=out, coarse_vertices=v, faces=f, handle_indices=h, targets=mu,
+                        weights=w_all[li], landmark_index=li, dropped=np.flatnonzero(~use), deformer=deformer)

@@ -271,3 +271,130 @@ def test_cupy_path_matches_cpu(mesh):
     cpu = LaplacianDeformer(v, f, h, 0.6).deform(mu)
     gpu = LaplacianDeformer(cp.asarray(v), f, h, 0.6).deform(cp.asarray(mu))
     assert np.abs(cp.asnumpy(gpu) - cpu).max() < 1e-6
+
+
+# -- medium_stage: the correspondence step ------------------------------------------------------------
+
+from geomfit.laplacian import medium_stage  # noqa: E402
+
+
+def _rot(yaw, pitch):
+    cy, sy, cp, spi = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    Rx = np.array([[1, 0, 0], [0, cp, -spi], [0, spi, cp]])
+    return Ry @ Rx
+
+
+def _screen(v, R, s, t, H):
+    rv = s * v @ R.T
+    return np.stack([rv[:, 0] + t[0], H - (rv[:, 1] + t[1]), rv[:, 2]], 1)
+
+
+def reference_index_map(v, f, R, s, t, H, W):
+    """Brute-force index map: front-most triangle at each pixel centre, then its nearest vertex."""
+    p = _screen(v, R, s, t, H)
+    jj, ii = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    q = np.stack([jj.ravel(), ii.ravel()], 1)
+    a, b, c = p[f[:, 0]], p[f[:, 1]], p[f[:, 2]]
+    det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+    dx = q[:, None, 0] - a[None, :, 0]
+    dy = q[:, None, 1] - a[None, :, 1]
+    l1 = (dx * (c[:, 1] - a[:, 1]) - dy * (c[:, 0] - a[:, 0])) / det
+    l2 = ((b[:, 0] - a[:, 0]) * dy - (b[:, 1] - a[:, 1]) * dx) / det
+    l0 = 1 - l1 - l2
+    inside = (l0 >= 0) & (l1 >= 0) & (l2 >= 0)
+    z = l0 * a[:, 2] + l1 * b[:, 2] + l2 * c[:, 2]
+    z = np.where(inside, z, -np.inf)
+    tri = z.argmax(1)
+    hit = np.isfinite(z.max(1))
+    bary = np.stack([l0, l1, l2], 2)[np.arange(len(q)), tri]
+    vid = f[tri, bary.argmax(1)]
+    return np.where(hit, vid, -1).reshape(H, W)
+
+
+class _Model:
+    def __init__(self, faces, landmarks):
+        self.faces, self.landmarks = faces, landmarks
+
+
+@pytest.fixture(scope="module")
+def scene():
+    v, f = grid_mesh(k=24, seed=9)
+    v = v * 50.0  # "mm"
+    R, s, t, H, W = _rot(0.25, -0.1), 1.0, np.array([64.0, 60.0]), 128, 128
+    return v, f, R, s, t, H, W
+
+
+def test_medium_stage_known_correspondences_recover_in_plane_warp(scene):
+    v, f, R, s, t, H, W = scene
+    rng = np.random.default_rng(10)
+    lm_vertices = rng.choice(len(v), 68, replace=False)
+    # truth = coarse + smooth warp parallel to the image plane (what 2D landmarks can see)
+    cam = v @ R.T
+    warp = np.zeros_like(v)
+    g = np.exp(-((cam[:, 0] - 10) ** 2 + (cam[:, 1] + 5) ** 2) / (2 * 20.0 ** 2))
+    warp[:, 0], warp[:, 1] = 4.0 * g, -3.0 * g
+    truth = v + warp @ R  # back to model space
+    lm2d = _screen(truth, R, s, t, H)[lm_vertices, :2]
+    model = _Model(f, {i + 1: int(lm_vertices[i]) for i in range(68)})
+    res = medium_stage(v, lm2d, (H, W), model=model, camera={"rotation": R, "scale": s, "translation": t},
+                       weights=1.0, index_map=np.full((H, W), -1))
+    assert np.array_equal(res.handle_indices, lm_vertices)
+    assert np.abs(res.targets - truth[lm_vertices]).max() < 1e-9  # mu = (x, y, z') is exact here
+    err_c = np.sqrt(((v - truth) ** 2).sum(1).mean())
+    err_m = np.sqrt(((res.vertices - truth) ** 2).sum(1).mean())
+    assert err_m < 0.5 * err_c
+
+
+def test_medium_stage_index_map_lookup(scene):
+    v, f, R, s, t, H, W = scene
+    imap = reference_index_map(v, f, R, s, t, H, W)
+    rng = np.random.default_rng(11)
+    lm2d = rng.uniform(0, W, (200, 2))
+    res = medium_stage(v, lm2d, (H, W), faces=f, camera={"rotation": R, "scale": s, "translation": t},
+                       index_map=imap)
+    li = res.landmark_index
+    # handles are the index-map vertices at the landmark pixels, first landmark wins a shared vertex
+    look = imap[np.floor(lm2d[:, 1]).astype(int), np.floor(lm2d[:, 0]).astype(int)]
+    assert np.array_equal(res.handle_indices, look[li])
+    assert set(np.flatnonzero(look < 0)) <= set(res.dropped.tolist())
+    assert len(li) + len(res.dropped) == len(lm2d) and len(np.unique(res.handle_indices)) == len(li)
+    # targets project onto the landmarks at the vertex's own depth
+    scr = _screen(res.targets, R, s, t, H)
+    assert np.abs(scr[:, :2] - lm2d[li]).max() < 1e-9
+    assert np.abs(scr[:, 2] - _screen(v, R, s, t, H)[res.handle_indices, 2]).max() < 1e-9
+    assert np.allclose(res.weights, 0.1)
+    # the returned mesh is the deformer's solution for those handles
+    again = LaplacianDeformer(v, f, res.handle_indices, res.weights).deform(res.targets)
+    assert np.abs(again - res.vertices).max() < 1e-12
+
+
+def test_medium_stage_rasterizer_matches_reference_map(scene):
+    render = pytest.importorskip("geomfit.render")
+    v, f, R, s, t, H, W = scene
+    imap = reference_index_map(v, f, R, s, t, H, W)
+    got = np.asarray(render.rasterize(_screen(v, R, s, t, H), f, H, W).vertex_index)
+    assert (got == imap).mean() > 0.99  # ties on shared edges may differ
+    lm2d = np.random.default_rng(12).uniform(20, 100, (68, 2))
+    a = medium_stage(v, lm2d, (H, W), faces=f, camera={"rotation": R, "scale": s, "translation": t})
+    b = medium_stage(v, lm2d, (H, W), faces=f, camera={"rotation": R, "scale": s, "translation": t},
+                     index_map=got)
+    assert np.array_equal(a.handle_indices, b.handle_indices)
+
+
+def test_medium_stage_bad_input(scene):
+    v, f, R, s, t, H, W = scene
+    cam = {"rotation": R, "scale": s, "translation": t}
+    imap = np.full((H, W), -1)
+    with pytest.raises(ValueError, match="no landmark"):
+        medium_stage(v, np.array([[5.0, 5.0]]), (H, W), faces=f, camera=cam, index_map=imap)
+    with pytest.raises(ValueError, match="NaN"):
+        medium_stage(v, np.array([[np.nan, 5.0]]), (H, W), faces=f, camera=cam, index_map=imap)
+    with pytest.raises(ValueError, match=r"\(K, 2\)"):
+        medium_stage(v, np.zeros((4, 3)), (H, W), faces=f, camera=cam, index_map=imap)
+    with pytest.raises(ValueError, match="camera"):
+        medium_stage(v, np.zeros((4, 2)), (H, W), faces=f)
+    with pytest.raises(ValueError, match="index_map"):
+        medium_stage(v, np.zeros((4, 2)), (H, W), faces=f, camera=cam, index_map=np.zeros((3, 3), int))
+    with pytest.raises(ValueError, match="scale"):
+        medium_stage(v, np.zeros((4, 2)), (H, W), faces=f, camera=dict(cam, scale=-1.0), index_map=imap)
