@@ -398,3 +398,30 @@ def test_medium_stage_bad_input(scene):
         medium_stage(v, np.zeros((4, 2)), (H, W), faces=f, camera=cam, index_map=np.zeros((3, 3), int))
     with pytest.raises(ValueError, match="scale"):
         medium_stage(v, np.zeros((4, 2)), (H, W), faces=f, camera=dict(cam, scale=-1.0), index_map=imap)
+
+
+def test_medium_stage_surrey_model_end_to_end(sfm_dir):
+    """Real model: coarse = SFM mean, truth = mean + in-plane warp; 68 landmarks via model map + raster."""
+    from types import SimpleNamespace
+
+    from geomfit.io import load_model
+
+    model = load_model(sfm_dir / "sfm_shape_3448.bin", landmarks=sfm_dir / "ibug_to_sfm.txt")
+    v = np.asarray(model.mean, float)
+    R, s, H, W = _rot(0.15, 0.05), 2.0, 512, 512
+    t = np.array([256.0, 256.0])
+    cam = v @ R.T
+    g = np.exp(-((cam[:, 0] - 20) ** 2 + (cam[:, 1] + 30) ** 2) / (2 * 30.0 ** 2))  # mouth-ish region
+    warp = np.stack([3.0 * g, 4.0 * g, 0 * g], 1)
+    truth = v + warp @ R
+    ids = sorted(model.landmarks)
+    lm2d = np.full((68, 2), -1e3)  # landmarks without a model vertex: off-image, dropped
+    lm2d[np.array(ids) - 1] = _screen(truth, R, s, t, H)[[model.landmarks[i] for i in ids], :2]
+    coarse = SimpleNamespace(vertices=v, rotation=R, scale=s, translation=t, image_size=np.array([H, W]),
+                             model=model)
+    res = medium_stage(coarse, lm2d)
+    assert set(res.handle_indices.tolist()) == {model.landmarks[i] for i in ids}
+    assert len(res.dropped) == 68 - len(ids)
+    err_c = np.sqrt(((v - truth) ** 2).sum(1).mean())
+    err_m = np.sqrt(((res.vertices - truth) ** 2).sum(1).mean())
+    assert err_m < 0.5 * err_c
