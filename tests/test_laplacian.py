@@ -325,6 +325,12 @@ def scene():
     return v, f, R, s, t, H, W
 
 
+@pytest.fixture(scope="module")
+def ref_map(scene):
+    v, f, R, s, t, H, W = scene
+    return reference_index_map(v, f, R, s, t, H, W)
+
+
 def test_medium_stage_known_correspondences_recover_in_plane_warp(scene):
     v, f, R, s, t, H, W = scene
     rng = np.random.default_rng(10)
@@ -346,9 +352,9 @@ def test_medium_stage_known_correspondences_recover_in_plane_warp(scene):
     assert err_m < 0.5 * err_c
 
 
-def test_medium_stage_index_map_lookup(scene):
+def test_medium_stage_index_map_lookup(scene, ref_map):
     v, f, R, s, t, H, W = scene
-    imap = reference_index_map(v, f, R, s, t, H, W)
+    imap = ref_map
     rng = np.random.default_rng(11)
     lm2d = rng.uniform(0, W, (200, 2))
     res = medium_stage(v, lm2d, (H, W), faces=f, camera={"rotation": R, "scale": s, "translation": t},
@@ -369,10 +375,10 @@ def test_medium_stage_index_map_lookup(scene):
     assert np.abs(again - res.vertices).max() < 1e-12
 
 
-def test_medium_stage_rasterizer_matches_reference_map(scene):
+def test_medium_stage_rasterizer_matches_reference_map(scene, ref_map):
     render = pytest.importorskip("geomfit.render")
     v, f, R, s, t, H, W = scene
-    imap = reference_index_map(v, f, R, s, t, H, W)
+    imap = ref_map
     got = np.asarray(render.rasterize(_screen(v, R, s, t, H), f, H, W).vertex_index)
     assert (got == imap).mean() > 0.99  # ties on shared edges may differ
     lm2d = np.random.default_rng(12).uniform(20, 100, (68, 2))
