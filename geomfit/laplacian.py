@@ -20,7 +20,7 @@ scaled-orthographic camera.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 import scipy.sparse as sp
