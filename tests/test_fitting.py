@@ -266,3 +266,12 @@ def test_never_nan_converged():
     # no iterations allowed: nothing is claimed
     res = fit_landmarks(model, L, HW, max_iter=0)
     assert not res.converged.any() and (res.iterations == 0).all()
+
+
+def test_projection_matches_camera_module():
+    camera = pytest.importorskip("geomfit.camera")
+    model = random_model(contours=False)
+    L, *_ = synth(model, 1, seed=13)
+    res = fit_landmarks(model, L[0], HW)
+    cam = camera.ScaledOrthographic(res.scale, res.rotation, res.translation)
+    np.testing.assert_allclose(res.projected, cam.project(res.vertices, HW[0]), rtol=1e-12, atol=1e-9)
