@@ -1,1 +1,43 @@
-"""geomfit"""
+"""geomfit: detailed 3D faces from a single photo, by classical optimisation.
+
+The coarse-to-fine pipeline of Jin et al. 2021 (seed 004) with the Levenberg-Marquardt landmark fitting
+of Wang et al. (seed 001): photo -> 68 landmarks -> 3DMM fit (coarse) -> Laplacian deformation
+(medium) -> SH lighting, RTV albedo and phased shape-from-shading on the depth map (fine).
+
+Every solver takes NumPy arrays (CPU) or CuPy arrays (GPU) and returns arrays on the same device;
+see :mod:`geomfit.backend`. Public names are imported lazily, so ``import geomfit`` stays fast and
+works without the optional dependencies (CuPy, torch, detectors).
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# defining module -> public names re-exported here
+_MODULES = {
+    "geomfit.model": ("MorphableModel",),
+    "geomfit.backend": ("get_array_module", "factorize_spd"),
+    "geomfit.io": ("load_model", "save_model", "read_pts", "write_pts", "read_landmark_mapping", "read_contours"),
+    "geomfit.mesh": ("vertex_normals", "face_normals", "vertex_adjacency", "mass_matrix", "subdivide", "uniform_laplacian", "cotangent_laplacian", "mean_curvature",
+                     "to_trimesh", "from_trimesh", "save_mesh"),
+    "geomfit.camera": ("ScaledOrthographic", "euler_to_matrix", "matrix_to_euler", "rodrigues", "matrix_to_rodrigues"),
+    "geomfit.encodings": ("encode_dae", "encode_dce"),
+    "geomfit.render": ("Raster", "rasterize", "interpolate", "render_depth", "depth_normals"),
+    "geomfit.fitting": ("fit_landmarks", "fit_landmarks_multi", "LandmarkFit"),
+    "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
+}
+_EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'geomfit' has no attribute {name!r}")
+    value = getattr(import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
