@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from .backend import asnumpy, factorize_spd, get_array_module, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
+from .render import depth_normals
 from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
 
 __all__ = [
@@ -171,12 +172,15 @@ def _prepare_depth(depth, mask, xp):
 # Normals
 # ----------------------------------------------------------------------------------------------
 
-def _depth_normals(depth):
-    """Unit normals (H, W, 3) of a depth map: ``n ~ (-dd/dx, +dd/drow, 1)`` (np.gradient differences)."""
+def _depth_normals(depth, mask=None):
+    """:func:`geomfit.render.depth_normals`, with the depth outside ``mask`` ignored (one-sided
+    differences on the mask border) and ``(0, 0, 1)`` outside the mask."""
     xp = get_array_module(depth)
-    q, p = xp.gradient(depth)  # q along rows (axis 0), p along columns (axis 1)
-    inv = 1.0 / xp.sqrt(1.0 + p * p + q * q)
-    return xp.stack([-p * inv, q * inv, inv], axis=-1)
+    if mask is None:
+        return depth_normals(depth)
+    n = depth_normals(xp.where(mask, depth, xp.nan))
+    n = xp.where(mask[..., None], n, xp.asarray([0.0, 0.0, 1.0]))
+    return n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,7 +817,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
 
     # 1-2: lighting and albedo (epsilon = 0)
     t = time.perf_counter()
-    n = _depth_normals(d_in)
+    n = _depth_normals(d_in, m)
     Y = sh_basis(n)
     sh = fit_sh_lighting(I, n, gamma, dm, shared=shared_light)
     for k in range(int(init_rounds)):
@@ -845,7 +849,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                                   preconditioner=factor, return_info=True)
             factor = info.factor
             hist.extend(info.energies if not hist else info.energies[1:])
-            n = _depth_normals(d)
+            n = _depth_normals(d, m)
             S = _as_hwc(shade(n, sh), H, W, 3, xp, "shading")
             gamma = solve_albedo(I, S, beta, dm, avg, lam_skin, lam_rtv, iterations=1,
                                  albedo0=gamma, data_weight=albedo_data_weight or data_weight)
@@ -857,7 +861,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     for name, arr in (("depth", d), ("albedo", gamma), ("specular", beta)):
         if not bool(xp.isfinite(arr).all()):
             raise FloatingPointError(f"fine_stage produced non-finite {name} (please report this input)")
-    return FineResult(depth=d, normals=_depth_normals(d), albedo=gamma, sh=sh, specular=beta,
+    return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=beta,
                       regions=reg_np, albedo_avg=avg, energy=energy, timings=timings, data_mask=dm)
 
 

@@ -1,0 +1,315 @@
+"""Fine stage (seed 004, Sec. 3.4): grid operators, albedo, specular, depth SFS and the whole stage."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from geomfit.fine import (PHASE1, PHASE2, _DepthProblem, _depth_normals, fine_stage, landmark_regions, prepare_image,
+                          region_mean_albedo, solve_albedo, solve_depth, solve_specular, synthetic_scene)
+from geomfit.grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
+                          laplacian_operator)
+from geomfit.sh import fit_sh_lighting, shade
+
+
+def _angle(a, b):
+    return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1, 1)))
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return synthetic_scene(96, n_blotches=0)
+
+
+# ---------------------------------------------------------------------------------------------- grid
+def test_grid_operators_match_numpy():
+    d = np.random.default_rng(0).normal(size=(7, 9))
+    Gx, Gy = central_gradient_operators(d.shape)
+    gy, gx = np.gradient(d)
+    np.testing.assert_allclose((Gx @ d.ravel()).reshape(d.shape), gx, atol=1e-14)
+    np.testing.assert_allclose((Gy @ d.ravel()).reshape(d.shape), gy, atol=1e-14)
+    Dx, Dy = forward_difference_operators(d.shape)
+    np.testing.assert_allclose((Dx @ d.ravel()).reshape(7, 8), np.diff(d, axis=1))
+    np.testing.assert_allclose((Dy @ d.ravel()).reshape(6, 9), np.diff(d, axis=0))
+    L = laplacian_operator(d.shape)
+    five = d[:-2, 1:-1] + d[2:, 1:-1] + d[1:-1, :-2] + d[1:-1, 2:] - 4 * d[1:-1, 1:-1]
+    np.testing.assert_allclose((L @ d.ravel()).reshape(d.shape)[1:-1, 1:-1], five, atol=1e-13)
+    m = np.zeros((5, 5), bool)
+    m[1:4, 1:4] = True
+    assert interior_mask(m).sum() == 1 and interior_mask(m)[2, 2]
+    ex, ey = edge_masks(m)
+    assert ex.sum() == 6 and ey.sum() == 6
+
+
+def test_private_normals_follow_render_convention():
+    # a plane d = a x + b row: n ~ (-a, b, 1)
+    yy, xx = np.mgrid[0:6, 0:7].astype(float)
+    n = _depth_normals(0.3 * xx - 0.5 * yy)
+    ref = np.array([-0.3, -0.5, 1.0]) / np.linalg.norm([0.3, 0.5, 1.0])
+    np.testing.assert_allclose(n, np.broadcast_to(ref, n.shape), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- depth
+def test_depth_jacobian_matches_finite_differences():
+    s = synthetic_scene(20, n_blotches=2)
+    rng = np.random.default_rng(1)
+    spec = 0.05 * rng.random(s["image"].shape)
+    for lam, w in ((PHASE1, 1.0), (PHASE2, 300.0)):
+        prob = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"],
+                             s["depth_blur"] + 0.1, lam, None, data_weight=w, gradient_scale=1.0)
+        u = prob.u_init + 0.2 * rng.standard_normal(prob.n)
+        J = prob.jacobian(u).toarray()
+        h = 1e-6
+        E = np.eye(prob.n)
+        Jfd = np.stack([(prob.residuals(u + h * e) - prob.residuals(u - h * e)) / (2 * h) for e in E], 1)
+        assert np.abs(J - Jfd).max() < 1e-6 * max(1.0, np.abs(J).max())
+        # energy = ||R||^2 and the gradient used by the solver = J^T R
+        R = prob.residuals(u)
+        assert prob.energy(u) == pytest.approx(R @ R, rel=1e-12)
+        rab = prob.data_derivatives(u)
+        g = prob.data_jacobian(rab).T @ rab[0].T.ravel() + prob.gradient_const(u)
+        np.testing.assert_allclose(g, J.T @ R, atol=1e-9 * np.abs(J.T @ R).max())
+
+
+def test_depth_step_solves_normal_equations_exactly():
+    # one undamped step from a quadratic problem (data term off -> Eq. 9 is quadratic): exact minimiser
+    s = synthetic_scene(16, n_blotches=0)
+    lam = (0.01, 0.05, 0.02, 2.5)
+    d, info = solve_depth(s["image"], s["depth_blur"] + 1.0, s["mask"], s["albedo"] * 0, s["sh"],
+                          depth0=s["depth_blur"], lam=lam, iterations=3, damping=0.0, return_info=True)
+    prob = _DepthProblem(s["image"], s["mask"], s["albedo"] * 0, s["sh"], None, d, s["depth_blur"], lam, None,
+                         data_weight=1.0)
+    J = prob.jacobian(prob.u_init)
+    R = prob.residuals(prob.u_init)
+    assert np.abs(J.T @ R).max() < 1e-8  # gradient vanishes at the returned depth
+    assert info.energies[-1] < info.energies[0]
+
+
+def test_depth_recovers_detail_with_known_albedo_and_light(scene):
+    s = scene
+    mi = interior_mask(interior_mask(s["mask"]))
+    before = _angle(_depth_normals(s["depth_blur"]), s["normals"])[mi].mean()
+    d = s["depth_blur"]
+    energies = []
+    for lam in (PHASE1, PHASE2):
+        d, info = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"], lam=lam,
+                              iterations=8, return_info=True)
+        energies.append(info.energies)
+        assert all(b <= a for a, b in zip(info.energies, info.energies[1:]))  # LM only accepts descent
+    after = _angle(_depth_normals(d), s["normals"])[mi].mean()
+    print(f"known albedo/light: mean angular error {before:.2f} -> {after:.2f} deg")
+    assert after < 0.5 * before
+    outside = ~s["mask"]
+    np.testing.assert_array_equal(d[outside], s["depth_blur"][outside])
+
+
+# ---------------------------------------------------------------------------------------------- albedo / specular
+def test_specular_closed_form_satisfies_optimality():
+    rng = np.random.default_rng(2)
+    I, D, b0 = rng.random((3, 8, 9, 3))
+    lam = 0.5
+    beta = solve_specular(I, D, b0, lam=lam, nonnegative=False)
+    np.testing.assert_allclose(2 * (D + beta - I) + 2 * lam * (beta - b0), 0, atol=1e-14)
+    bp = solve_specular(I, D, b0, lam=lam)
+    g0 = 2 * (D - I) - 2 * lam * b0  # derivative at beta = 0
+    assert np.all(bp >= 0)
+    assert np.all(g0[bp == 0] >= -1e-14)  # KKT: clipped only where the energy rises from 0
+    np.testing.assert_allclose(bp[bp > 0], beta[bp > 0])
+    m = np.zeros((8, 9), bool)
+    m[2:5, 3:6] = True
+    assert np.all(solve_specular(I, D, b0, mask=m)[~m] == 0)
+
+
+def test_albedo_irls_step_minimises_its_quadratic():
+    """One IRLS step = the exact minimiser of the data + skin + weighted-gradient quadratic (slow dense reference)."""
+    from geomfit.fine import _rtv
+
+    rng = np.random.default_rng(3)
+    H, W = 10, 12
+    I = rng.uniform(0.2, 0.8, (H, W, 3))
+    S = rng.uniform(0.5, 1.2, (H, W, 3))
+    beta = rng.uniform(0, 0.05, (H, W, 3))
+    m = np.ones((H, W), bool)
+    m[:2] = False
+    avg = np.array([0.5, 0.4, 0.3])
+    g0 = rng.uniform(0.2, 0.8, (H, W, 3))
+    lam1, lam2, w = 0.3, 2.5, 7.0
+    gamma = solve_albedo(I, S, beta, m, avg, lam1, lam2, iterations=1, albedo0=g0, data_weight=w)
+    wx, wy = _rtv()[0](g0, sigma=3.0, sharpness=0.02, eps=1e-3)
+    Dx, Dy = forward_difference_operators((H, W))
+    R = lam2 * (Dx.T @ sp.diags(np.asarray(wx).ravel()) @ Dx + Dy.T @ sp.diags(np.asarray(wy).ravel()) @ Dy)
+    for c in range(3):
+        a = (w * m * S[..., c] ** 2 + lam1).ravel()
+        b = (w * m * S[..., c] * (I[..., c] - beta[..., c]) + lam1 * avg[c]).ravel()
+        ref = np.linalg.solve(np.diag(a) + R.toarray(), b)
+        np.testing.assert_allclose(gamma[..., c].ravel(), ref, rtol=1e-6, atol=1e-8)
+
+
+def _detail_correlation(albedo, true_albedo, detail_shading, m):
+    ratio = (albedo / true_albedo).mean(-1)[m]
+    return np.corrcoef(ratio, detail_shading[m])[0, 1]
+
+
+def test_rtv_term_reduces_geometry_in_albedo():
+    """Seed 004's Fig. 8 ablation, measured: the albedo correlates less with the missing shading detail
+    when the RTV detail-reducing term is on."""
+    s = synthetic_scene(96, n_blotches=3, blotch_radius=(0.15, 0.25))
+    m = interior_mask(interior_mask(s["mask"]))
+    nb = _depth_normals(s["depth_blur"], s["mask"])
+    detail = (shade(s["normals"], s["sh"]) / shade(nb, s["sh"])).mean(-1)  # shading the blur misses
+    avg = region_mean_albedo(s["image"], s["regions"])
+    S = shade(nb, s["sh"])
+    corr = {}
+    for lam_rtv in (0.0, 2.5, 25.0):
+        g = solve_albedo(s["image"], S, None, s["mask"], avg, 0.3, lam_rtv, iterations=3)
+        corr[lam_rtv] = _detail_correlation(g, s["albedo"], detail, m)
+    print("albedo/detail correlation by lam_rtv:", corr)
+    assert corr[0.0] > 0.9  # without RTV the albedo absorbs the geometry
+    assert corr[2.5] < corr[0.0] - 0.02
+    assert corr[25.0] < corr[2.5]
+
+
+def test_albedo_without_rtv_is_per_pixel_closed_form():
+    rng = np.random.default_rng(4)
+    I, S = rng.uniform(0.1, 1, (2, 6, 7, 3))
+    m = rng.random((6, 7)) > 0.3
+    avg = rng.uniform(0.2, 0.8, 3)
+    g = solve_albedo(I, S, None, m, avg, lam_skin=0.3, lam_rtv=0.0, data_weight=2.0)
+    # d/dgamma [2 m (gamma S - I)^2 + 0.3 (gamma - avg)^2] = 0
+    grad = 2 * 2.0 * m[..., None] * S * (g * S - I) + 2 * 0.3 * (g - avg)
+    np.testing.assert_allclose(grad, 0, atol=1e-12)
+
+
+def test_region_mean_albedo_matches_loop():
+    rng = np.random.default_rng(5)
+    img = rng.random((9, 11, 3))
+    reg = rng.integers(0, 4, (9, 11))
+    out = region_mean_albedo(img, reg)
+    for k in range(1, 4):
+        np.testing.assert_allclose(out[reg == k], np.broadcast_to(img[reg == k].mean(0), out[reg == k].shape))
+    np.testing.assert_allclose(out[reg == 0][0], img[reg > 0].mean(0))
+
+
+def _toy_landmarks():
+    lm = np.zeros((68, 2))
+    t = np.linspace(0, np.pi, 17)
+    lm[0:17] = np.c_[50 + 40 * np.cos(t[::-1] + np.pi), 60 + 35 * np.sin(t)]  # jaw
+    lm[17:22] = np.c_[np.linspace(20, 42, 5), 28 + np.zeros(5)]
+    lm[22:27] = np.c_[np.linspace(58, 80, 5), 28 + np.zeros(5)]
+    lm[27:36] = np.c_[50 + np.zeros(9), np.linspace(35, 62, 9)]
+    a = np.linspace(0, 2 * np.pi, 7)[:-1]
+    lm[36:42] = np.c_[32 + 8 * np.cos(a), 40 + 3 * np.sin(a)]
+    lm[42:48] = np.c_[68 + 8 * np.cos(a), 40 + 3 * np.sin(a)]
+    a = np.linspace(0, 2 * np.pi, 13)[:-1]
+    lm[48:60] = np.c_[50 + 14 * np.cos(a), 76 + 7 * np.sin(a)]
+    a = np.linspace(0, 2 * np.pi, 9)[:-1]
+    lm[60:68] = np.c_[50 + 9 * np.cos(a), 76 + 2.5 * np.sin(a)]
+    return lm
+
+
+def test_landmark_regions():
+    lm = _toy_landmarks()
+    reg = landmark_regions(lm, (100, 100))
+    assert reg[40, 32] == 3 and reg[40, 68] == 3  # eyes
+    assert reg[76, 50] == 5  # mouth interior
+    assert reg[76, 38] == 4  # lips ring
+    assert reg[28, 30] == 2  # brow
+    assert reg[55, 25] == 1  # cheek
+    assert reg[2, 2] == 0
+    with pytest.raises(ValueError, match="68, 2"):
+        landmark_regions(lm[:60], (100, 100))
+
+
+# ---------------------------------------------------------------------------------------------- whole stage
+def test_fine_stage_recovers_detail(scene):
+    s = scene
+    mi = interior_mask(interior_mask(s["mask"]))
+    r = fine_stage(s["image"], s["depth_blur"], s["mask"])
+    before = _angle(_depth_normals(s["depth_blur"]), s["normals"])[mi].mean()
+    after = _angle(r.normals, s["normals"])[mi].mean()
+    print(f"fine_stage: mean angular error {before:.2f} -> {after:.2f} deg")
+    assert after < 0.7 * before
+    for name in ("depth", "normals", "albedo", "specular"):
+        assert np.isfinite(getattr(r, name)).all(), name
+    assert set(r.energy) == {"phase1", "phase2"}
+    for hist in r.energy.values():
+        assert hist[-1] < hist[0]
+    np.testing.assert_allclose(np.linalg.norm(r.normals, axis=-1), 1.0)
+    assert r.sh.shape == (9, 3)
+    # the lighting explains the image: rendered vs input inside the mask
+    rend = r.albedo * shade(r.normals, r.sh) + r.specular
+    assert np.abs(rend - s["image"])[mi].mean() < 0.01
+
+
+def test_fine_stage_with_landmarks_and_user_regions(scene):
+    s = scene
+    r = fine_stage(s["image"], s["depth_blur"], s["mask"], landmarks=_toy_landmarks() * 0.9 + 3, phases=(PHASE1,),
+                   outer_iterations=1, depth_iterations=1)
+    assert set(np.unique(r.regions)) <= {0, 1, 2, 3, 4, 5} and (r.regions == 3).any()
+    r2 = fine_stage(s["image"], s["depth_blur"], s["mask"], regions=s["regions"] * 2, phases=(PHASE1,),
+                    outer_iterations=1, depth_iterations=1, specular=False, shared_light=True)
+    assert r2.sh.shape == (9,) and np.all(r2.specular == 0)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_prepare_image_conversions():
+    u8 = np.array([[[0, 128, 255]] * 4] * 4, np.uint8)
+    lin = prepare_image(u8)
+    np.testing.assert_allclose(lin[0, 0], [0.0, ((128 / 255 + 0.055) / 1.055) ** 2.4, 1.0])
+    grey = prepare_image(np.full((5, 6), 0.25))
+    assert grey.shape == (5, 6, 3) and np.all(grey == 0.25)
+    rgba = prepare_image(np.full((5, 6, 4), 0.5))
+    assert rgba.shape == (5, 6, 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        prepare_image(np.full((5, 6, 3), 2.0))
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_image(np.full((5, 6, 3), np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        prepare_image(np.zeros((5, 6, 2)))
+    with pytest.raises(TypeError, match="dtype"):
+        prepare_image(np.zeros((5, 6, 3), bool))
+
+
+def test_fine_stage_bad_input(scene):
+    s = scene
+    img, d, m = s["image"], s["depth_blur"], s["mask"]
+    with pytest.raises(ValueError, match="empty"):
+        fine_stage(img, d, np.zeros_like(m))
+    tiny = np.zeros_like(m)
+    tiny[40:44, 40:44] = True
+    with pytest.raises(ValueError, match="at least"):
+        fine_stage(img, d, tiny)
+    bad = d.copy()
+    bad[48, 48] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fine_stage(img, bad, m)
+    with pytest.raises(ValueError, match="depth must have shape"):
+        fine_stage(img, d[:-1], m)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fine_stage(img, d, m[:-1])
+    with pytest.raises(ValueError, match="black or saturated"):
+        fine_stage(np.zeros_like(img), d, m)
+    with pytest.raises(ValueError, match="black or saturated"):
+        fine_stage(np.ones_like(img), d, m)
+    with pytest.raises(ValueError, match="lam must hold 4"):
+        solve_depth(img, d, m, s["albedo"], s["sh"], lam=(1, 2))
+
+
+def test_fine_stage_partial_saturation_and_nan_outside_mask(scene):
+    s = scene
+    img = s["image"].copy()
+    img[30:40, 30:50] = 1.0  # clipped highlight
+    d = s["depth_blur"].copy()
+    d[~s["mask"]] = np.nan  # no surface outside the face: allowed
+    r = fine_stage((img * 255).round().astype(np.uint8), d, s["mask"], phases=(PHASE1,), outer_iterations=1,
+                   depth_iterations=2)
+    assert not r.data_mask[35, 40] and r.data_mask[60, 48]
+    for name in ("depth", "normals", "albedo", "specular"):
+        assert np.isfinite(getattr(r, name)[s["mask"]]).all(), name
+
+
+def test_fine_stage_cupy_matches_numpy(scene):
+    cp = pytest.importorskip("cupy")
+    s = scene
+    kw = dict(phases=(PHASE1,), outer_iterations=1, depth_iterations=2)
+    r = fine_stage(s["image"], s["depth_blur"], s["mask"], **kw)
+    rg = fine_stage(cp.asarray(s["image"]), cp.asarray(s["depth_blur"]), cp.asarray(s["mask"]), **kw)
+    np.testing.assert_allclose(cp.asnumpy(rg.depth), r.depth, atol=1e-4)
