@@ -343,12 +343,14 @@ class _DepthProblem:
         self.cols = np.flatnonzero(m.ravel())
         rows_d = np.flatnonzero(data.ravel())
         rows_i = np.flatnonzero(inner.ravel())
+        self.rows_data, self.rows_inner = rows_d, rows_i
         Gx, Gy = central_gradient_operators((H, W))
         Gx = Gx[rows_d][:, self.cols]
         Gy = Gy[rows_d][:, self.cols]
         L = laplacian_operator((H, W))[rows_i][:, self.cols]
         Dx, Dy = forward_difference_operators((H, W))
         ex, ey = edge_masks(m)
+        self.edges = (ex, ey)
         Dx, Dy = Dx[ex.ravel()], Dy[ey.ravel()]
         gray = asnumpy(image).mean(-1).ravel()
         Dg = float(gradient_scale) * np.concatenate([Dx @ gray, Dy @ gray])
