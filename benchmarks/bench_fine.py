@@ -149,7 +149,8 @@ def bench_stage_and_adam():
     s = synthetic_scene(SIZE, n_blotches=0, wrinkle_period=12.0, wrinkle_amplitude=0.8)
     img, d0, m = s["image"], s["depth_blur"], s["mask"]
     out = {"size": SIZE, "mask_pixels": int(m.sum())}
-    fine_stage(img[:64, :64], d0[:64, :64], np.ones((64, 64), bool), phases=(PHASE1,), outer_iterations=1,
+    w = synthetic_scene(64)
+    fine_stage(w["image"], w["depth_blur"], w["mask"], phases=(PHASE1,), outer_iterations=1,
                depth_iterations=1)  # warm-up (imports, JIT)
     t = time.perf_counter()
     r = fine_stage(img, d0, m)
@@ -204,6 +205,38 @@ def bench_stage_and_adam():
     return out
 
 
+def bench_quality():
+    """Mean angular error of the normals (degrees, mask interior) before/after fine_stage on synthetic scenes."""
+    from geomfit.grid import interior_mask
+
+    scenes = {
+        "uniform_albedo": dict(n_blotches=0),
+        "3_large_blotches": dict(n_blotches=3, blotch_radius=(0.15, 0.25)),
+        "6_small_blotches": dict(n_blotches=6),
+        "albedo_gradient_0.1": dict(n_blotches=0, albedo_gradient=0.1),
+    }
+    out = {}
+    for name, kw in scenes.items():
+        s = synthetic_scene(96, **kw)
+        mi = interior_mask(interior_mask(s["mask"]))
+
+        def ang(n):
+            return float(np.degrees(np.arccos(np.clip((n * s["normals"]).sum(-1), -1, 1)))[mi].mean())
+
+        row = {"blurred_start": ang(_depth_normals(s["depth_blur"], s["mask"]))}
+        row["fine_stage"] = ang(fine_stage(s["image"], s["depth_blur"], s["mask"]).normals)
+        if kw.get("n_blotches"):
+            row["fine_stage_true_regions"] = ang(fine_stage(s["image"], s["depth_blur"], s["mask"],
+                                                            regions=s["regions"]).normals)
+        d = s["depth_blur"]
+        for lam in (PHASE1, PHASE2):
+            d = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"], lam=lam,
+                            iterations=8)
+        row["solve_depth_true_albedo_light"] = ang(_depth_normals(d, s["mask"]))
+        out[name] = row
+    return out
+
+
 def main():
     import torch
 
@@ -218,6 +251,8 @@ def main():
     }
     res["sh_least_squares_1mp"] = bench_sh()
     print(json.dumps(res["sh_least_squares_1mp"], indent=1), flush=True)
+    res["quality_96px"] = bench_quality()
+    print(json.dumps(res["quality_96px"], indent=1), flush=True)
     res["fine"] = bench_stage_and_adam()
     print(json.dumps(res["fine"], indent=1, default=float))
     outp = pathlib.Path(__file__).resolve().parent / "results" / ("fine_quick.json" if QUICK else "fine.json")

@@ -386,21 +386,30 @@ def fit_sh_lighting(image, normals, albedo, mask, shared=False, specular=None):
     dense = npix >= 0.5 * H * W and bool(xp.isfinite(I.sum() + albedo.sum() + normals.sum()))
     if dense:  # weight by the mask instead of copying the pixels out
         I = I.reshape(-1, C)
-        a = albedo.reshape(-1, C) * m.reshape(-1, 1)
-        Yt = _sh_basis_rows(normals[..., 0].ravel(), normals[..., 1].ravel(), normals[..., 2].ravel())
+        a = albedo.reshape(-1, C)
+        mw = m.reshape(-1)
+        x, y, z = (normals[..., k].reshape(-1) for k in range(3))
     else:  # gather the pixels
         I = I[m]
         a = albedo[m]
-        Yt = _sh_basis_rows(normals[..., 0][m], normals[..., 1][m], normals[..., 2][m])
-        if not bool(xp.isfinite(I.sum() + a.sum() + Yt.sum())):
+        mw = None
+        x, y, z = (normals[..., k][m] for k in range(3))
+        if not bool(xp.isfinite(I.sum() + a.sum() + x.sum() + y.sum() + z.sum())):
             raise ValueError("fit_sh_lighting: NaN or inf in image, albedo or normals inside the mask")
-    AtA = xp.empty((C, 9, 9))
-    Atb = xp.empty((C, 9))
-    aY = xp.empty_like(Yt)  # one buffer reused for every channel
-    for c in range(C):  # channels, not pixels
-        xp.multiply(Yt, a[:, c], out=aY)
-        AtA[c] = aY @ aY.T
-        Atb[c] = aY @ I[:, c]
+    AtA = xp.zeros((C, 9, 9))
+    Atb = xp.zeros((C, 9))
+    N = x.shape[0]
+    chunk = 1 << 15  # blocks that stay in cache: the normal equations are memory-bound otherwise
+    aY = xp.empty((9, chunk))
+    for s0 in range(0, N, chunk):  # blocks of pixels, channels: not pixels
+        s1 = min(N, s0 + chunk)
+        Yt = _sh_basis_rows(x[s0:s1], y[s0:s1], z[s0:s1])
+        buf = aY[:, :s1 - s0]
+        for c in range(C):
+            w = a[s0:s1, c] if mw is None else a[s0:s1, c] * mw[s0:s1]
+            xp.multiply(Yt, w, out=buf)
+            AtA[c] += buf @ buf.T
+            Atb[c] += buf @ I[s0:s1, c]
     if shared or grey:
         AtA = AtA.sum(0, keepdims=True)
         Atb = Atb.sum(0, keepdims=True)
