@@ -165,7 +165,7 @@ def _prepare_depth(depth, mask, xp):
     d = d.astype(xp.float64)
     if not bool(xp.isfinite(d[mask]).all()):
         raise ValueError("depth has NaN or inf inside the mask")
-    return xp.where(mask, d, 0.0) if not bool(xp.isfinite(d).all()) else d
+    return d  # values outside the mask never enter the energies and are returned unchanged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -860,7 +860,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     if specular:
         beta = solve_specular(I, gamma * S, beta0, dm, lam_spec)
     timings["total"] = time.perf_counter() - t_all
-    for name, arr in (("depth", d), ("albedo", gamma), ("specular", beta)):
+    for name, arr in (("depth", d[m]), ("albedo", gamma), ("specular", beta)):
         if not bool(xp.isfinite(arr).all()):
             raise FloatingPointError(f"fine_stage produced non-finite {name} (please report this input)")
     return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=beta,

@@ -416,8 +416,8 @@ def fit_sh_lighting(image, normals, albedo, mask, shared=False, specular=None):
     sol = []
     for c in range(AtA.shape[0]):
         M = AtA[c]
-        scale = float(xp.trace(M))
-        if not scale > 0 or float(xp.linalg.cond(M)) > 1e12:
+        ev = xp.linalg.eigvalsh(M)
+        if not float(ev[-1]) > 0 or float(ev[0]) < 1e-12 * float(ev[-1]):
             raise ValueError("fit_sh_lighting: the lighting is not determined (normals cover too few "
                              "directions or the albedo is zero inside the mask)")
         sol.append(xp.linalg.solve(M, Atb[c]))

@@ -304,6 +304,8 @@ def test_fine_stage_partial_saturation_and_nan_outside_mask(scene):
     assert not r.data_mask[35, 40] and r.data_mask[60, 48]
     for name in ("depth", "normals", "albedo", "specular"):
         assert np.isfinite(getattr(r, name)[s["mask"]]).all(), name
+    assert np.isnan(r.depth[~s["mask"]]).all()  # no surface stays no surface
+    assert np.isfinite(r.normals).all() and np.isfinite(r.albedo).all()
 
 
 def test_fine_stage_cupy_matches_numpy(scene):
