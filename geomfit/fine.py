@@ -438,52 +438,20 @@ class _DepthProblem:
         return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ u)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
 
 
-def _pcg(A, b, Msolve, rtol=1e-6, maxiter=50):
-    """Preconditioned conjugate gradients (NumPy or CuPy): returns (x, iterations, converged)."""
-    xp = get_array_module(b)
-    x = xp.zeros_like(b)
-    r = b.copy()
-    bn = float(xp.linalg.norm(b))
-    if bn == 0.0:
-        return x, 0, True
-    z = Msolve(r)
-    p = z.copy()
-    rz = float(r @ z)
-    for k in range(1, int(maxiter) + 1):
-        Ap = A @ p
-        pAp = float(p @ Ap)
-        if not pAp > 0:
-            return x, k, False
-        alpha = rz / pAp
-        x += alpha * p
-        r -= alpha * Ap
-        if float(xp.linalg.norm(r)) <= rtol * bn:
-            return x, k, True
-        z = Msolve(r)
-        rz_new = float(r @ z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return x, int(maxiter), False
-
-
 @dataclass
 class DepthInfo:
     """Convergence record of :func:`solve_depth`: energies (Eq. 9) after each accepted step (the
     first entry is the initial energy), the wall-clock seconds at which each was reached, the number
-    of linear solves, factorisations and preconditioned-CG iterations, the final damping, and the
-    last factor (pass it as ``preconditioner`` to the next call to factor once, solve many)."""
+    of linear solves and factorisations, and the final damping."""
     energies: List[float] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
     solves: int = 0
     factorizations: int = 0
-    cg_iterations: int = 0
     damping: float = 0.0
-    factor: object = None
 
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
-                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, preconditioner=None,
-                cg_tol=1e-6, cg_maxiter=20, return_info=False):
+                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False):
     """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -525,12 +493,6 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         Weight of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
     gradient_scale : float
         Scale of the grey image in the gradient term (1: intensities in [0, 1]).
-    preconditioner : SPDFactor, optional
-        A factor of a previous system of the same size (``info.factor``): the steps are then
-        solved by conjugate gradients preconditioned with it, refactoring only if CG does not reach
-        ``cg_tol`` in ``cg_maxiter`` iterations. Without it, the first step factors.
-    cg_tol, cg_maxiter : float, int
-        Relative residual and iteration cap of those CG solves.
     return_info : bool
         Also return a :class:`DepthInfo`.
 
@@ -562,8 +524,6 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     E = prob.energy(u)
     info = DepthInfo(energies=[E], times=[time.perf_counter() - t0])
     mu = float(damping)
-    F = preconditioner
-    reuse = True
     for _ in range(int(iterations)):
         rab = prob.data_derivatives(u)
         Jd = prob.data_jacobian(rab)
@@ -573,18 +533,9 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         accepted = False
         for _try in range(10):
             A = Hm + spm.diags(mu * dg)
-            step = None
-            if reuse and F is not None and F.method != "cg" and F.shape == A.shape:
-                # factor once, solve many: the last factor preconditions CG on the new system
-                step, its, ok = _pcg(A, -g, F.solve, rtol=cg_tol, maxiter=cg_maxiter)
-                info.cg_iterations += its
-                if not ok:  # the system moved too far from the factored one: refactor from now on
-                    step = None
-                    reuse = False
-            if step is None:
-                F = factorize_spd(A.tocsc() if xp is np else A)
-                info.factorizations += 1
-                step = F.solve(-g)
+            F = factorize_spd(A.tocsc() if xp is np else A)
+            info.factorizations += 1
+            step = F.solve(-g)
             info.solves += 1
             E_new = prob.energy(u + step)
             if np.isfinite(E_new) and E_new < E:
@@ -602,7 +553,6 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         if dE < tol * E:
             break
     info.damping = mu
-    info.factor = F
     out = xp.ascontiguousarray(d).copy()
     out.reshape(-1)[xp.asarray(prob.cols)] = u
     return (out, info) if return_info else out
@@ -837,7 +787,6 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
 
     # 4: depth phases
     d = d_in
-    factor = None
     energy: Dict[str, List[float]] = {}
     for k, lam in enumerate(phases):
         name = f"phase{k + 1}"
@@ -848,8 +797,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                 beta = solve_specular(I, gamma * S, beta0, dm, lam_spec)
             d, info = solve_depth(I, d, m, gamma, sh, beta, depth0=d_in, lam=lam, iterations=depth_iterations,
                                   data_mask=dm, data_weight=data_weight, gradient_scale=gradient_scale,
-                                  preconditioner=factor, return_info=True)
-            factor = info.factor
+                                  return_info=True)
             hist.extend(info.energies if not hist else info.energies[1:])
             n = _depth_normals(d, m)
             S = _as_hwc(shade(n, sh), H, W, 3, xp, "shading")
