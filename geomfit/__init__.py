@@ -1,1 +1,36 @@
-"""geomfit"""
+"""geomfit: detailed 3D faces from a single photo, by classical optimisation.
+
+The coarse-to-fine pipeline of Jin et al. 2021 (seed 004) with the Levenberg-Marquardt landmark fitting
+of Wang et al. (seed 001): photo -> 68 landmarks -> 3DMM fit (coarse) -> Laplacian deformation
+(medium) -> SH lighting, RTV albedo and phased shape-from-shading on the depth map (fine).
+
+Every solver takes NumPy arrays (CPU) or CuPy arrays (GPU) and returns arrays on the same device;
+see :mod:`geomfit.backend`. Public names are imported lazily, so ``import geomfit`` stays fast and
+works without the optional dependencies (CuPy, torch, detectors).
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> defining module
+_EXPORTS = {
+    # data types and dispatch
+    "MorphableModel": "geomfit.model",
+    "get_array_module": "geomfit.backend",
+    "factorize_spd": "geomfit.backend",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'geomfit' has no attribute {name!r}")
+    value = getattr(import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -202,10 +202,12 @@ class SPDFactor:
     def _factor_cholmod(self, A):
         chol = _cholmod()
         try:
-            if hasattr(chol, "CholeskyFactor") and not hasattr(chol, "analyze"):  # scikit-sparse >= 0.5
-                self._f = chol.cholesky(A)
-            else:  # scikit-sparse 0.4: cholesky() returns a Factor
-                self._f = chol.cholesky(A)
+            if hasattr(chol, "cho_factor"):  # scikit-sparse >= 0.5: CholeskyFactor objects
+                self._f = chol.cho_factor(sp.csc_array(A))
+            else:
+                # scikit-sparse 0.4: cholesky() returns a Factor. Supernodal LL^T, because the
+                # simplicial LDL^T that "auto" picks for small matrices accepts indefinite ones.
+                self._f = chol.cholesky(A, mode="supernodal")
         except Exception as e:  # CholmodNotPositiveDefiniteError and friends
             raise np.linalg.LinAlgError(f"factorize_spd: CHOLMOD failed, matrix is not SPD ({e})") from e
 
@@ -259,7 +261,7 @@ class SPDFactor:
             raise ValueError(f"SPDFactor.solve: right-hand side has {b.shape[0]} rows, matrix has {self.shape[0]}")
         b = b.astype(xp.float64, copy=False)
         if self.method == "cholmod":
-            return self._f(b) if callable(self._f) else self._f.solve(b)
+            return self._f.solve(b) if hasattr(self._f, "solve") else self._f(b)
         if self.method == "superlu":
             return self._f.solve(np.ascontiguousarray(b))
         if self.method == "cholespy":
@@ -281,10 +283,13 @@ class SPDFactor:
         if self.xp is np:
             C = sp.csc_matrix(C, dtype=np.float64)
             self.A = (self.A + sign * (C @ C.T)).tocsc()
-            if self.method == "cholmod" and hasattr(self._f, "update_inplace"):
+            if self.method == "cholmod" and hasattr(self._f, "update_inplace"):  # scikit-sparse 0.4
                 self._f.update_inplace(C, subtract=subtract)
             elif self.method == "cholmod":
-                self._factor_cholmod(self.A)
+                try:  # scikit-sparse 0.5's CholeskyFactor.update
+                    self._f.update(sp.csc_array(C), update=not subtract)
+                except (AttributeError, TypeError):
+                    self._factor_cholmod(self.A)
             else:
                 self._factor_superlu(self.A)
         else:
