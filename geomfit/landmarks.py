@@ -1,8 +1,10 @@
 """68-point facial landmarks behind one interface: dlib, face-alignment (FAN) or a .pts file.
 
-``detect_landmarks(image, detector="auto")`` returns the iBUG 68 points (pixel coordinates, origin
-at the top-left corner of the top-left pixel, x to the right, y down) and an info dict saying which
-detector ran, how many faces it found and which one it used.
+``detect_landmarks(image, detector="auto")`` returns the iBUG 68 points (continuous pixel
+coordinates, origin at the top-left corner of the image, x to the right, y down, so the centre of
+pixel (row i, column j) is (j + 0.5, i + 0.5): the convention of :mod:`geomfit.camera`; dlib's
+integer pixel indices are shifted by 0.5) and an info dict saying which detector ran, how many
+faces it found and which one it used.
 
 Detectors
 ---------
@@ -122,7 +124,8 @@ def _detect_dlib(rgb8: np.ndarray, upsample: int = 1):
         box = np.array([r.left(), r.top(), r.right(), r.bottom()], dtype=np.float64) / s
         full = dlib.rectangle(*[int(round(v)) for v in box])
         shape = predictor(np.ascontiguousarray(rgb8), full)
-        pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        # dlib's integer pixel indices -> continuous coordinates (pixel centre at index + 0.5)
+        pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64) + 0.5
         faces.append((box, pts))
     return faces
 
@@ -173,7 +176,7 @@ def _detect_fan(rgb8: np.ndarray, device: str = "cpu"):
         return []
     faces = []
     for i, pts in enumerate(lms):
-        pts = np.asarray(pts, dtype=np.float64)[:, :2]
+        pts = np.asarray(pts, dtype=np.float64)[:, :2] + 0.5  # pixel indices -> continuous coordinates
         if boxes is not None and i < len(boxes):
             box = np.asarray(boxes[i], dtype=np.float64)[:4]
         else:
