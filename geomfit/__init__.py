@@ -12,13 +12,17 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-# public name -> defining module
-_EXPORTS = {
-    # data types and dispatch
-    "MorphableModel": "geomfit.model",
-    "get_array_module": "geomfit.backend",
-    "factorize_spd": "geomfit.backend",
+# defining module -> public names re-exported here
+_MODULES = {
+    "geomfit.model": ("MorphableModel",),
+    "geomfit.backend": ("get_array_module", "factorize_spd"),
+    "geomfit.io": ("load_model", "save_model", "read_pts", "write_pts", "read_landmark_mapping", "read_contours"),
+    "geomfit.mesh": ("vertex_normals", "uniform_laplacian", "cotangent_laplacian", "mean_curvature",
+                     "to_trimesh", "from_trimesh", "save_mesh"),
+    "geomfit.camera": ("ScaledOrthographic",),
+    "geomfit.render": ("rasterize", "interpolate", "render_depth", "depth_normals"),
 }
+_EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
