@@ -79,9 +79,13 @@ def normals_to_image(normals) -> np.ndarray:
     return out
 
 
-def albedo_to_image(albedo) -> np.ndarray:
-    """Albedo (H, W, 3) in [0, 1] -> uint8 RGB, black where NaN."""
+def albedo_to_image(albedo, linear: bool = True) -> np.ndarray:
+    """Albedo (H, W, 3) in [0, 1] -> uint8 sRGB (encoded from linear RGB unless ``linear=False``), black where NaN."""
+    from .photo import linear_to_srgb
+
     a = np.asarray(albedo, dtype=np.float64)
+    if linear:
+        a = np.where(np.isfinite(a), linear_to_srgb(np.nan_to_num(a)), np.nan)
     ok = np.isfinite(a).all(-1)
     out = np.zeros(a.shape, np.uint8)
     out[ok] = np.round(np.clip(a[ok], 0, 1) * 255).astype(np.uint8)

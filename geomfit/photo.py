@@ -13,7 +13,8 @@ from typing import Tuple, Union
 
 import numpy as np
 
-__all__ = ["read_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo"]
+__all__ = ["read_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo", "srgb_to_linear",
+           "linear_to_srgb"]
 
 
 def as_float_rgb(image, name: str = "image") -> np.ndarray:
@@ -130,3 +131,15 @@ def load_photo(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     return as_float_rgb(image)
+
+
+def srgb_to_linear(x):
+    """sRGB-encoded values in [0, 1] -> linear RGB (IEC 61966-2-1 transfer function)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(x):
+    """Linear RGB in [0, 1] -> sRGB-encoded values (inverse of :func:`srgb_to_linear`); NaN kept."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from .landmarks import check_landmarks, detect_landmarks, read_pts_checked
-from .photo import load_photo, resize_longest
+from .photo import load_photo, resize_longest, srgb_to_linear
 
 __all__ = ["reconstruct", "Reconstruction", "Mesh", "displace_mesh", "fixed_landmark_rmse", "crop_box"]
 
@@ -80,7 +80,8 @@ class Reconstruction:
         Coarse-fit coefficients.
     depth, normals, albedo : ndarray
         Fine-stage maps at working size: refined depth (H, W) in pixels (larger = closer, NaN
-        outside the face), unit normals (H, W, 3), albedo (H, W, 3).
+        outside the face), unit normals (H, W, 3) (x right, y up, z to the viewer), albedo
+        (H, W, 3) in linear RGB (the photo is decoded from sRGB before the fine stage).
     medium_depth : ndarray (H, W)
         Depth rendered from the medium mesh (the fine stage's starting point).
     mask : ndarray (H, W) bool
@@ -258,18 +259,10 @@ def _resolve_landmarks(img_full, landmarks, detector, log):
     return pts, {"detector": "given", "n_faces": 1, "face_index": 0, "message": "landmarks given"}
 
 
-def _run_medium(model, coarse, camera, landmarks, image_size, kwargs):
+def _run_medium(model, coarse, landmarks, image_size, kwargs):
     from .laplacian import medium_stage
 
-    return medium_stage(np.asarray(coarse.vertices), model.faces, landmarks, camera, image_size,
-                        model=model, fit=coarse, **kwargs)
-
-
-def _medium_vertices(res):
-    for name in ("vertices", "deformed"):
-        if hasattr(res, name):
-            return np.asarray(getattr(res, name))
-    return np.asarray(res)
+    return medium_stage(coarse, landmarks, image_size=image_size, model=model, **kwargs)
 
 
 def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
@@ -365,8 +358,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
 
     log("medium: Laplacian deformation towards the landmarks")
     t = time.perf_counter()
-    med = _run_medium(mdl, coarse, cam, pts, (H, W), medium_options or {})
-    v_medium = _medium_vertices(med)
+    med = _run_medium(mdl, coarse, pts, (H, W), medium_options or {})
+    v_medium = np.asarray(med.vertices, dtype=np.float64)
     timings["medium"] = time.perf_counter() - t
 
     d_med = np.asarray(render_depth(v_medium, faces, cam, H, W))
@@ -380,7 +373,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
 
         log("fine: lighting, albedo and shape-from-shading")
         r0, r1, c0, c1 = crop_box(mask)
-        sub_img = img[r0:r1, c0:c1]
+        sub_img = srgb_to_linear(img[r0:r1, c0:c1])
         sub_d = d_med[r0:r1, c0:c1]
         sub_m = mask[r0:r1, c0:c1]
         sub_pts = pts - [c0, r0]
@@ -394,9 +387,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         normals[r0:r1, c0:c1] = np.where(sub_m[..., None], np.asarray(fine_res.normals), np.nan)
         albedo[r0:r1, c0:c1] = np.where(sub_m[..., None], np.asarray(fine_res.albedo), np.nan)
         sh, spec = fine_res.sh, getattr(fine_res, "specular", None)
-        hist = getattr(fine_res, "history", None)
-        if hist is not None:
-            diag["fine_history"] = _jsonable(hist)
+        diag["fine_energy"] = _jsonable(getattr(fine_res, "energy", None))
+        diag["fine_timings"] = _jsonable(getattr(fine_res, "timings", None))
     else:
         depth, normals = d_med.copy(), np.asarray(depth_normals(d_med))
         albedo, sh, spec = np.full((H, W, 3), np.nan), None, None
