@@ -197,6 +197,7 @@ def check_landmarks(landmarks, image_shape=None, name: str = "landmarks", margin
     Parameters
     ----------
     landmarks : array_like, shape (68, 2)
+        NaN rows mark missing landmarks (at least 10 must be given).
     image_shape : tuple (H, W, ...), optional
         When given, every point must lie within the image enlarged by ``margin`` times its size on
         each side (jaw points of a face at the border may fall slightly outside), and at least half
@@ -216,9 +217,16 @@ def check_landmarks(landmarks, image_shape=None, name: str = "landmarks", margin
     a = np.asarray(landmarks, dtype=np.float64)
     if a.shape != (68, 2):
         raise ValueError(f"{name}: expected 68 landmarks of shape (68, 2), got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}: contains NaN or infinite coordinates")
+    if np.isinf(a).any():
+        raise ValueError(f"{name}: contains infinite coordinates")
+    nan = np.isnan(a)
+    if (nan[:, 0] != nan[:, 1]).any():
+        raise ValueError(f"{name}: a landmark has one NaN coordinate (missing landmarks must be NaN in both)")
+    if (~nan[:, 0]).sum() < 10:
+        raise ValueError(f"{name}: only {(~nan[:, 0]).sum()} of 68 landmarks are given (NaN = missing); need at least 10")
     if image_shape is not None:
+        a_all = a
+        a = a[~nan[:, 0]]
         h, w = image_shape[:2]
         lo = np.array([-margin * w, -margin * h])
         hi = np.array([(1 + margin) * w, (1 + margin) * h])
@@ -229,6 +237,7 @@ def check_landmarks(landmarks, image_shape=None, name: str = "landmarks", margin
                 f"{a[:, 0].max():.0f}], y in [{a[:, 1].min():.0f}, {a[:, 1].max():.0f}]); "
                 "were they made for another image or another resolution?"
             )
+        a = a_all
     return a
 
 

@@ -148,7 +148,7 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
 
     photo = crop(img).copy()
     rad = max(2, int(round(panel_height / 150)))
-    for x, y in recon.landmarks:
+    for x, y in recon.landmarks[np.isfinite(recon.landmarks).all(1)]:
         cv2.circle(photo, (int(round((x - c0) * s)), int(round((y - r0) * s))), rad, (40, 230, 40), -1, cv2.LINE_AA)
     fine_n = recon.diagnostics.get("fine_mesh", {})
     nv = recon.fine.n_vertices

@@ -259,10 +259,28 @@ def _resolve_landmarks(img_full, landmarks, detector, log):
     return pts, {"detector": "given", "n_faces": 1, "face_index": 0, "message": "landmarks given"}
 
 
+def _complete_landmarks(pts, coarse, model):
+    """Fill missing (NaN) landmarks with the coarse fit's projection of their vertex, for the region map."""
+    miss = ~np.isfinite(pts).all(1)
+    if not miss.any():
+        return pts
+    out = pts.copy()
+    proj = np.asarray(coarse.projected)
+    lv = np.asarray(getattr(coarse, "landmark_vertices", np.full(68, -1)))
+    for i in np.flatnonzero(miss):
+        vi = int(lv[i]) if lv[i] >= 0 else model.landmarks.get(int(i) + 1, -1)
+        if vi >= 0:
+            out[i] = proj[vi]
+    return out if np.isfinite(out).all() else None
+
+
 def _run_medium(model, coarse, landmarks, image_size, kwargs):
     from .laplacian import medium_stage
 
-    return medium_stage(coarse, landmarks, image_size=image_size, model=model, **kwargs)
+    ok = np.isfinite(landmarks).all(1)
+    kw = dict(kwargs)
+    kw.setdefault("landmark_ids", np.flatnonzero(ok) + 1)  # iBUG numbers of the given landmarks
+    return medium_stage(coarse, landmarks[ok], image_size=image_size, model=model, **kw)
 
 
 def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
@@ -329,6 +347,13 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     img, ws = resize_longest(img_full, max_side)
     pts = pts_full * ws
     H, W = img.shape[:2]
+    out = ~((pts[:, 0] >= 0) & (pts[:, 0] <= W) & (pts[:, 1] >= 0) & (pts[:, 1] <= H)) & np.isfinite(pts).all(1)
+    if out.any():
+        # a face cut by the image border: those landmarks are left out of the fits
+        pts = pts.copy()
+        pts[out] = np.nan
+        log(f"{int(out.sum())} landmark(s) outside the image are ignored")
+    diag["landmarks_outside_image"] = np.flatnonzero(out).tolist()
     log(f"working size {W}x{H} (scale {ws:.3f})")
 
     t = time.perf_counter()
@@ -376,7 +401,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         sub_img = srgb_to_linear(img[r0:r1, c0:c1])
         sub_d = d_med[r0:r1, c0:c1]
         sub_m = mask[r0:r1, c0:c1]
-        sub_pts = pts - [c0, r0]
+        sub_pts = _complete_landmarks(pts, coarse, mdl)
+        sub_pts = None if sub_pts is None else sub_pts - [c0, r0]
         fine_res = fine_stage(sub_img, np.where(sub_m, sub_d, 0.0), sub_m, landmarks=sub_pts,
                               **(fine_options or {}))
         depth = np.full((H, W), np.nan)

@@ -153,9 +153,16 @@ def test_check_landmarks():
     with pytest.raises(ValueError, match=r"\(68, 2\)"):
         L.check_landmarks(pts[:10])
     bad = pts.copy()
-    bad[3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="one NaN"):
         L.check_landmarks(bad)
+    bad[3] = np.nan  # a missing landmark is allowed
+    np.testing.assert_array_equal(np.isnan(L.check_landmarks(bad, (100, 100))), np.isnan(bad))
+    bad[:60] = np.nan
+    with pytest.raises(ValueError, match="at least 10"):
+        L.check_landmarks(bad)
+    with pytest.raises(ValueError, match="infinite"):
+        L.check_landmarks(np.full((68, 2), np.inf))
     with pytest.raises(ValueError, match="outside the 100x100 image"):
         L.check_landmarks(pts * 4, (100, 100))
     edge = pts.copy()
