@@ -56,10 +56,19 @@ def _cmd_reconstruct(a) -> int:
     from .overview import albedo_to_image, depth_to_image, normals_to_image, overview_image
     from .pipeline import reconstruct
 
+    from .data import resolve_model
+    from .landmarks import read_pts_checked
+    from .photo import load_photo
+
     say = _Progress(a.quiet)
-    out = _prepare_outdir(a.output, a.force)
     say(f"reading {a.image}")
-    rec = reconstruct(a.image, model=a.model, landmarks=a.landmarks, detector=a.detector,
+    # validate every input before touching OUTDIR
+    image = load_photo(a.image)
+    if a.landmarks is not None:
+        read_pts_checked(a.landmarks, image.shape)
+    model = resolve_model(a.model)
+    out = _prepare_outdir(a.output, a.force)
+    rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
                       max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
     say(f"writing outputs to {out}")
     files = []
@@ -83,14 +92,13 @@ def _cmd_reconstruct(a) -> int:
     report = {
         "geomfit_version": _version(),
         "image": str(a.image),
-        "image_size": [int(round(rec.image.shape[1] / rec.working_scale)),
-                       int(round(rec.image.shape[0] / rec.working_scale))],
+        "image_size": [int(rec.photo_size[1]), int(rec.photo_size[0])],
         "working_size": [int(rec.image.shape[1]), int(rec.image.shape[0])],
         "working_scale": rec.working_scale,
         "model": {"name": getattr(rec.model, "name", str(a.model)), "argument": str(a.model),
                   "n_vertices": rec.model.n_vertices, "n_id": rec.model.n_id, "n_exp": rec.model.n_exp},
         "landmarks": {k: v for k, v in rec.landmarks_info.items()},
-        "parameters": {"detector": a.detector, "max_side": a.max_side, "fine": not a.no_fine,
+        "parameters": {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side, "fine": not a.no_fine,
                        "landmarks_file": a.landmarks},
         "timings_s": rec.timings,
         "landmark_rmse_px": rec.diagnostics.get("landmark_rmse_px"),

@@ -92,6 +92,22 @@ def albedo_to_image(albedo, linear: bool = True) -> np.ndarray:
     return out
 
 
+def _depth_colormap(depth) -> np.ndarray:
+    """Depth -> RGB float with a perceptual colour map over the 2nd-98th percentile (black = none)."""
+    import cv2
+
+    d = np.asarray(depth, dtype=np.float64)
+    ok = np.isfinite(d)
+    out = np.zeros(d.shape + (3,))
+    if not ok.any():
+        return out
+    lo, hi = np.percentile(d[ok], [2, 98])
+    t = np.clip((d - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    cm = cv2.applyColorMap(np.round(np.nan_to_num(t) * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)[..., ::-1]
+    out[ok] = cm[ok] / 255.0
+    return out
+
+
 def _label(panel: np.ndarray, text: str, bar: int = 34) -> np.ndarray:
     import cv2
 
@@ -158,15 +174,12 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
         _label(crop(renders[1]), "Medium: Laplacian deform."),
         _label(crop(renders[2]), f"Fine: shading detail ({nv} v)" if fine_n else "Fine (= medium)"),
     ]
-    dimg, _ = depth_to_image(recon.depth)
-    dvis = (dimg.astype(np.float64) / 65535.0)
-    dvis = np.where(dimg > 0, 0.15 + 0.85 * dvis, 0.0)
-    dvis = np.repeat(dvis[..., None], 3, axis=2)
+    dvis = _depth_colormap(recon.depth)
     blend = img.copy()
     m = masks[2]
     blend[m] = 0.45 * img[m] + 0.55 * renders[2][m]
     row2 = [
-        _label(crop(dvis), "Fine depth (bright = near)"),
+        _label(crop(dvis), "Fine depth (yellow = near)"),
         _label(crop(normals_to_image(recon.normals)), "Fine normals"),
         _label(crop(albedo_to_image(recon.albedo)), "Albedo"),
         _label(crop(blend), "Fine mesh over photo"),

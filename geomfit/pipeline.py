@@ -69,6 +69,8 @@ class Reconstruction:
         Landmarks in working-size pixels.
     landmarks_info : dict
         Detector, number of faces, chosen face (see :func:`geomfit.landmarks.detect_landmarks`).
+    photo_size : tuple (H, W)
+        Size of the original photo.
     working_scale : float
         Working size / original size (pixel coordinates of the photo times this = working pixels).
     coarse, medium, fine : Mesh
@@ -104,6 +106,7 @@ class Reconstruction:
     image: np.ndarray
     landmarks: np.ndarray
     landmarks_info: dict
+    photo_size: tuple
     working_scale: float
     model: Any
     coarse: Mesh
@@ -329,10 +332,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     ----------
     Seed 004 (Jin et al. 2021), Secs. 3.2-3.4; seed 001 (Wang et al.), Sec. 3.1, Eq. 1.
     """
-    from .camera import ScaledOrthographic
     from .data import resolve_model
-    from .fitting import fit_landmarks
-    from .render import depth_normals, render_depth
 
     log = progress or (lambda s: None)
     t_all = time.perf_counter()
@@ -359,6 +359,10 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     t = time.perf_counter()
     mdl = resolve_model(model)
     timings["model"] = time.perf_counter() - t
+
+    from .camera import ScaledOrthographic
+    from .fitting import fit_landmarks
+    from .render import depth_normals, render_depth
 
     log("coarse: fitting the morphable model to the landmarks")
     t = time.perf_counter()
@@ -435,7 +439,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     log(f"done in {timings['total']:.1f} s")
 
     return Reconstruction(
-        image=img, landmarks=pts, landmarks_info=info, working_scale=ws, model=mdl,
+        image=img, landmarks=pts, landmarks_info=info, photo_size=tuple(img_full.shape[:2]), working_scale=ws, model=mdl,
         coarse=Mesh(v_coarse, faces), medium=Mesh(v_medium, faces), fine=Mesh(v_fine, f_fine),
         camera=cam, id_coeffs=np.asarray(coarse.id_coeffs), exp_coeffs=np.asarray(coarse.exp_coeffs),
         depth=depth, normals=normals, albedo=albedo, medium_depth=d_med, mask=mask, sh=sh, specular=spec,
