@@ -86,7 +86,9 @@ def _cmd_reconstruct(a) -> int:
         np.savez_compressed(f, depth=rec.depth, normals=rec.normals, albedo=rec.albedo,
                             medium_depth=rec.medium_depth, mask=rec.mask, landmarks=rec.landmarks)
     files += ["depth.png", "normal.png", "albedo.png", "maps.npz"]
-    atomic.write_image(out / "overview.png", overview_image(rec))
+    title = (f"geomfit: {pathlib.Path(str(a.image)).name}  |  landmark RMS {rec.diagnostics['landmark_rmse_px']:.2f} px"
+             f"  |  {rec.timings['total']:.1f} s")
+    atomic.write_image(out / "overview.png", overview_image(rec, title=title))
     files.append("overview.png")
     cam = rec.camera
     report = {

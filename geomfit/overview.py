@@ -131,7 +131,7 @@ def _to_u8(img) -> np.ndarray:
     return np.round(np.clip(np.nan_to_num(a), 0, 1) * 255).astype(np.uint8)
 
 
-def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.ndarray:
+def overview_image(recon, panel_height: int = 360, margin: float = 0.12, title: Optional[str] = None) -> np.ndarray:
     """The overview sheet of a :class:`geomfit.pipeline.Reconstruction` as uint8 RGB.
 
     Row 1: photo with landmarks | coarse | medium | fine (shaded, in the photo's camera).
@@ -139,15 +139,15 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
     """
     import cv2
 
+    from .camera import ScaledOrthographic
+
     img = recon.image
     H, W = img.shape[:2]
-    renders = []
-    masks = []
-    for mesh in (recon.coarse, recon.medium, recon.fine):
-        r, m = render_shaded(mesh.vertices, mesh.faces, recon.camera, H, W)
-        renders.append(r)
-        masks.append(m)
-    box_mask = masks[0] | masks[1]
+    cam = recon.camera
+    # face box from a working-size render of the coarse and medium meshes
+    box_mask = np.zeros((H, W), bool)
+    for mesh in (recon.coarse, recon.medium):
+        box_mask |= render_shaded(mesh.vertices, mesh.faces, cam, H, W)[1]
     rows, cols = np.flatnonzero(box_mask.any(1)), np.flatnonzero(box_mask.any(0))
     if rows.size:
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -162,6 +162,16 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
         a = _to_u8(a)[r0:r1, c0:c1]
         return cv2.resize(a, (pw, panel_height), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
 
+    # the meshes are rendered directly at panel resolution: the same camera, zoomed onto the box
+    t = np.asarray(cam.translation, dtype=np.float64)
+    zoom = ScaledOrthographic(float(np.asarray(cam.scale)) * s, np.asarray(cam.rotation),
+                              [s * (t[0] - c0), s * (t[1] + r0 - H) + panel_height])
+    renders, masks = [], []
+    for mesh in (recon.coarse, recon.medium, recon.fine):
+        r, m = render_shaded(mesh.vertices, mesh.faces, zoom, panel_height, pw)
+        renders.append(r)
+        masks.append(m)
+
     photo = crop(img).copy()
     rad = max(2, int(round(panel_height / 150)))
     for x, y in recon.landmarks[np.isfinite(recon.landmarks).all(1)]:
@@ -170,19 +180,20 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
     nv = recon.fine.n_vertices
     row1 = [
         _label(photo, "Photo + 68 landmarks"),
-        _label(crop(renders[0]), f"Coarse: 3DMM fit ({recon.coarse.n_vertices} v)"),
-        _label(crop(renders[1]), "Medium: Laplacian deform."),
-        _label(crop(renders[2]), f"Fine: shading detail ({nv} v)" if fine_n else "Fine (= medium)"),
+        _label(_to_u8(renders[0]), f"Coarse: 3DMM fit ({recon.coarse.n_vertices} v)"),
+        _label(_to_u8(renders[1]), "Medium: Laplacian deform."),
+        _label(_to_u8(renders[2]), f"Fine: shading detail ({nv} v)" if fine_n else "Fine (= medium)"),
     ]
     dvis = _depth_colormap(recon.depth)
-    blend = img.copy()
+    big = crop(img).astype(np.float64) / 255.0
     m = masks[2]
-    blend[m] = 0.45 * img[m] + 0.55 * renders[2][m]
+    blend = big.copy()
+    blend[m] = 0.45 * big[m] + 0.55 * renders[2][m]
     row2 = [
         _label(crop(dvis), "Fine depth (yellow = near)"),
         _label(crop(normals_to_image(recon.normals)), "Fine normals"),
         _label(crop(albedo_to_image(recon.albedo)), "Albedo"),
-        _label(crop(blend), "Fine mesh over photo"),
+        _label(_to_u8(blend), "Fine mesh over photo"),
     ]
     gap = 6
 
@@ -195,4 +206,9 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12) -> np.n
         return np.concatenate(parts, axis=1)
 
     a, b = hcat(row1), hcat(row2)
-    return np.concatenate([a, np.full((gap, a.shape[1], 3), 255, np.uint8), b], axis=0)
+    sheet = np.concatenate([a, np.full((gap, a.shape[1], 3), 255, np.uint8), b], axis=0)
+    if title:
+        bar = np.full((40, sheet.shape[1], 3), 255, np.uint8)
+        cv2.putText(bar, title, (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2, cv2.LINE_AA)
+        sheet = np.concatenate([bar, sheet], axis=0)
+    return sheet
