@@ -21,6 +21,8 @@ _MODULES = {
                      "to_trimesh", "from_trimesh", "save_mesh"),
     "geomfit.camera": ("ScaledOrthographic",),
     "geomfit.render": ("rasterize", "interpolate", "render_depth", "depth_normals"),
+    "geomfit.fitting": ("fit_landmarks", "fit_landmarks_multi", "LandmarkFit"),
+    "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
 

@@ -14,7 +14,7 @@ from .landmarks import read_contours, read_landmark_mapping
 __all__ = ["load_model", "detect_format"]
 
 _MAGIC = (
-    (b"MATLAB 5.0 MAT-file", "bfm2009"),
+    (b"MATLAB ", "bfm2009"),
     (b"\x89HDF\r\n\x1a\n", "bfm2017"),
     (b"PK\x03\x04", "npz"),
 )

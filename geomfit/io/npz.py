@@ -85,8 +85,8 @@ def load_npz(path, dtype=np.float64) -> MorphableModel:
             a = {k: z[k] for k in files}
     except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
         raise file_error(path, f"truncated or not a valid .npz file ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        if str(path) in str(e):
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ValueError) and str(path) in str(e):
             raise
         raise file_error(path, f"corrupt .npz file: {e}") from None
     for k in ("mean", "id_basis", "exp_basis") + _OPTIONAL:

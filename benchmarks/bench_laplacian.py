@@ -1,0 +1,194 @@
+"""Benchmark: landmark-driven Laplacian deformation (seed 004 section 3.3) on a ~50k-vertex face.
+
+The Surrey reference mesh (GEOMFIT_DATA/sfm/sfm_reference.obj, 845 vertices) is subdivided three
+times by midpoints (trimesh) to 51,840 vertices; 1,000 random vertices are handles. Compared in the
+same run, all solving the same normal equations (L^T L + W) V' = L^T L V + W mu:
+
+* geomfit.LaplacianDeformer: CHOLMOD through geomfit.backend.factorize_spd;
+* SciPy: ``scipy.sparse.linalg.factorized`` (SuperLU) of the same matrix;
+* libigl: ``igl.min_quad_with_fixed_precompute`` / ``_solve`` (Eigen) on the same quadratic.
+
+Timed: set-up (assembly + factorisation) + first solve; each further solve with new targets (3
+right-hand sides); a batch of 16 target sets; a weight change of 10 handles by low-rank update vs
+a refactorisation. Medians over repeats; results in benchmarks/results/laplacian.json.
+
+Run: GEOMFIT_DATA=/path/to/data python benchmarks/bench_laplacian.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+import scipy
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from geomfit.laplacian import LaplacianDeformer, _laplacian  # noqa: E402
+from geomfit.backend import factorize_spd  # noqa: E402
+
+
+def tic():
+    return time.perf_counter()
+
+
+def median_time(fn, repeats):
+    ts = []
+    out = None
+    for _ in range(repeats):
+        t = tic()
+        out = fn()
+        ts.append(tic() - t)
+    return float(np.median(ts)), out
+
+
+def load_mesh():
+    import trimesh
+
+    data = os.environ.get("GEOMFIT_DATA")
+    path = pathlib.Path(data or "") / "sfm" / "sfm_reference.obj"
+    if not data or not path.is_file():
+        sys.exit(f"bench_laplacian: {path} not found; set GEOMFIT_DATA to the data folder")
+    m = trimesh.load(path, process=False)
+    v, f = np.asarray(m.vertices, float), np.asarray(m.faces, np.int64)
+    try:
+        from geomfit.mesh import subdivide
+        v, f = subdivide(v, f, iterations=3)
+    except ImportError:
+        for _ in range(3):
+            v, f = trimesh.remesh.subdivide(v, f)
+    return np.asarray(v, float), np.asarray(f, np.int64)
+
+
+def main():
+    v, f = load_mesh()
+    n = len(v)
+    rng = np.random.default_rng(0)
+    m = 1000
+    h = rng.choice(n, m, replace=False)
+    w = rng.choice([0.6, 0.1], m)
+    n_targets = 12
+    targets = [v[h] + rng.normal(scale=2.0, size=(m, 3)) for _ in range(n_targets)]
+    rep_setup, rep_solve = 3, 10
+    res = {"mesh": {"vertices": n, "faces": len(f), "handles": m}, "machine": {
+        "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+        "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]}}
+
+    # ---------------- geomfit --------------------------------------------------------------------
+    def gf_setup_first():
+        d = LaplacianDeformer(v, f, h, w)
+        return d, d.deform(targets[0])
+
+    t_gf_setup, (d, x_gf0) = median_time(gf_setup_first, rep_setup)
+    # breakdown: assembly vs factorisation
+    L = _laplacian(v, f, "uniform")
+    W = sp.csc_matrix((w, (h, h)), shape=(n, n))
+    t_asm, A = median_time(lambda: (L.T @ L + W).tocsc(), rep_setup)
+    t_fac, _ = median_time(lambda: factorize_spd(A), rep_setup)
+    k = [0]
+
+    def gf_solve():
+        k[0] = (k[0] + 1) % n_targets
+        return d.deform(targets[k[0]])
+
+    t_gf_solve, _ = median_time(gf_solve, rep_solve)
+    batch = np.stack(targets[:16] if n_targets >= 16 else (targets * 2)[:16])
+    t_gf_batch, xb = median_time(lambda: d.deform(batch), 3)
+    res["geomfit"] = {"factor_method": d.factor.method, "setup_plus_first_solve_s": t_gf_setup,
+                      "assembly_LtL_plus_W_s": t_asm, "factorisation_s": t_fac,
+                      "further_solve_s": t_gf_solve, "batch16_solve_s": t_gf_batch,
+                      "batch16_per_target_s": t_gf_batch / 16}
+
+    # low-rank update of 10 handle weights vs refactorisation
+    idx = np.arange(10)
+    new_up = d.handle_weights[idx] * 3.0
+    t_upd, _ = median_time(lambda: d.set_weights(idx, new_up if d.handle_weights[0] != new_up[0]
+                                                 else new_up / 3.0), 4)
+    w_now = d.handle_weights.copy()
+    t_refac, _ = median_time(lambda: LaplacianDeformer(v, f, h, w_now), 3)
+    x_upd = d.deform(targets[1])
+    x_ref = LaplacianDeformer(v, f, h, w_now).deform(targets[1])
+    res["weight_update"] = {"handles_changed": 10, "low_rank_update_s": t_upd, "refactor_setup_s": t_refac,
+                            "speedup": t_refac / t_upd,
+                            "max_abs_diff_vs_refactor": float(np.abs(x_upd - x_ref).max())}
+    d.set_weights(np.arange(m), w)  # back to the benchmark weights
+
+    # ---------------- SciPy SuperLU ----------------------------------------------------------------
+    def rhs(mu):
+        b = L.T @ (L @ v)
+        b[h] += w[:, None] * mu
+        return b
+
+    def scipy_setup_first():
+        Ls = _laplacian(v, f, "uniform")
+        As = (Ls.T @ Ls + sp.csc_matrix((w, (h, h)), shape=(n, n))).tocsc()
+        solve = spla.factorized(As)
+        return solve, solve(rhs(targets[0]))
+
+    t_sp_setup, (sp_solve, x_sp0) = median_time(scipy_setup_first, 2)
+    k[0] = 0
+
+    def sp_further():
+        k[0] = (k[0] + 1) % n_targets
+        return sp_solve(rhs(targets[k[0]]))
+
+    t_sp_solve, _ = median_time(sp_further, rep_solve)
+    res["scipy_superlu"] = {"setup_plus_first_solve_s": t_sp_setup, "further_solve_s": t_sp_solve}
+
+    # ---------------- libigl min_quad_with_fixed ------------------------------------------------------
+    try:
+        import igl
+
+        empty_k = np.zeros(0, np.int64)
+        Aeq = sp.csc_matrix((0, n))
+
+        def igl_setup_first():
+            Li = _laplacian(v, f, "uniform")
+            Q = (2.0 * (Li.T @ Li + sp.csc_matrix((w, (h, h)), shape=(n, n)))).tocsc()
+            data = igl.min_quad_with_fixed_data()
+            igl.min_quad_with_fixed_precompute(Q, empty_k, Aeq, True, data)
+            return data, igl.min_quad_with_fixed_solve(data, -2.0 * rhs(targets[0]), np.zeros((0, 3)),
+                                                         np.zeros((0, 3)))
+
+        t_igl_setup, (igl_data, x_igl0) = median_time(igl_setup_first, 2)
+        k[0] = 0
+
+        def igl_further():
+            k[0] = (k[0] + 1) % n_targets
+            return igl.min_quad_with_fixed_solve(igl_data, -2.0 * rhs(targets[k[0]]), np.zeros((0, 3)),
+                                                 np.zeros((0, 3)))
+
+        t_igl_solve, _ = median_time(igl_further, rep_solve)
+        res["libigl_min_quad_with_fixed"] = {"setup_plus_first_solve_s": t_igl_setup,
+                                             "further_solve_s": t_igl_solve,
+                                             "rel_diff_vs_geomfit": float(np.linalg.norm(x_igl0 - x_gf0)
+                                                                          / np.linalg.norm(x_gf0))}
+    except ImportError:
+        res["libigl_min_quad_with_fixed"] = None
+
+    res["rel_diff_geomfit_vs_scipy"] = float(np.linalg.norm(x_gf0 - x_sp0) / np.linalg.norm(x_sp0))
+    res["ratios"] = {
+        "setup_plus_first_vs_scipy": t_sp_setup / t_gf_setup,
+        "further_solve_vs_scipy_further_solve": t_sp_solve / t_gf_solve,
+        "further_solve_vs_scipy_setup_plus_first": t_sp_setup / t_gf_solve,
+        "batch16_per_target_vs_scipy_further_solve": t_sp_solve / (t_gf_batch / 16),
+    }
+    if res["libigl_min_quad_with_fixed"]:
+        res["ratios"]["setup_plus_first_vs_libigl"] = t_igl_setup / t_gf_setup
+        res["ratios"]["further_solve_vs_libigl"] = t_igl_solve / t_gf_solve
+    res["targets"] = {"setup_plus_first_vs_scipy_min": 2.5, "further_solve_vs_scipy_min": 30,
+                      "aim_factorisation_s": 0.3, "aim_solve_s": 0.01}
+    res["machine"]["load_avg_end"] = os.getloadavg()[0]
+    out = pathlib.Path(__file__).resolve().parent / "results" / "laplacian.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
