@@ -10,9 +10,9 @@ from geomfit import metrics
 from geomfit.cli import main
 
 
-def _stages():
-    for mod, name in (("geomfit.fitting", "fit_landmarks"), ("geomfit.laplacian", "medium_stage"),
-                      ("geomfit.fine", "fine_stage")):
+def _stages(fine=True):
+    need = [("geomfit.fitting", "fit_landmarks"), ("geomfit.laplacian", "medium_stage")]
+    for mod, name in need + ([("geomfit.fine", "fine_stage")] if fine else []):
         m = pytest.importorskip(mod, reason=f"{mod} not merged")
         if not hasattr(m, name):
             pytest.skip(f"{mod}.{name} not merged")
@@ -119,7 +119,7 @@ def test_bad_inputs_one_line_errors(env, tmp_path, capsys):
 
 
 def test_gray_16bit_photo(env, tmp_path):
-    _stages()
+    _stages(fine=False)
     import cv2
 
     data = env
@@ -136,7 +136,7 @@ def test_gray_16bit_photo(env, tmp_path):
 
 
 def test_fit_landmarks_batch(env, tmp_path):
-    _stages()
+    _stages(fine=False)
     data = env
     pts = data / "images" / "image_0010.pts"
     # a second, shifted copy of the landmarks: same fit, shifted translation
