@@ -67,9 +67,15 @@ def _cmd_reconstruct(a) -> int:
     if a.landmarks is not None:
         read_pts_checked(a.landmarks, image.shape)
     model = resolve_model(a.model)
+    existed = pathlib.Path(a.output).expanduser().exists()
     out = _prepare_outdir(a.output, a.force)
-    rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
-                      max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
+    try:
+        rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
+                          max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
+    except BaseException:
+        if not existed and not any(out.iterdir()):
+            out.rmdir()  # leave no empty OUTDIR behind when nothing was produced
+        raise
     say(f"writing outputs to {out}")
     files = []
     exts = [".obj"] + ([".ply"] if a.ply else [])
