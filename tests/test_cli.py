@@ -116,6 +116,15 @@ def test_bad_inputs_one_line_errors(env, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("geomfit: error:") and needle in err[0], err
     # a bad image or landmark file leaves no output directory behind
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    from geomfit.landmarks import available_detectors
+
+    if available_detectors()["dlib"]:
+        blank = tmp_path / "blank.png"
+        cv2.imwrite(str(blank), np.full((120, 160, 3), 128, np.uint8))
+        rc = main(["reconstruct", str(blank), "-o", str(tmp_path / "o6"), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and "no face found" in err[0]
+        assert not (tmp_path / "o6").exists()
 
 
 def test_gray_16bit_photo(env, tmp_path):
