@@ -192,7 +192,8 @@ def overview_image(recon, panel_height: int = 360, margin: float = 0.12, title: 
     row2 = [
         _label(crop(dvis), "Fine depth (yellow = near)"),
         _label(crop(normals_to_image(recon.normals)), "Fine normals"),
-        _label(crop(albedo_to_image(recon.albedo)), "Albedo"),
+        _label(crop(albedo_to_image(recon.albedo)),
+               "Albedo" if np.isfinite(recon.albedo).any() else "Albedo (fine stage off)"),
         _label(_to_u8(blend), "Fine mesh over photo"),
     ]
     gap = 6
