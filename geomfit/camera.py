@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-import numpy as np
-
 from .backend import get_array_module
 
 __all__ = ["ScaledOrthographic", "euler_to_matrix", "matrix_to_euler", "rodrigues", "matrix_to_rodrigues"]

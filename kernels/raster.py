@@ -40,46 +40,26 @@ __all__ = ["rasterize_cpu", "rasterize_cuda", "CUDA_KERNELS"]
 # shared math (compiled twice: CPU njit and CUDA device functions)
 # ------------------------------------------------------------------------------------------------
 
-def _edge_py(ia, ib, ax, ay, bx, by, px, py):
-    """Edge function of a->b at p, evaluated with endpoints in ascending index order."""
+def _edge_setup_py(ia, ib, xa, ya, xb, yb, s):
+    """Edge a->b of a triangle with orientation sign s: (ax, ay, ex, ey, own).
+
+    The edge is stored from its lower-index endpoint, and (ex, ey) is its direction times the sign
+    that makes the inside positive, so that the edge value ``ex*(py-ay) - ey*(px-ax)`` seen from
+    the neighbour across the edge is the exact negation. ``own``: whether centres exactly on the
+    edge belong to this triangle (the oriented direction has ey > 0, or ey == 0 and ex > 0).
+    """
     if ia < ib:
-        return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
-    return -((ax - bx) * (py - by) - (ay - by) * (px - bx))
+        ax, ay, ex, ey = xa, ya, s * (xb - xa), s * (yb - ya)
+    else:
+        ax, ay, ex, ey = xb, yb, -s * (xa - xb), -s * (ya - yb)
+    own = ey > 0.0 or (ey == 0.0 and ex > 0.0)
+    return ax, ay, ex, ey, own
 
 
-def _owns_py(w, dx, dy):
-    """Coverage test for one edge value w with oriented edge direction (dx, dy)."""
-    if w > 0.0:
-        return True
-    if w < 0.0:
-        return False
-    return dy > 0.0 or (dy == 0.0 and dx > 0.0)
-
-
-def _make_sample(edge, owns):
-    def sample(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py):
-        """(inside, b0, b1, b2, z) of pixel-centre p in triangle (i0, i1, i2)."""
-        area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
-        if not (area != 0.0):  # degenerate or NaN
-            return False, 0.0, 0.0, 0.0, 0.0
-        s = 1.0 if area > 0.0 else -1.0
-        w0 = s * edge(i1, i2, x1, y1, x2, y2, px, py)
-        w1 = s * edge(i2, i0, x2, y2, x0, y0, px, py)
-        w2 = s * edge(i0, i1, x0, y0, x1, y1, px, py)
-        if not (owns(w0, s * (x2 - x1), s * (y2 - y1)) and owns(w1, s * (x0 - x2), s * (y0 - y2))
-                and owns(w2, s * (x1 - x0), s * (y1 - y0))):
-            return False, 0.0, 0.0, 0.0, 0.0
-        tot = w0 + w1 + w2
-        if not (tot > 0.0):
-            return False, 0.0, 0.0, 0.0, 0.0
-        b0 = w0 / tot
-        b1 = w1 / tot
-        b2 = 1.0 - b0 - b1
-        if b2 < 0.0:
-            b2 = 0.0
-        z = b0 * z0 + b1 * z1 + b2 * z2
-        return True, b0, b1, b2, z
-    return sample
+def _edge_eval_py(ax, ay, ex, ey, own, px, py):
+    """(value, covered) of one edge at p."""
+    w = ex * (py - ay) - ey * (px - ax)
+    return w, (w > 0.0) or (w == 0.0 and own)
 
 
 def _bbox(x0, y0, x1, y1, x2, y2, H, W):
@@ -95,9 +75,29 @@ def _bbox(x0, y0, x1, y1, x2, y2, H, W):
     return r0, r1, j0, j1
 
 
-_edge = njit(cache=True)(_edge_py)
-_owns = njit(cache=True)(_owns_py)
-_sample = njit(cache=True)(_make_sample(_edge, _owns))
+def _sample_py(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2, px, py):
+    """(inside, w0, w1, w2, z) of pixel centre p in triangle (i0, i1, i2); b_k = w_k / sum(w).
+
+    CUDA device function (the CPU kernel inlines the same arithmetic).
+    """
+    area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+    if not (area != 0.0):  # degenerate or NaN
+        return False, 0.0, 0.0, 0.0, 0.0
+    s = 1.0 if area > 0.0 else -1.0
+    a0, c0, e0, f0, o0 = _setup_d(i1, i2, x1, y1, x2, y2, s)  # edge opposite vertex 0
+    a1, c1, e1, f1, o1 = _setup_d(i2, i0, x2, y2, x0, y0, s)
+    a2, c2, e2, f2, o2 = _setup_d(i0, i1, x0, y0, x1, y1, s)
+    w0, in0 = _eval_d(a0, c0, e0, f0, o0, px, py)
+    w1, in1 = _eval_d(a1, c1, e1, f1, o1, px, py)
+    w2, in2 = _eval_d(a2, c2, e2, f2, o2, px, py)
+    tot = w0 + w1 + w2
+    if not (in0 and in1 and in2 and tot > 0.0):
+        return False, 0.0, 0.0, 0.0, 0.0
+    return True, w0, w1, w2, (w0 * z0 + w1 * z1 + w2 * z2) / tot
+
+
+_edge_setup = njit(cache=True, inline="always")(_edge_setup_py)
+_edge_eval = njit(cache=True, inline="always")(_edge_eval_py)
 _bbox_cpu = njit(cache=True)(_bbox)
 
 
@@ -106,50 +106,62 @@ _bbox_cpu = njit(cache=True)(_bbox)
 # ------------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _zbuffer_cpu(verts, faces, H, W, zbuf, tid):
+def _zbuffer_cpu(verts, faces, H, W, zbuf, tid, bary):
+    """Single pass: triangles in increasing order, ``z >= zbuf`` (ties go to the larger id)."""
     for t in range(faces.shape[0]):
         i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
         x0, y0, z0 = verts[i0, 0], verts[i0, 1], verts[i0, 2]
         x1, y1, z1 = verts[i1, 0], verts[i1, 1], verts[i1, 2]
         x2, y2, z2 = verts[i2, 0], verts[i2, 1], verts[i2, 2]
         r0, r1, j0, j1 = _bbox_cpu(x0, y0, x1, y1, x2, y2, H, W)
+        if r1 < r0 or j1 < j0:  # no pixel centre in the bounding box (tiny or off-screen face)
+            continue
+        area = (x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0)
+        if not (area != 0.0):
+            continue
+        s = 1.0 if area > 0.0 else -1.0
+        a0, c0, e0, f0, o0 = _edge_setup(i1, i2, x1, y1, x2, y2, s)
+        a1, c1, e1, f1, o1 = _edge_setup(i2, i0, x2, y2, x0, y0, s)
+        a2, c2, e2, f2, o2 = _edge_setup(i0, i1, x0, y0, x1, y1, s)
         for r in range(r0, r1 + 1):
             py = r + 0.5
             for j in range(j0, j1 + 1):
-                inside, b0, b1, b2, z = _sample(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2, j + 0.5, py)
-                if inside:
-                    p = r * W + j
-                    if z >= zbuf[p]:  # triangles in increasing order: ties go to the larger id
-                        zbuf[p] = z
-                        tid[p] = t
+                px = j + 0.5
+                w0, in0 = _edge_eval(a0, c0, e0, f0, o0, px, py)
+                if not in0:
+                    continue
+                w1, in1 = _edge_eval(a1, c1, e1, f1, o1, px, py)
+                if not in1:
+                    continue
+                w2, in2 = _edge_eval(a2, c2, e2, f2, o2, px, py)
+                tot = w0 + w1 + w2
+                if not (in2 and tot > 0.0):
+                    continue
+                z = (w0 * z0 + w1 * z1 + w2 * z2) / tot
+                p = r * W + j
+                if z >= zbuf[p]:
+                    zbuf[p] = z
+                    tid[p] = t
+                    bary[p, 0] = w0 / tot
+                    bary[p, 1] = w1 / tot
+                    bary[p, 2] = w2 / tot
 
 
 @njit(cache=True, nogil=True)
-def _resolve_one(verts, faces, W, p, t, bary, depth, vidx):
-    i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
-    r = p // W
-    j = p - r * W
-    inside, b0, b1, b2, z = _sample(i0, i1, i2, verts[i0, 0], verts[i0, 1], verts[i0, 2],
-                                    verts[i1, 0], verts[i1, 1], verts[i1, 2],
-                                    verts[i2, 0], verts[i2, 1], verts[i2, 2], j + 0.5, r + 0.5)
-    bary[p, 0] = b0
-    bary[p, 1] = b1
-    bary[p, 2] = b2
-    depth[p] = z
-    if b0 >= b1 and b0 >= b2:
-        vidx[p] = i0
-    elif b1 >= b2:
-        vidx[p] = i1
-    else:
-        vidx[p] = i2
-
-
-@njit(cache=True, nogil=True)
-def _resolve_cpu(verts, faces, W, tid, bary, depth, vidx):
+def _finish_cpu(faces, tid, bary, zbuf, vidx):
+    """Empty pixels -> NaN depth; nearest-vertex index map."""
     for p in range(tid.shape[0]):
         t = tid[p]
-        if t >= 0:
-            _resolve_one(verts, faces, W, p, t, bary, depth, vidx)
+        if t < 0:
+            zbuf[p] = np.nan
+            continue
+        b0, b1, b2 = bary[p, 0], bary[p, 1], bary[p, 2]
+        if b0 >= b1 and b0 >= b2:
+            vidx[p] = faces[t, 0]
+        elif b1 >= b2:
+            vidx[p] = faces[t, 1]
+        else:
+            vidx[p] = faces[t, 2]
 
 
 def rasterize_cpu(verts, faces, H, W):
@@ -161,12 +173,11 @@ def rasterize_cpu(verts, faces, H, W):
     n = H * W
     zbuf = np.full(n, -np.inf)
     tid = np.full(n, -1, dtype=np.int32)
-    _zbuffer_cpu(verts, faces, H, W, zbuf, tid)
     bary = np.zeros((n, 3))
-    depth = np.full(n, np.nan)
     vidx = np.full(n, -1, dtype=np.int32)
-    _resolve_cpu(verts, faces, W, tid, bary, depth, vidx)
-    return tid, bary, depth, vidx
+    _zbuffer_cpu(verts, faces, H, W, zbuf, tid, bary)
+    _finish_cpu(faces, tid, bary, zbuf, vidx)
+    return tid, bary, zbuf, vidx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,9 +189,9 @@ CUDA_KERNELS = None
 
 if cuda is not None:
     try:
-        _edge_d = cuda.jit(device=True)(_edge_py)
-        _owns_d = cuda.jit(device=True)(_owns_py)
-        _sample_d = cuda.jit(device=True)(_make_sample(_edge_d, _owns_d))
+        _setup_d = cuda.jit(device=True)(_edge_setup_py)
+        _eval_d = cuda.jit(device=True)(_edge_eval_py)
+        _sample_d = cuda.jit(device=True)(_sample_py)
         _bbox_d = cuda.jit(device=True)(_bbox)
 
         @cuda.jit
@@ -196,14 +207,14 @@ if cuda is not None:
             r0, r1, j0, j1 = _bbox_d(x0, y0, x1, y1, x2, y2, H, W)
             for r in range(r0, r1 + 1):
                 for j in range(j0, j1 + 1):
-                    inside, b0, b1, b2, z = _sample_d(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2,
+                    inside, w0, w1, w2, z = _sample_d(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2,
                                                       j + 0.5, r + 0.5)
                     if inside:
                         p = r * W + j
                         if phase == 0:
                             cuda.atomic.max(zbuf, p, z)
                         elif z == zbuf[p]:
-                            cuda.atomic.max(tid, p, t)
+                            cuda.atomic.max(tid, p, np.int32(t))
 
         @cuda.jit
         def _k_resolve(verts, faces, W, tid, bary, depth, vidx):
@@ -216,9 +227,13 @@ if cuda is not None:
             i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
             r = p // W
             j = p - r * W
-            inside, b0, b1, b2, z = _sample_d(i0, i1, i2, verts[i0, 0], verts[i0, 1], verts[i0, 2],
+            inside, w0, w1, w2, z = _sample_d(i0, i1, i2, verts[i0, 0], verts[i0, 1], verts[i0, 2],
                                               verts[i1, 0], verts[i1, 1], verts[i1, 2],
                                               verts[i2, 0], verts[i2, 1], verts[i2, 2], j + 0.5, r + 0.5)
+            tot = w0 + w1 + w2
+            b0 = w0 / tot
+            b1 = w1 / tot
+            b2 = w2 / tot
             bary[p, 0] = b0
             bary[p, 1] = b1
             bary[p, 2] = b2

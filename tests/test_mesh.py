@@ -84,14 +84,12 @@ def test_vertex_normals_batched_equals_loop():
     nb = gm.vertex_normals(vb, f)
     for k in range(3):
         np.testing.assert_allclose(nb[k], gm.vertex_normals(vb[k], f), atol=1e-14)
-    # area weighting: compare with trimesh's area-weighted normals
-    tm = trimesh.Trimesh(vb[0], f, process=False)
+    # area weighting: explicit accumulation of cross products (twice the face areas)
     fnw = np.cross(vb[0][f[:, 1]] - vb[0][f[:, 0]], vb[0][f[:, 2]] - vb[0][f[:, 0]])
     acc = np.zeros_like(v)
     for k in range(3):
         np.add.at(acc, f[:, k], fnw)
     np.testing.assert_allclose(nb[0], acc / np.linalg.norm(acc, axis=1, keepdims=True), atol=1e-12)
-    assert tm is not None
 
 
 def test_trimesh_round_trip_and_save(tmp_path):
