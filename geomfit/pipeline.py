@@ -289,7 +289,7 @@ def _run_medium(model, coarse, landmarks, image_size, kwargs):
 def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
                 fine: bool = True, coarse_options: Optional[dict] = None, medium_options: Optional[dict] = None,
                 fine_options: Optional[dict] = None, target_edge_px: float = 1.0, max_subdivisions: int = 2,
-                progress: Optional[Callable[[str], None]] = None) -> Reconstruction:
+                feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None) -> Reconstruction:
     """Reconstruct a detailed 3D face from one photo: coarse -> medium -> fine.
 
     Parameters
@@ -314,6 +314,9 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         :func:`geomfit.laplacian.medium_stage` and :func:`geomfit.fine.fine_stage`.
     target_edge_px, max_subdivisions :
         Fine-mesh resampling, see :func:`displace_mesh`.
+    feather_px : float
+        The depth change carried onto the mesh fades linearly to 0 over this many pixels towards
+        the face silhouette (0: no fading).
     progress : callable, optional
         Called with a short line of text at each step.
 
@@ -427,6 +430,12 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     t = time.perf_counter()
     if fine:
         delta = np.where(mask, depth - d_med, 0.0)
+        if feather_px > 0:
+            # fade the change out towards the silhouette, where depth from shading is least reliable
+            import cv2
+
+            dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+            delta = delta * np.clip(dist / feather_px, 0.0, 1.0)
         v_fine, f_fine, dinfo = displace_mesh(v_medium, faces, cam, delta, H, target_edge_px=target_edge_px,
                                               max_subdivisions=max_subdivisions)
         diag.update(fine_mesh=dinfo)
