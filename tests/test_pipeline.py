@@ -76,7 +76,7 @@ def test_fixed_landmark_rmse_and_crop_box():
 
 
 # -- end to end on a synthetic render with known ground truth -------------------------------------
-def _synthetic_photo(model, H=220, W=220, seed=0):
+def _synthetic_photo(model, H=180, W=180, seed=0):
     """A model instance with small wrinkles, Lambert-shaded in a known pose; exact 68 landmarks."""
     from geomfit.mesh import subdivide, vertex_normals
     from geomfit.render import interpolate, rasterize
@@ -85,7 +85,7 @@ def _synthetic_photo(model, H=220, W=220, seed=0):
     idc = 0.7 * rng.standard_normal(model.n_id)
     v = np.asarray(model.shape(idc))
     R = euler_to_matrix(np.radians(12.0), np.radians(-5.0), np.radians(3.0))
-    cam = ScaledOrthographic(0.9, R, [110.0, 105.0])
+    cam = ScaledOrthographic(0.75, R, [90.0, 86.0])
     # ground truth with detail: forehead ripples along the normals of a subdivided mesh
     vs, fs = subdivide(v, model.faces, 1)
     n = np.asarray(vertex_normals(vs, fs))
@@ -138,7 +138,7 @@ def test_reconstruct_synthetic_recovers_ground_truth(sfm_model):
     # meshes: three stages, the fine one resampled and carrying the refined depth
     assert rec.fine.n_vertices > rec.medium.n_vertices
     assert rec.coarse.faces.shape == rec.medium.faces.shape
-    assert rec.mask.sum() > 2000
+    assert rec.mask.sum() > 1500
     assert np.isfinite(rec.depth[rec.mask]).all() and np.isfinite(rec.normals[rec.mask]).all()
     # the fine mesh carries the refined depth: rendering it gives back the fine depth map
     import cv2
