@@ -107,9 +107,9 @@ def find_model_dir(name: str = "sfm") -> pathlib.Path:
     key = _check_name(name)
     files = KNOWN_MODELS[key]
     tried = []
-    data = os.environ.get("GEOMFIT_DATA")
-    if data:
-        d = pathlib.Path(data).expanduser() / key
+    data = data_dir()
+    if data is not None:
+        d = data / key
         tried.append(d)
         if _complete(d, files):
             return d
@@ -122,6 +122,21 @@ def find_model_dir(name: str = "sfm") -> pathlib.Path:
         f"run `geomfit download-model {key}` to fetch it (non-commercial licence), "
         "or pass a path to a model file"
     )
+
+
+def data_dir() -> Optional[pathlib.Path]:
+    """The real-data folder: ``$GEOMFIT_DATA``, else ``../shared/data`` beside a source checkout.
+
+    Returns ``None`` when neither exists.
+    """
+    env = os.environ.get("GEOMFIT_DATA")
+    if env:
+        return pathlib.Path(env).expanduser()
+    for base in (pathlib.Path(__file__).resolve().parents[1], pathlib.Path.cwd()):
+        d = base.parent / "shared" / "data"
+        if d.is_dir():
+            return d
+    return None
 
 
 def model_files(name: str = "sfm") -> Dict[str, pathlib.Path]:

@@ -24,7 +24,7 @@ def test_download_from_file_url_verifies_and_installs(tmp_path, monkeypatch):
     src, table = _fake_share(tmp_path)
     monkeypatch.setitem(gdata.KNOWN_MODELS, "sfm", table)
     monkeypatch.setenv("GEOMFIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("GEOMFIT_DATA", raising=False)
+    monkeypatch.setenv("GEOMFIT_DATA", str(tmp_path / "no-data"))
     with pytest.raises(gdata.ModelNotFoundError, match="geomfit download-model sfm"):
         gdata.find_model_dir("sfm")
     lines = []
@@ -91,7 +91,7 @@ def test_resolution_order(tmp_path, monkeypatch):
 
 def test_resolve_model_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("GEOMFIT_CACHE", str(tmp_path / "empty"))
-    monkeypatch.delenv("GEOMFIT_DATA", raising=False)
+    monkeypatch.setenv("GEOMFIT_DATA", str(tmp_path / "no-data"))
     with pytest.raises(gdata.ModelNotFoundError, match="download-model"):
         gdata.resolve_model("sfm")
     with pytest.raises(FileNotFoundError, match="neither a known name"):
@@ -143,3 +143,17 @@ def test_atomic_write_image_roundtrip(tmp_path):
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "d.png"), cv2.IMREAD_UNCHANGED), img16)
     with pytest.raises(ValueError, match="dtype"):
         atomic.write_image(tmp_path / "f.png", img.astype(float))
+
+
+def test_data_dir_defaults_to_shared_data_beside_the_checkout(monkeypatch):
+    monkeypatch.delenv("GEOMFIT_DATA", raising=False)
+    import pathlib
+
+    beside = pathlib.Path(gdata.__file__).resolve().parents[1].parent / "shared" / "data"
+    if not beside.is_dir():
+        import pytest
+
+        pytest.skip(f"{beside} does not exist: no default data folder to find")
+    assert gdata.data_dir() == beside
+    monkeypatch.setenv("GEOMFIT_DATA", "/somewhere/else")
+    assert str(gdata.data_dir()) == "/somewhere/else"
