@@ -600,35 +600,121 @@ def line_sweep_rows(S, x, b, parity):
 
 @njit(cache=True, parallel=True)
 def line_sweep_cols(S, x, b, parity):
-    """Zebra line Gauss-Seidel along the columns j with j % 2 == parity."""
+    """Zebra line Gauss-Seidel along the columns j with j % 2 == parity (blocks of columns are
+    eliminated together, row by row, for contiguous memory access)."""
     H, W, C = x.shape
-    n = (W - parity + 1) // 2
-    for t in prange(n):
-        j = parity + 2 * t
-        cp = np.empty(H)
-        dp = np.empty((H, C))
+    ncol = (W - parity + 1) // 2
+    nblk = (ncol + _BLK - 1) // _BLK
+    for blk in prange(nblk):
+        t0 = blk * _BLK
+        m = min(ncol, t0 + _BLK) - t0
+        cp = np.empty((H, m))
+        dp = np.empty((H, m, C))
         for i in range(H):
-            lo = S[0, 1, i, j]
-            m = S[1, 1, i, j]
-            if i > 0:
-                m -= lo * cp[i - 1]
+            for tt in range(m):
+                j = parity + 2 * (t0 + tt)
+                lo = S[0, 1, i, j]
+                mm = S[1, 1, i, j]
+                if i > 0:
+                    mm -= lo * cp[i - 1, tt]
+                inv = 1.0 / mm if mm > 0.0 else 0.0
+                cp[i, tt] = S[2, 1, i, j] * inv
+                for c in range(C):
+                    v = b[i, j, c]
+                    for bb in (-1, 1):
+                        jj = j + bb
+                        if jj < 0 or jj >= W:
+                            continue
+                        for a in range(-1, 2):
+                            ii = i + a
+                            if 0 <= ii < H:
+                                v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
+                    if i > 0:
+                        v -= lo * dp[i - 1, tt, c]
+                    dp[i, tt, c] = v * inv
+        for tt in range(m):
+            j = parity + 2 * (t0 + tt)
+            for c in range(C):
+                x[H - 1, j, c] = dp[H - 1, tt, c]
+        for i in range(H - 2, -1, -1):
+            for tt in range(m):
+                j = parity + 2 * (t0 + tt)
+                for c in range(C):
+                    x[i, j, c] = dp[i, tt, c] - cp[i, tt] * x[i + 1, j, c]
+
+
+_BLK = 64
+
+
+@njit(cache=True, parallel=True)
+def line_rows5(dA, wx, wy, x, b, parity):
+    """Zebra line Gauss-Seidel along rows for the 5-point operator (finest level)."""
+    H, W, C = x.shape
+    n = (H - parity + 1) // 2
+    for t in prange(n):
+        i = parity + 2 * t
+        cp = np.empty(W)
+        dp = np.empty((W, C))
+        for j in range(W):
+            m = dA[i, j]
+            lo = 0.0
+            if j > 0:
+                lo = -wx[i, j - 1]
+                m -= lo * cp[j - 1]
             inv = 1.0 / m if m > 0.0 else 0.0
-            cp[i] = S[2, 1, i, j] * inv
+            cp[j] = -wx[i, j] * inv if j < W - 1 else 0.0
             for c in range(C):
                 v = b[i, j, c]
-                for bb in (-1, 1):
-                    jj = j + bb
-                    if jj < 0 or jj >= W:
-                        continue
-                    for a in range(-1, 2):
-                        ii = i + a
-                        if 0 <= ii < H:
-                            v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
                 if i > 0:
-                    v -= lo * dp[i - 1, c]
-                dp[i, c] = v * inv
+                    v += wy[i - 1, j] * x[i - 1, j, c]
+                if i < H - 1:
+                    v += wy[i, j] * x[i + 1, j, c]
+                if j > 0:
+                    v -= lo * dp[j - 1, c]
+                dp[j, c] = v * inv
         for c in range(C):
-            x[H - 1, j, c] = dp[H - 1, c]
-        for i in range(H - 2, -1, -1):
+            x[i, W - 1, c] = dp[W - 1, c]
+        for j in range(W - 2, -1, -1):
             for c in range(C):
-                x[i, j, c] = dp[i, c] - cp[i] * x[i + 1, j, c]
+                x[i, j, c] = dp[j, c] - cp[j] * x[i, j + 1, c]
+
+
+@njit(cache=True, parallel=True)
+def line_cols5(dA, wx, wy, x, b, parity):
+    """Zebra line Gauss-Seidel along columns for the 5-point operator (finest level)."""
+    H, W, C = x.shape
+    ncol = (W - parity + 1) // 2
+    nblk = (ncol + _BLK - 1) // _BLK
+    for blk in prange(nblk):
+        t0 = blk * _BLK
+        m = min(ncol, t0 + _BLK) - t0
+        cp = np.empty((H, m))
+        dp = np.empty((H, m, C))
+        for i in range(H):
+            for tt in range(m):
+                j = parity + 2 * (t0 + tt)
+                mm = dA[i, j]
+                lo = 0.0
+                if i > 0:
+                    lo = -wy[i - 1, j]
+                    mm -= lo * cp[i - 1, tt]
+                inv = 1.0 / mm if mm > 0.0 else 0.0
+                cp[i, tt] = -wy[i, j] * inv if i < H - 1 else 0.0
+                for c in range(C):
+                    v = b[i, j, c]
+                    if j > 0:
+                        v += wx[i, j - 1] * x[i, j - 1, c]
+                    if j < W - 1:
+                        v += wx[i, j] * x[i, j + 1, c]
+                    if i > 0:
+                        v -= lo * dp[i - 1, tt, c]
+                    dp[i, tt, c] = v * inv
+        for tt in range(m):
+            j = parity + 2 * (t0 + tt)
+            for c in range(C):
+                x[H - 1, j, c] = dp[H - 1, tt, c]
+        for i in range(H - 2, -1, -1):
+            for tt in range(m):
+                j = parity + 2 * (t0 + tt)
+                for c in range(C):
+                    x[i, j, c] = dp[i, tt, c] - cp[i, tt] * x[i + 1, j, c]
