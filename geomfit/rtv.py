@@ -261,7 +261,7 @@ class GridMultigrid:
             if self.gpu:  # pragma: no cover - needs a GPU
                 g.cu_launch(g.cu_diagonal, (H, W), D, wx, wy, lev.dA, lev.inv)
             else:
-                g.diagonal(D, wx, wy, lev.dA, lev.inv)
+                g.kernel("diagonal", H * W)(D, wx, wy, lev.dA, lev.inv)
             lev.x = xp.zeros((H, W, self.C))
             lev.b = xp.zeros((H, W, self.C))
             lev.r = xp.zeros((H, W, self.C))
@@ -276,38 +276,47 @@ class GridMultigrid:
             if self.gpu:  # pragma: no cover
                 g.cu_launch(g.cu_coarsen, (Hc, Wc), D, wx, wy, Dc, wxc, wyc)
             else:
-                g.coarsen(D, wx, wy, Dc, wxc, wyc)
+                g.kernel("coarsen", H * W)(D, wx, wy, Dc, wxc, wyc)
             D, wx, wy = Dc, wxc, wyc
         last = self.levels[-1]
         A = _assemble_dense(np.asarray(_host(last.D)), np.asarray(_host(last.wx)), np.asarray(_host(last.wy)))
-        Ainv = np.linalg.pinv(A, hermitian=True)
-        self.Ainv = xp.asarray(Ainv)
+        self.L = _dense_factor(A)
+        if self.gpu:  # pragma: no cover - the GPU applies an explicit inverse (one matmul)
+            n = A.shape[0]
+            Ainv = np.empty((n, n))
+            g.dense_cho_solve(self.L, np.eye(n), Ainv)
+            self.Ainv = xp.asarray(Ainv)
 
     def matvec(self, x, out):
         """out = A x (finest level)."""
         lev = self.levels[0]
+        H, W = lev.shape
         g = _grid_kernels()
         if self.gpu:  # pragma: no cover
             g.cu_launch(g.cu_matvec, lev.shape, lev.dA, lev.wx, lev.wy, x, out)
         else:
-            g.matvec_dot(lev.dA, lev.wx, lev.wy, x, out, lev.part)
+            g.kernel("matvec_dot", H * W)(lev.dA, lev.wx, lev.wy, x, out, lev.part)
         return out
 
     def _sweep(self, lev, x, b, color, zero):
         g = _grid_kernels()
+        H, W = lev.shape
         if self.gpu:  # pragma: no cover
             g.cu_launch(g.cu_rb_sweep, lev.shape, lev.inv, lev.wx, lev.wy, x, b, color, zero)
         else:
-            g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, color, zero)
+            g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, color, zero)
 
     def vcycle(self, b, level=0):
         """Apply the V-cycle preconditioner to ``b`` (H, W, C) at ``level``; returns a work array."""
         g = _grid_kernels()
         xp = self.xp
         lev = self.levels[level]
+        H, W = lev.shape
         if level == len(self.levels) - 1:
-            H, W = lev.shape
-            lev.x[...] = (self.Ainv @ b.reshape(H * W, -1)).reshape(lev.x.shape)
+            if self.gpu:  # pragma: no cover
+                lev.x[...] = (self.Ainv @ b.reshape(H * W, -1)).reshape(lev.x.shape)
+            else:
+                g.dense_cho_solve(self.L, b.reshape(H * W, -1), lev.x.reshape(H * W, -1))
             return lev.x
         x = lev.x
         self._sweep(lev, x, b, 0, True)
@@ -321,8 +330,8 @@ class GridMultigrid:
             xp.subtract(b, lev.r, out=lev.r)
             g.cu_launch(g.cu_restrict_sum, nxt.shape, lev.r, nxt.b)
         else:
-            g.residual(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
-            g.restrict_sum(lev.r, nxt.b)
+            g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
+            g.kernel("restrict_sum", H * W)(lev.r, nxt.b)
         for k in range(self.gamma if level + 2 < len(self.levels) else 1):
             if k > 0:  # W-cycle: restrict the new residual again
                 if self.gpu:  # pragma: no cover
@@ -330,15 +339,15 @@ class GridMultigrid:
                     xp.subtract(b, lev.r, out=lev.r)
                     g.cu_launch(g.cu_restrict_sum, nxt.shape, lev.r, nxt.b)
                 else:
-                    g.residual(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
-                    g.restrict_sum(lev.r, nxt.b)
+                    g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
+                    g.kernel("restrict_sum", H * W)(lev.r, nxt.b)
             ec = self.vcycle(nxt.b, level + 1)
             if self.scale != 1.0:
                 ec *= self.scale
             if self.gpu:  # pragma: no cover
                 g.cu_launch(g.cu_prolong_add, lev.shape, x, ec)
             else:
-                g.prolong_add(x, ec)
+                g.kernel("prolong_add", H * W)(x, ec)
         for _ in range(self.nu):
             self._sweep(lev, x, b, 1, False)
             self._sweep(lev, x, b, 0, False)
@@ -369,7 +378,7 @@ class BoxMultigrid:
         lev.D, lev.wx, lev.wy = D, wx, wy
         lev.dA = np.empty((H, W))
         lev.inv = np.empty((H, W))
-        g.diagonal(D, wx, wy, lev.dA, lev.inv)
+        g.kernel("diagonal", H * W)(D, wx, wy, lev.dA, lev.inv)
         lev.x = np.zeros((H, W, C))
         lev.r = np.zeros((H, W, C))
         lev.part = np.zeros((H, C))
@@ -378,14 +387,14 @@ class BoxMultigrid:
         self.S = [None]
         self.P = []
         S = np.empty((3, 3, H, W))
-        g.stencil_from_5pt(lev.dA, wx, wy, S)
+        g.kernel("stencil_from_5pt", H * W)(lev.dA, wx, wy, S)
         self.S[0] = S
         while H * W > _COARSEST:
             Pw = np.empty((H, W, 2, 2))
-            g.interpolation(S, Pw)
+            g.kernel("interpolation", H * W)(S, Pw)
             Hc, Wc = (H + 1) // 2, (W + 1) // 2
             Sc = np.empty((3, 3, Hc, Wc))
-            g.galerkin(S, Pw, Sc)
+            g.kernel("galerkin", H * W)(S, Pw, Sc)
             self.P.append(Pw)
             self.S.append(Sc)
             c = _Level()
@@ -399,25 +408,26 @@ class BoxMultigrid:
             A = _assemble_dense(np.asarray(D), np.asarray(wx), np.asarray(wy))
         else:
             A = _dense_from_stencil(S)
-        self.Ainv = np.linalg.pinv(A, hermitian=True)
+        self.L = _dense_factor(A)
 
     def _lines(self, level, x, b, order):
         """Zebra line sweeps: 0/1 = even/odd rows, 2/3 = even/odd columns, in ``order``."""
         g = _grid_kernels()
+        H, W = self.levels[level].shape
         if level == 0:
             lev = self.levels[0]
             for k in order:
                 if k < 2:
-                    g.line_rows5(lev.dA, lev.wx, lev.wy, x, b, k)
+                    g.kernel("line_rows5", H * W)(lev.dA, lev.wx, lev.wy, x, b, k)
                 else:
-                    g.line_cols5(lev.dA, lev.wx, lev.wy, x, b, k - 2)
+                    g.kernel("line_cols5", H * W)(lev.dA, lev.wx, lev.wy, x, b, k - 2)
         else:
             S = self.S[level]
             for k in order:
                 if k < 2:
-                    g.line_sweep_rows(S, x, b, k)
+                    g.kernel("line_sweep_rows", H * W)(S, x, b, k)
                 else:
-                    g.line_sweep_cols(S, x, b, k - 2)
+                    g.kernel("line_sweep_cols", H * W)(S, x, b, k - 2)
 
     def vcycle(self, b, level=0):
         """Apply the V-cycle to ``b`` (H, W, C) at ``level``; returns a work array."""
@@ -425,7 +435,7 @@ class BoxMultigrid:
         lev = self.levels[level]
         H, W = lev.shape
         if level == len(self.levels) - 1:
-            lev.x[...] = (self.Ainv @ b.reshape(H * W, -1)).reshape(lev.x.shape)
+            g.dense_cho_solve(self.L, b.reshape(H * W, -1), lev.x.reshape(H * W, -1))
             return lev.x
         x = lev.x
         nxt = self.levels[level + 1]
@@ -436,38 +446,44 @@ class BoxMultigrid:
             for _ in range(self.nu):
                 self._lines(level, x, b, (0, 1, 2, 3))
             if level == 0:
-                g.residual(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
+                g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
             else:
-                g.residual9(S, x, b, lev.r)
+                g.kernel("residual9", H * W)(S, x, b, lev.r)
         elif level == 0:
-            g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 0, True)
-            g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 1, False)
+            g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 0, True)
+            g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 1, False)
             for _ in range(self.nu - 1):
-                g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 0, False)
-                g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 1, False)
-            g.residual(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
+                g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 0, False)
+                g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 1, False)
+            g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
         else:
             S = self.S[level]
             x[...] = 0.0
             for _ in range(self.nu):
                 for color in range(4):
-                    g.sweep9(S, x, b, color)
-            g.residual9(S, x, b, lev.r)
-        g.restrict_p(Pw, lev.r, nxt.b)
+                    g.kernel("sweep9", H * W)(S, x, b, color)
+            g.kernel("residual9", H * W)(S, x, b, lev.r)
+        g.kernel("restrict_p", H * W)(Pw, lev.r, nxt.b)
         ec = self.vcycle(nxt.b, level + 1)
-        g.prolong_p(Pw, x, ec)
+        g.kernel("prolong_p", H * W)(Pw, x, ec)
         if self.smoother == "line":
             for _ in range(self.nu):
                 self._lines(level, x, b, (3, 2, 1, 0))
         elif level == 0:
             for _ in range(self.nu):
-                g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 1, False)
-                g.rb_sweep(lev.inv, lev.wx, lev.wy, x, b, 0, False)
+                g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 1, False)
+                g.kernel("rb_sweep", H * W)(lev.inv, lev.wx, lev.wy, x, b, 0, False)
         else:
             for _ in range(self.nu):
                 for color in (3, 2, 1, 0):
-                    g.sweep9(S, x, b, color)
+                    g.kernel("sweep9", H * W)(S, x, b, color)
         return x
+
+
+def _dense_factor(A):
+    L = np.array(A, dtype=np.float64, order="C")
+    _grid_kernels().dense_cholesky(L)
+    return L
 
 
 def _dense_from_stencil(S):
@@ -684,34 +700,34 @@ def _pcg_cpu(mg, x, b, tol, maxiter):
     part = np.empty((H, C))
     r = np.empty_like(b)
     q = np.empty_like(b)
-    g.dot_rows(b, b, part)
+    g.kernel("dot_rows", H * W)(b, b, part)
     bnorm = np.sqrt(part.sum(axis=0))
     target = tol * bnorm
-    g.residual(lev.dA, lev.wx, lev.wy, x, b, r, part)
+    g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, r, part)
     rr = part.sum(axis=0)
     it = 0
     if not (np.sqrt(rr) <= target).all():
         z = mg.vcycle(r)
-        g.dot_rows(r, z, part)
+        g.kernel("dot_rows", H * W)(r, z, part)
         rz = part.sum(axis=0)
         p = z.copy()
         while it < maxiter:
             it += 1
-            g.matvec_dot(lev.dA, lev.wx, lev.wy, p, q, part)
+            g.kernel("matvec_dot", H * W)(lev.dA, lev.wx, lev.wy, p, q, part)
             pq = part.sum(axis=0)
             alpha = np.where(pq > 0, rz / np.where(pq > 0, pq, 1.0), 0.0)
-            g.axpy2_dot(x, r, p, q, alpha, part)
+            g.kernel("axpy2_dot", H * W)(x, r, p, q, alpha, part)
             rr = part.sum(axis=0)
             if (np.sqrt(rr) <= target).all():
                 break
             z = mg.vcycle(r)
-            g.dot_rows(r, z, part)
+            g.kernel("dot_rows", H * W)(r, z, part)
             rz_new = part.sum(axis=0)
             beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
             rz = rz_new
-            g.xpby(z, p, beta)
+            g.kernel("xpby", H * W)(z, p, beta)
     # true residual
-    g.residual(lev.dA, lev.wx, lev.wy, x, b, r, part)
+    g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, r, part)
     rel = np.sqrt(part.sum(axis=0)) / np.where(bnorm > 0, bnorm, 1.0)
     return x, it, rel
 

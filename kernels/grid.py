@@ -718,3 +718,74 @@ def line_cols5(dA, wx, wy, x, b, parity):
                 j = parity + 2 * (t0 + tt)
                 for c in range(C):
                     x[i, j, c] = dp[i, tt, c] - cp[i, tt] * x[i + 1, j, c]
+
+
+# ----------------------------------------------------------------------------------------------
+# serial twins: small grids (coarse levels) run single-threaded, since a parallel region costs
+# more to start than the work on a few thousand pixels (and much more on a loaded machine)
+# ----------------------------------------------------------------------------------------------
+
+PARALLEL_MIN_PIXELS = 1 << 16
+
+_PAR = {}
+_SER = {}
+for _name in ("diagonal", "matvec_dot", "residual", "rb_sweep", "restrict_sum", "prolong_add", "axpy2_dot",
+              "dot_rows", "xpby", "stencil_from_5pt", "interpolation", "galerkin", "residual9", "sweep9",
+              "restrict_p", "prolong_p", "line_sweep_rows", "line_sweep_cols", "line_rows5", "line_cols5"):
+    _PAR[_name] = globals()[_name]
+    _SER[_name] = njit(cache=True)(globals()[_name].py_func)
+_SER["coarsen"] = _PAR["coarsen"] = coarsen
+
+
+def kernel(name, npix):
+    """The compiled kernel ``name``: the multithreaded one for grids of at least
+    ``PARALLEL_MIN_PIXELS`` pixels, else its single-threaded twin."""
+    return _PAR[name] if npix >= PARALLEL_MIN_PIXELS else _SER[name]
+
+
+@njit(cache=True)
+def dense_cholesky(A):
+    """In-place lower Cholesky factor of a small dense symmetric positive semi-definite matrix.
+
+    A pivot below 1e-13 times the largest diagonal entry zeroes its column (the row/column of a
+    zero row of the grid operator): the matching unknown is solved as 0."""
+    n = A.shape[0]
+    dmax = 0.0
+    for i in range(n):
+        dmax = max(dmax, A[i, i])
+    tiny = 1e-13 * dmax
+    for j in range(n):
+        s = A[j, j]
+        for k in range(j):
+            s -= A[j, k] * A[j, k]
+        if s <= tiny:
+            for i in range(j, n):
+                A[i, j] = 0.0
+            continue
+        d = math.sqrt(s)
+        A[j, j] = d
+        for i in range(j + 1, n):
+            v = A[i, j]
+            for k in range(j):
+                v -= A[i, k] * A[j, k]
+            A[i, j] = v / d
+    for i in range(n):
+        for j in range(i + 1, n):
+            A[i, j] = 0.0
+
+
+@njit(cache=True)
+def dense_cho_solve(L, b, x):
+    """x = A^+ b for the factor of :func:`dense_cholesky` (b, x of shape (n, C))."""
+    n, C = b.shape
+    for c in range(C):
+        for i in range(n):
+            v = b[i, c]
+            for k in range(i):
+                v -= L[i, k] * x[k, c]
+            x[i, c] = v / L[i, i] if L[i, i] > 0.0 else 0.0
+        for i in range(n - 1, -1, -1):
+            v = x[i, c]
+            for k in range(i + 1, n):
+                v -= L[k, i] * x[k, c]
+            x[i, c] = v / L[i, i] if L[i, i] > 0.0 else 0.0
