@@ -486,33 +486,6 @@ def residual9(S, x, b, r):
 
 
 @njit(cache=True, parallel=True)
-def sweep9(S, x, b, color):
-    """Gauss-Seidel on the pixels of one of 4 colours ((i % 2) * 2 + j % 2 == color)."""
-    H, W, C = x.shape
-    ci = color // 2
-    cj = color % 2
-    n = (H - ci + 1) // 2
-    for t in prange(n):
-        i = ci + 2 * t
-        for j in range(cj, W, 2):
-            d = S[1, 1, i, j]
-            if d <= 0.0:
-                continue
-            for c in range(C):
-                v = b[i, j, c]
-                for a in range(-1, 2):
-                    ii = i + a
-                    if ii < 0 or ii >= H:
-                        continue
-                    for bb in range(-1, 2):
-                        jj = j + bb
-                        if jj < 0 or jj >= W or (a == 0 and bb == 0):
-                            continue
-                        v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
-                x[i, j, c] = v / d
-
-
-@njit(cache=True, parallel=True)
 def restrict_p(Pw, r, rc):
     """rc = P^T r."""
     H, W, C = r.shape
@@ -562,164 +535,6 @@ def prolong_p(Pw, x, ec):
                             x[i, j, c] += p * ec[I, J, c]
 
 
-@njit(cache=True, parallel=True)
-def line_sweep_rows(S, x, b, parity):
-    """Zebra line Gauss-Seidel: exact tridiagonal solves along the rows i with i % 2 == parity."""
-    H, W, C = x.shape
-    n = (H - parity + 1) // 2
-    for t in prange(n):
-        i = parity + 2 * t
-        cp = np.empty(W)
-        dp = np.empty((W, C))
-        for j in range(W):
-            lo = S[1, 0, i, j]
-            m = S[1, 1, i, j]
-            if j > 0:
-                m -= lo * cp[j - 1]
-            inv = 1.0 / m if m > 0.0 else 0.0
-            cp[j] = S[1, 2, i, j] * inv
-            for c in range(C):
-                v = b[i, j, c]
-                for a in (-1, 1):
-                    ii = i + a
-                    if ii < 0 or ii >= H:
-                        continue
-                    for bb in range(-1, 2):
-                        jj = j + bb
-                        if 0 <= jj < W:
-                            v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
-                if j > 0:
-                    v -= lo * dp[j - 1, c]
-                dp[j, c] = v * inv
-        for c in range(C):
-            x[i, W - 1, c] = dp[W - 1, c]
-        for j in range(W - 2, -1, -1):
-            for c in range(C):
-                x[i, j, c] = dp[j, c] - cp[j] * x[i, j + 1, c]
-
-
-@njit(cache=True, parallel=True)
-def line_sweep_cols(S, x, b, parity):
-    """Zebra line Gauss-Seidel along the columns j with j % 2 == parity (blocks of columns are
-    eliminated together, row by row, for contiguous memory access)."""
-    H, W, C = x.shape
-    ncol = (W - parity + 1) // 2
-    nblk = (ncol + _BLK - 1) // _BLK
-    for blk in prange(nblk):
-        t0 = blk * _BLK
-        m = min(ncol, t0 + _BLK) - t0
-        cp = np.empty((H, m))
-        dp = np.empty((H, m, C))
-        for i in range(H):
-            for tt in range(m):
-                j = parity + 2 * (t0 + tt)
-                lo = S[0, 1, i, j]
-                mm = S[1, 1, i, j]
-                if i > 0:
-                    mm -= lo * cp[i - 1, tt]
-                inv = 1.0 / mm if mm > 0.0 else 0.0
-                cp[i, tt] = S[2, 1, i, j] * inv
-                for c in range(C):
-                    v = b[i, j, c]
-                    for bb in (-1, 1):
-                        jj = j + bb
-                        if jj < 0 or jj >= W:
-                            continue
-                        for a in range(-1, 2):
-                            ii = i + a
-                            if 0 <= ii < H:
-                                v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
-                    if i > 0:
-                        v -= lo * dp[i - 1, tt, c]
-                    dp[i, tt, c] = v * inv
-        for tt in range(m):
-            j = parity + 2 * (t0 + tt)
-            for c in range(C):
-                x[H - 1, j, c] = dp[H - 1, tt, c]
-        for i in range(H - 2, -1, -1):
-            for tt in range(m):
-                j = parity + 2 * (t0 + tt)
-                for c in range(C):
-                    x[i, j, c] = dp[i, tt, c] - cp[i, tt] * x[i + 1, j, c]
-
-
-_BLK = 64
-
-
-@njit(cache=True, parallel=True)
-def line_rows5(dA, wx, wy, x, b, parity):
-    """Zebra line Gauss-Seidel along rows for the 5-point operator (finest level)."""
-    H, W, C = x.shape
-    n = (H - parity + 1) // 2
-    for t in prange(n):
-        i = parity + 2 * t
-        cp = np.empty(W)
-        dp = np.empty((W, C))
-        for j in range(W):
-            m = dA[i, j]
-            lo = 0.0
-            if j > 0:
-                lo = -wx[i, j - 1]
-                m -= lo * cp[j - 1]
-            inv = 1.0 / m if m > 0.0 else 0.0
-            cp[j] = -wx[i, j] * inv if j < W - 1 else 0.0
-            for c in range(C):
-                v = b[i, j, c]
-                if i > 0:
-                    v += wy[i - 1, j] * x[i - 1, j, c]
-                if i < H - 1:
-                    v += wy[i, j] * x[i + 1, j, c]
-                if j > 0:
-                    v -= lo * dp[j - 1, c]
-                dp[j, c] = v * inv
-        for c in range(C):
-            x[i, W - 1, c] = dp[W - 1, c]
-        for j in range(W - 2, -1, -1):
-            for c in range(C):
-                x[i, j, c] = dp[j, c] - cp[j] * x[i, j + 1, c]
-
-
-@njit(cache=True, parallel=True)
-def line_cols5(dA, wx, wy, x, b, parity):
-    """Zebra line Gauss-Seidel along columns for the 5-point operator (finest level)."""
-    H, W, C = x.shape
-    ncol = (W - parity + 1) // 2
-    nblk = (ncol + _BLK - 1) // _BLK
-    for blk in prange(nblk):
-        t0 = blk * _BLK
-        m = min(ncol, t0 + _BLK) - t0
-        cp = np.empty((H, m))
-        dp = np.empty((H, m, C))
-        for i in range(H):
-            for tt in range(m):
-                j = parity + 2 * (t0 + tt)
-                mm = dA[i, j]
-                lo = 0.0
-                if i > 0:
-                    lo = -wy[i - 1, j]
-                    mm -= lo * cp[i - 1, tt]
-                inv = 1.0 / mm if mm > 0.0 else 0.0
-                cp[i, tt] = -wy[i, j] * inv if i < H - 1 else 0.0
-                for c in range(C):
-                    v = b[i, j, c]
-                    if j > 0:
-                        v += wx[i, j - 1] * x[i, j - 1, c]
-                    if j < W - 1:
-                        v += wx[i, j] * x[i, j + 1, c]
-                    if i > 0:
-                        v -= lo * dp[i - 1, tt, c]
-                    dp[i, tt, c] = v * inv
-        for tt in range(m):
-            j = parity + 2 * (t0 + tt)
-            for c in range(C):
-                x[H - 1, j, c] = dp[H - 1, tt, c]
-        for i in range(H - 2, -1, -1):
-            for tt in range(m):
-                j = parity + 2 * (t0 + tt)
-                for c in range(C):
-                    x[i, j, c] = dp[i, tt, c] - cp[i, tt] * x[i + 1, j, c]
-
-
 # ----------------------------------------------------------------------------------------------
 # serial twins: small grids (coarse levels) run single-threaded, since a parallel region costs
 # more to start than the work on a few thousand pixels (and much more on a loaded machine)
@@ -730,8 +545,8 @@ PARALLEL_MIN_PIXELS = 1 << 16
 _PAR = {}
 _SER = {}
 for _name in ("diagonal", "matvec_dot", "residual", "rb_sweep", "restrict_sum", "prolong_add", "axpy2_dot",
-              "dot_rows", "xpby", "stencil_from_5pt", "interpolation", "galerkin", "residual9", "sweep9",
-              "restrict_p", "prolong_p", "line_sweep_rows", "line_sweep_cols", "line_rows5", "line_cols5"):
+              "dot_rows", "xpby", "stencil_from_5pt", "interpolation", "galerkin", "residual9",
+              "restrict_p", "prolong_p"):
     _PAR[_name] = globals()[_name]
     _SER[_name] = njit(cache=True)(globals()[_name].py_func)
 _SER["coarsen"] = _PAR["coarsen"] = coarsen
@@ -789,3 +604,194 @@ def dense_cho_solve(L, b, x):
             for k in range(i + 1, n):
                 v -= L[k, i] * x[k, c]
             x[i, c] = v / L[i, i] if L[i, i] > 0.0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Line relaxation with pre-factored tridiagonal lines: the LU factors of every row and column line
+# (cp = super-diagonal / pivot, inv = 1 / pivot) depend only on the matrix, so they are computed
+# once per level and each sweep only runs the two substitutions, writing straight into x.
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def line_factors5(dA, wx, wy, rcp, rinv, ccp, cinv):
+    H, W = dA.shape
+    for i in prange(H):  # rows: sub/super diagonals -wx
+        cprev = 0.0
+        for j in range(W):
+            m = dA[i, j]
+            if j > 0:
+                m += wx[i, j - 1] * cprev  # m = d - lo * cp with lo = -wx
+            iv = 1.0 / m if m > 0.0 else 0.0
+            c = -wx[i, j] * iv if j < W - 1 else 0.0
+            rinv[i, j] = iv
+            rcp[i, j] = c
+            cprev = c
+    for j in prange(W):  # columns: sub/super diagonals -wy
+        cprev = 0.0
+        for i in range(H):
+            m = dA[i, j]
+            if i > 0:
+                m += wy[i - 1, j] * cprev
+            iv = 1.0 / m if m > 0.0 else 0.0
+            c = -wy[i, j] * iv if i < H - 1 else 0.0
+            cinv[i, j] = iv
+            ccp[i, j] = c
+            cprev = c
+
+
+@njit(cache=True, parallel=True)
+def line_factors9(S, rcp, rinv, ccp, cinv):
+    H, W = S.shape[2], S.shape[3]
+    for i in prange(H):
+        cprev = 0.0
+        for j in range(W):
+            m = S[1, 1, i, j]
+            if j > 0:
+                m -= S[1, 0, i, j] * cprev
+            iv = 1.0 / m if m > 0.0 else 0.0
+            c = S[1, 2, i, j] * iv if j < W - 1 else 0.0
+            rinv[i, j] = iv
+            rcp[i, j] = c
+            cprev = c
+    for j in prange(W):
+        cprev = 0.0
+        for i in range(H):
+            m = S[1, 1, i, j]
+            if i > 0:
+                m -= S[0, 1, i, j] * cprev
+            iv = 1.0 / m if m > 0.0 else 0.0
+            c = S[2, 1, i, j] * iv if i < H - 1 else 0.0
+            cinv[i, j] = iv
+            ccp[i, j] = c
+            cprev = c
+
+
+@njit(cache=True, parallel=True)
+def rows5_f(dA, wx, wy, rcp, rinv, x, b, parity):
+    """Zebra line GS along rows i % 2 == parity, 5-point operator, pre-factored lines."""
+    H, W, C = x.shape
+    n = (H - parity + 1) // 2
+    for t in prange(n):
+        i = parity + 2 * t
+        for j in range(W):
+            iv = rinv[i, j]
+            for c in range(C):
+                v = b[i, j, c]
+                if i > 0:
+                    v += wy[i - 1, j] * x[i - 1, j, c]
+                if i < H - 1:
+                    v += wy[i, j] * x[i + 1, j, c]
+                if j > 0:
+                    v += wx[i, j - 1] * x[i, j - 1, c]
+                x[i, j, c] = v * iv
+        for j in range(W - 2, -1, -1):
+            cp = rcp[i, j]
+            for c in range(C):
+                x[i, j, c] -= cp * x[i, j + 1, c]
+
+
+@njit(cache=True, parallel=True)
+def cols5_f(dA, wx, wy, ccp, cinv, x, b, parity, nblk):
+    """Zebra line GS along columns j % 2 == parity, 5-point operator, pre-factored lines."""
+    H, W, C = x.shape
+    ncol = (W - parity + 1) // 2
+    nblk = max(1, min(nblk, ncol))
+    bw = (ncol + nblk - 1) // nblk  # columns per block: blocks are eliminated row by row
+    for blk in prange(nblk):
+        j0 = parity + 2 * blk * bw
+        j1 = min(W, j0 + 2 * bw)
+        for i in range(H):
+            for j in range(j0, j1, 2):
+                iv = cinv[i, j]
+                for c in range(C):
+                    v = b[i, j, c]
+                    if j > 0:
+                        v += wx[i, j - 1] * x[i, j - 1, c]
+                    if j < W - 1:
+                        v += wx[i, j] * x[i, j + 1, c]
+                    if i > 0:
+                        v += wy[i - 1, j] * x[i - 1, j, c]
+                    x[i, j, c] = v * iv
+        for i in range(H - 2, -1, -1):
+            for j in range(j0, j1, 2):
+                cp = ccp[i, j]
+                for c in range(C):
+                    x[i, j, c] -= cp * x[i + 1, j, c]
+
+
+@njit(cache=True, parallel=True)
+def rows9_f(S, rcp, rinv, x, b, parity):
+    """Zebra line GS along rows, 9-point operator, pre-factored lines."""
+    H, W, C = x.shape
+    n = (H - parity + 1) // 2
+    for t in prange(n):
+        i = parity + 2 * t
+        for j in range(W):
+            iv = rinv[i, j]
+            for c in range(C):
+                v = b[i, j, c]
+                for a in (-1, 1):
+                    ii = i + a
+                    if ii < 0 or ii >= H:
+                        continue
+                    for bb in range(-1, 2):
+                        jj = j + bb
+                        if 0 <= jj < W:
+                            v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
+                if j > 0:
+                    v -= S[1, 0, i, j] * x[i, j - 1, c]
+                x[i, j, c] = v * iv
+        for j in range(W - 2, -1, -1):
+            cp = rcp[i, j]
+            for c in range(C):
+                x[i, j, c] -= cp * x[i, j + 1, c]
+
+
+@njit(cache=True, parallel=True)
+def cols9_f(S, ccp, cinv, x, b, parity, nblk):
+    """Zebra line GS along columns, 9-point operator, pre-factored lines."""
+    H, W, C = x.shape
+    ncol = (W - parity + 1) // 2
+    nblk = max(1, min(nblk, ncol))
+    bw = (ncol + nblk - 1) // nblk  # columns per block: blocks are eliminated row by row
+    for blk in prange(nblk):
+        j0 = parity + 2 * blk * bw
+        j1 = min(W, j0 + 2 * bw)
+        for i in range(H):
+            for j in range(j0, j1, 2):
+                iv = cinv[i, j]
+                for c in range(C):
+                    v = b[i, j, c]
+                    for bb in (-1, 1):
+                        jj = j + bb
+                        if jj < 0 or jj >= W:
+                            continue
+                        for a in range(-1, 2):
+                            ii = i + a
+                            if 0 <= ii < H:
+                                v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
+                    if i > 0:
+                        v -= S[0, 1, i, j] * x[i - 1, j, c]
+                    x[i, j, c] = v * iv
+        for i in range(H - 2, -1, -1):
+            for j in range(j0, j1, 2):
+                cp = ccp[i, j]
+                for c in range(C):
+                    x[i, j, c] -= cp * x[i + 1, j, c]
+
+
+for _name in ("line_factors5", "line_factors9", "rows5_f", "cols5_f", "rows9_f", "cols9_f", "dense_cholesky",
+              "dense_cho_solve"):
+    _PAR[_name] = globals()[_name]
+    _SER[_name] = njit(cache=True)(globals()[_name].py_func) if _name.startswith(("line", "rows", "cols")) \
+        else globals()[_name]
+
+
+def column_blocks(npix):
+    """Number of column blocks for the column line sweeps: one per thread on large grids."""
+    if npix < PARALLEL_MIN_PIXELS:
+        return 1
+    import numba
+
+    return max(1, int(numba.get_num_threads()))
