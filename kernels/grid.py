@@ -16,6 +16,7 @@ defined when Numba's CUDA target is importable.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from numba import njit, prange
@@ -340,7 +341,7 @@ if cuda is not None:  # pragma: no branch
 
     def cu_launch(kernel, shape, *args):
         """Launch ``kernel`` with one thread per (row, column) of ``shape``."""
-        tpb = (8, 32)
+        tpb = (4, 4) if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1" else (8, 32)
         bpg = (math.ceil(shape[0] / tpb[0]), math.ceil(shape[1] / tpb[1]))
         kernel[bpg, tpb](*args)
 
