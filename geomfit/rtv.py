@@ -371,9 +371,10 @@ class BoxMultigrid:
     (:class:`GridMultigrid`) needs 5-10 times more CG iterations.
     """
 
-    def __init__(self, D, wx, wy, C, nu=1):
+    def __init__(self, D, wx, wy, C, nu=1, dtype=np.float32):
         g = _grid_kernels()
         self.nu = int(nu)
+        self.dtype = dt = np.dtype(dtype)
         self.C = int(C)
         H, W = D.shape
         lev = _Level()
@@ -382,10 +383,13 @@ class BoxMultigrid:
         lev.dA = np.empty((H, W))
         lev.inv = np.empty((H, W))
         g.kernel("diagonal", H * W)(D, wx, wy, lev.dA, lev.inv)
-        lev.x = np.zeros((H, W, C))
-        lev.r = np.zeros((H, W, C))
+        lev.x = np.zeros((H, W, C), dt)
+        lev.r = np.zeros((H, W, C), dt)
         lev.part = np.zeros((H, C))
         lev.b = None
+        # the cycle runs in ``dtype`` (float32 by default: half the memory traffic; the outer
+        # flexible CG iteration runs in float64 and reaches any tolerance)
+        self.c5 = tuple(np.ascontiguousarray(a, dtype=dt) for a in (lev.dA, wx, wy))
         self.levels = [lev]
         self.S = [None]
         self.P = []
@@ -394,25 +398,27 @@ class BoxMultigrid:
         self.S[0] = S
         F = tuple(np.empty((H, W)) for _ in range(4))
         g.kernel("line_factors5", H * W)(lev.dA, wx, wy, *F)
-        self.F = [F]
+        self.F = [tuple(f.astype(dt) for f in F)]
+        self.Sc = [None]
         while H * W > _COARSEST:
             Pw = np.empty((H, W, 2, 2))
             g.kernel("interpolation", H * W)(S, Pw)
             Hc, Wc = (H + 1) // 2, (W + 1) // 2
             Sc = np.empty((3, 3, Hc, Wc))
             g.kernel("galerkin", H * W)(S, Pw, Sc)
-            self.P.append(Pw)
+            self.P.append(Pw.astype(dt))
             self.S.append(Sc)
+            self.Sc.append(Sc.astype(dt))
             c = _Level()
             c.shape = (Hc, Wc)
-            c.x = np.zeros((Hc, Wc, C))
-            c.b = np.zeros((Hc, Wc, C))
-            c.r = np.zeros((Hc, Wc, C))
+            c.x = np.zeros((Hc, Wc, C), dt)
+            c.b = np.zeros((Hc, Wc, C), dt)
+            c.r = np.zeros((Hc, Wc, C), dt)
             self.levels.append(c)
             S, H, W = Sc, Hc, Wc
             F = tuple(np.empty((H, W)) for _ in range(4))
             g.kernel("line_factors9", H * W)(S, *F)
-            self.F.append(F)
+            self.F.append(tuple(f.astype(dt) for f in F))
         if len(self.levels) == 1:
             A = _assemble_dense(np.asarray(D), np.asarray(wx), np.asarray(wy))
         else:
@@ -426,14 +432,14 @@ class BoxMultigrid:
         rcp, rinv, ccp, cinv = self.F[level]
         nb = g.column_blocks(H * W)
         if level == 0:
-            lev = self.levels[0]
+            dA, wx, wy = self.c5
             for k in order:
                 if k < 2:
-                    g.kernel("rows5_f", H * W)(lev.dA, lev.wx, lev.wy, rcp, rinv, x, b, k)
+                    g.kernel("rows5_f", H * W)(dA, wx, wy, rcp, rinv, x, b, k)
                 else:
-                    g.kernel("cols5_f", H * W)(lev.dA, lev.wx, lev.wy, ccp, cinv, x, b, k - 2, nb)
+                    g.kernel("cols5_f", H * W)(dA, wx, wy, ccp, cinv, x, b, k - 2, nb)
         else:
-            S = self.S[level]
+            S = self.Sc[level]
             for k in order:
                 if k < 2:
                     g.kernel("rows9_f", H * W)(S, rcp, rinv, x, b, k)
@@ -455,9 +461,9 @@ class BoxMultigrid:
         for _ in range(self.nu):  # rows (even, odd), then columns (even, odd)
             self._lines(level, x, b, (0, 1, 2, 3))
         if level == 0:
-            g.kernel("residual", H * W)(lev.dA, lev.wx, lev.wy, x, b, lev.r, lev.part)
+            g.kernel("residual", H * W)(*self.c5, x, b, lev.r, lev.part)
         else:
-            g.kernel("residual9", H * W)(self.S[level], x, b, lev.r)
+            g.kernel("residual9", H * W)(self.Sc[level], x, b, lev.r)
         g.kernel("restrict_p", H * W)(Pw, lev.r, nxt.b)
         ec = self.vcycle(nxt.b, level + 1)
         g.kernel("prolong_p", H * W)(Pw, x, ec)
@@ -661,7 +667,7 @@ def solve_screened_poisson(diag, wx, wy, rhs, x0=None, tol: float = 1e-10, maxit
         mg = GridMultigrid(D, wx, wy, C, gpu=True)
         x, it, rel = _pcg_gpu(mg, x, b, tol, int(maxiter))
     else:
-        mg = BoxMultigrid(D, wx, wy, C) if _MG_KIND == "box" else GridMultigrid(D, wx, wy, C)
+        mg = BoxMultigrid(D, wx, wy, C, **_MG_OPTS) if _MG_KIND == "box" else GridMultigrid(D, wx, wy, C)
         x, it, rel = _pcg_cpu(mg, x, b, tol, int(maxiter))
     lev = mg.levels[0]
     zero_rows = lev.dA == 0
@@ -695,7 +701,8 @@ def _pcg_cpu(mg, x, b, tol, maxiter):
         z = mg.vcycle(r)
         g.kernel("dot_rows", H * W)(r, z, part)
         rz = part.sum(axis=0)
-        p = z.copy()
+        p = z.astype(np.float64)
+        part2 = np.empty((H, C))
         while it < maxiter:
             it += 1
             g.kernel("matvec_dot", H * W)(lev.dA, lev.wx, lev.wy, p, q, part)
@@ -706,9 +713,13 @@ def _pcg_cpu(mg, x, b, tol, maxiter):
             if (np.sqrt(rr) <= target).all():
                 break
             z = mg.vcycle(r)
-            g.kernel("dot_rows", H * W)(r, z, part)
+            # flexible (Polak-Ribiere) beta = z.(r_new - r_old) / rz_old, with r_new - r_old = -alpha q:
+            # equal to Fletcher-Reeves CG for an exactly linear preconditioner, robust to the
+            # rounding of the single-precision cycle
+            g.kernel("dot2_rows", H * W)(z, r, q, part, part2)
             rz_new = part.sum(axis=0)
-            beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+            zq = part2.sum(axis=0)
+            beta = np.where(rz > 0, -alpha * zq / np.where(rz > 0, rz, 1.0), 0.0)
             rz = rz_new
             g.kernel("xpby", H * W)(z, p, beta)
     # true residual

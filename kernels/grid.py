@@ -796,3 +796,21 @@ def column_blocks(npix):
     import numba
 
     return max(1, int(numba.get_num_threads()))
+
+
+@njit(cache=True, parallel=True)
+def dot2_rows(z, r, q, part_rz, part_qz):
+    """Row partial sums of r.z and q.z (flexible CG)."""
+    H, W, C = z.shape
+    for i in prange(H):
+        for c in range(C):
+            part_rz[i, c] = 0.0
+            part_qz[i, c] = 0.0
+        for j in range(W):
+            for c in range(C):
+                part_rz[i, c] += r[i, j, c] * z[i, j, c]
+                part_qz[i, c] += q[i, j, c] * z[i, j, c]
+
+
+_PAR["dot2_rows"] = dot2_rows
+_SER["dot2_rows"] = njit(cache=True)(dot2_rows.py_func)

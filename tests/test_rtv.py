@@ -389,7 +389,8 @@ def test_vcycle_is_symmetric_positive_definite(kind):
     rng = np.random.default_rng(8)
     H, W = 23, 19
     D, wx, wy, _ = _random_system(rng, H, W, spread=2)
-    mg = rtv.BoxMultigrid(D, wx, wy, 1) if kind == "box" else rtv.GridMultigrid(D, wx, wy, 1)
+    # (the box cycle runs in float32 by default; float64 here to check the algebra exactly)
+    mg = rtv.BoxMultigrid(D, wx, wy, 1, dtype=np.float64) if kind == "box" else rtv.GridMultigrid(D, wx, wy, 1)
     assert len(mg.levels) >= 2
     n = H * W
     M = np.empty((n, n))
@@ -478,3 +479,17 @@ def test_cupy_rtv_smooth_matches_numpy():
     wx, wy = rtv.rtv_weights(img)
     wxg, wyg = rtv.rtv_weights(cp.asarray(img))
     np.testing.assert_allclose(cp.asnumpy(wxg), wx, rtol=1e-10)
+
+
+def test_single_precision_cycle_reaches_double_precision_tolerance():
+    # the float32 V-cycle inside flexible CG in float64: 1e-12 is still reached, and as fast
+    rng = np.random.default_rng(14)
+    img = np.kron(rng.random((5, 6, 3)), np.ones((20, 20, 1))) + 0.05 * rng.standard_normal((100, 120, 3))
+    wx, wy = rtv.rtv_weights(img)
+    D = np.ones(img.shape[:2])
+    x32, i32 = rtv.solve_screened_poisson(D, 0.01 * wx, 0.01 * wy, img, tol=1e-12, return_info=True)
+    assert np.all(i32["residual"] <= 1e-12)
+    ref = spla.spsolve(assemble(D, 0.01 * wx, 0.01 * wy), img.reshape(-1, 3)).reshape(img.shape)
+    np.testing.assert_allclose(x32, ref, atol=1e-10)
+    mg = rtv.BoxMultigrid(D, 0.01 * wx, 0.01 * wy, 3)
+    assert mg.levels[0].x.dtype == np.float32
