@@ -393,19 +393,21 @@ class BoxMultigrid:
         self.levels = [lev]
         self.S = [None]
         self.P = []
-        S = np.empty((3, 3, H, W))
-        g.kernel("stencil_from_5pt", H * W)(lev.dA, wx, wy, S)
-        self.S[0] = S
+        S = None  # the finest level stays a 5-point operator (dA, wx, wy)
         F = tuple(np.empty((H, W)) for _ in range(4))
         g.kernel("line_factors5", H * W)(lev.dA, wx, wy, *F)
         self.F = [tuple(f.astype(dt) for f in F)]
         self.Sc = [None]
         while H * W > _COARSEST:
             Pw = np.empty((H, W, 2, 2))
-            g.kernel("interpolation", H * W)(S, Pw)
             Hc, Wc = (H + 1) // 2, (W + 1) // 2
             Sc = np.empty((3, 3, Hc, Wc))
-            g.kernel("galerkin", H * W)(S, Pw, Sc)
+            if S is None:
+                g.kernel("interpolation5", H * W)(lev.dA, wx, wy, Pw)
+                g.kernel("galerkin5", H * W)(lev.dA, wx, wy, Pw, Sc)
+            else:
+                g.kernel("interpolation", H * W)(S, Pw)
+                g.kernel("galerkin", H * W)(S, Pw, Sc)
             self.P.append(Pw.astype(dt))
             self.S.append(Sc)
             self.Sc.append(Sc.astype(dt))

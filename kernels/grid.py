@@ -814,3 +814,122 @@ def dot2_rows(z, r, q, part_rz, part_qz):
 
 _PAR["dot2_rows"] = dot2_rows
 _SER["dot2_rows"] = njit(cache=True)(dot2_rows.py_func)
+
+
+@njit(cache=True, parallel=True)
+def interpolation5(dA, wx, wy, Pw):
+    """:func:`interpolation` for the 5-point finest level, straight from (dA, wx, wy)."""
+    H, W = dA.shape
+    for i in prange(H):
+        for j in range(W):
+            for ci in range(2):
+                for cj in range(2):
+                    Pw[i, j, ci, cj] = 0.0
+            ie = i % 2 == 0
+            je = j % 2 == 0
+            if ie and je:
+                Pw[i, j, 0, 0] = 1.0
+            elif ie:
+                dem = dA[i, j]
+                if i > 0:
+                    dem -= wy[i - 1, j]
+                if i < H - 1:
+                    dem -= wy[i, j]
+                if dem > 0.0:
+                    Pw[i, j, 0, 0] = wx[i, j - 1] / dem
+                    if j + 1 < W:
+                        Pw[i, j, 0, 1] = wx[i, j] / dem
+            elif je:
+                dem = dA[i, j]
+                if j > 0:
+                    dem -= wx[i, j - 1]
+                if j < W - 1:
+                    dem -= wx[i, j]
+                if dem > 0.0:
+                    Pw[i, j, 0, 0] = wy[i - 1, j] / dem
+                    if i + 1 < H:
+                        Pw[i, j, 1, 0] = wy[i, j] / dem
+    for i in prange(H):
+        if i % 2 == 1:
+            for j in range(1, W, 2):
+                d = dA[i, j]
+                if d <= 0.0:
+                    continue
+                for ci in range(2):
+                    si = 2 * ci - 1
+                    if i + si >= H:
+                        continue
+                    wv = wy[i - 1, j] if si < 0 else wy[i, j]
+                    for cj in range(2):
+                        sj = 2 * cj - 1
+                        if j + sj >= W:
+                            continue
+                        wh = wx[i, j - 1] if sj < 0 else wx[i, j]
+                        Pw[i, j, ci, cj] = (wv * Pw[i + si, j, 0, cj] + wh * Pw[i, j + sj, ci, 0]) / d
+
+
+@njit(cache=True, parallel=True)
+def galerkin5(dA, wx, wy, Pw, Sc):
+    """:func:`galerkin` for the 5-point finest level, straight from (dA, wx, wy)."""
+    H, W = dA.shape
+    Hc, Wc = Sc.shape[2], Sc.shape[3]
+    for I in prange(Hc):
+        for J in range(Wc):
+            for a in range(3):
+                for b in range(3):
+                    Sc[a, b, I, J] = 0.0
+            for da in range(-1, 2):
+                ki = 2 * I + da
+                if ki < 0 or ki >= H:
+                    continue
+                ci = I - ki // 2
+                if ci < 0 or ci > 1:
+                    continue
+                for db in range(-1, 2):
+                    kj = 2 * J + db
+                    if kj < 0 or kj >= W:
+                        continue
+                    cj = J - kj // 2
+                    if cj < 0 or cj > 1:
+                        continue
+                    pk = Pw[ki, kj, ci, cj]
+                    if pk == 0.0:
+                        continue
+                    for n in range(5):
+                        if n == 0:
+                            li, lj, akl = ki, kj, dA[ki, kj]
+                        elif n == 1:
+                            if kj == 0:
+                                continue
+                            li, lj, akl = ki, kj - 1, -wx[ki, kj - 1]
+                        elif n == 2:
+                            if kj == W - 1:
+                                continue
+                            li, lj, akl = ki, kj + 1, -wx[ki, kj]
+                        elif n == 3:
+                            if ki == 0:
+                                continue
+                            li, lj, akl = ki - 1, kj, -wy[ki - 1, kj]
+                        else:
+                            if ki == H - 1:
+                                continue
+                            li, lj, akl = ki + 1, kj, -wy[ki, kj]
+                        f = pk * akl
+                        bi = li // 2 - I
+                        bj = lj // 2 - J
+                        for ci2 in range(2):
+                            dI = bi + ci2
+                            if dI < -1 or dI > 1:
+                                continue
+                            for cj2 in range(2):
+                                dJ = bj + cj2
+                                if dJ < -1 or dJ > 1:
+                                    continue
+                                pl = Pw[li, lj, ci2, cj2]
+                                if pl != 0.0:
+                                    Sc[dI + 1, dJ + 1, I, J] += f * pl
+
+
+for _name in ("interpolation5", "galerkin5"):
+    _PAR[_name] = globals()[_name]
+    _SER[_name] = njit(cache=True)(globals()[_name].py_func)

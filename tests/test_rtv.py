@@ -373,6 +373,12 @@ def test_multigrid_components_match_matrices(H, W):
     Sc = np.empty((3, 3, Hc, Wc))
     g.galerkin(S, Pw, Sc)
     np.testing.assert_allclose(rtv._dense_from_stencil(Sc), P.T @ A @ P, atol=1e-10)
+    # the 5-point specialisations used on the finest level agree with the generic kernels
+    Pw5, Sc5 = np.empty_like(Pw), np.empty_like(Sc)
+    g.interpolation5(dA, wx, wy, Pw5)
+    g.galerkin5(dA, wx, wy, Pw5, Sc5)
+    np.testing.assert_allclose(Pw5, Pw, atol=1e-14)
+    np.testing.assert_allclose(Sc5, Sc, atol=1e-12)
     r = rng.random((H, W, 2))
     rc = np.empty((Hc, Wc, 2))
     g.restrict_p(Pw, r, rc)
