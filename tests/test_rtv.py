@@ -57,7 +57,6 @@ def assemble(diag, wx, wy):
     """Dense-by-loops assembly of diag(D) + L_w (row-major pixel order)."""
     H, W = diag.shape
     idx = lambda i, j: i * W + j  # noqa: E731
-    rows, cols, vals = [], [], []
     A = sp.lil_matrix((H * W, H * W))
     for i in range(H):
         for j in range(W):
