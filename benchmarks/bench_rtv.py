@@ -114,6 +114,21 @@ def main():
     res["geomfit"] = {"median_s": t_g, "times_s": ts_g, "tol": 1e-8, "cg_iterations": info["iterations"],
                       "final_relative_residuals": [float(np.max(r)) for r in info["residual"]]}
     print(f"geomfit rtv_smooth: median {t_g:.3f} s  {['%.3f' % t for t in ts_g]}  CG its {info['iterations']}")
+    # the same with one Numba thread, wall and CPU time (the CPU cost, less sensitive to other jobs)
+    nthreads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    cpu_s = []
+
+    def one_thread_run():
+        c0 = time.process_time()
+        out = rtv.rtv_smooth(img)
+        cpu_s.append(time.process_time() - c0)
+        return out
+
+    t1, ts1, _ = timed(one_thread_run, args.repeats)
+    numba.set_num_threads(nthreads)
+    res["geomfit_1thread"] = {"median_s": t1, "times_s": ts1, "cpu_median_s": statistics.median(cpu_s)}
+    print(f"geomfit rtv_smooth, 1 thread: median {t1:.3f} s (CPU {statistics.median(cpu_s):.3f} s)")
 
     peers = {}
     ref = None
