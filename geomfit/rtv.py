@@ -395,12 +395,12 @@ class BoxMultigrid:
         self.S = [None]
         self.P = []
         S = None  # the finest level stays a 5-point operator (dA, wx, wy)
-        F = tuple(np.empty((H, W)) for _ in range(4))
+        F = tuple(np.empty((H, W), dt) for _ in range(4))
         g.kernel("line_factors5", H * W)(lev.dA, wx, wy, *F)
-        self.F = [tuple(f.astype(dt) for f in F)]
+        self.F = [F]
         self.Sc = [None]
         while H * W > _COARSEST:
-            Pw = np.empty((H, W, 2, 2))
+            Pw = np.empty((H, W, 2, 2), dt)  # P itself in the cycle's precision (Galerkin uses the same P)
             Hc, Wc = (H + 1) // 2, (W + 1) // 2
             Sc = np.empty((3, 3, Hc, Wc))
             if S is None:
@@ -409,7 +409,7 @@ class BoxMultigrid:
             else:
                 g.kernel("interpolation", H * W)(S, Pw)
                 g.kernel("galerkin", H * W)(S, Pw, Sc)
-            self.P.append(Pw.astype(dt))
+            self.P.append(Pw)
             self.S.append(Sc)
             self.Sc.append(Sc.astype(dt))
             c = _Level()
@@ -419,9 +419,9 @@ class BoxMultigrid:
             c.r = np.zeros((Hc, Wc, C), dt)
             self.levels.append(c)
             S, H, W = Sc, Hc, Wc
-            F = tuple(np.empty((H, W)) for _ in range(4))
+            F = tuple(np.empty((H, W), dt) for _ in range(4))
             g.kernel("line_factors9", H * W)(S, *F)
-            self.F.append(tuple(f.astype(dt) for f in F))
+            self.F.append(F)
         if len(self.levels) == 1:
             A = _assemble_dense(np.asarray(D), np.asarray(wx), np.asarray(wy))
         else:
@@ -463,10 +463,11 @@ class BoxMultigrid:
         Pw = self.P[level]
         for _ in range(self.nu):  # rows (even, odd), then columns (even, odd)
             self._lines(level, x, b, (0, 1, 2, 3))
+        # the last half sweep (odd columns) left a zero residual on the odd columns
         if level == 0:
-            g.kernel("residual", H * W)(*self.c5, x, b, lev.r, lev.part)
+            g.kernel("residual5_z", H * W)(*self.c5, x, b, lev.r, 1)
         else:
-            g.kernel("residual9", H * W)(self.Sc[level], x, b, lev.r)
+            g.kernel("residual9_z", H * W)(self.Sc[level], x, b, lev.r, 1)
         g.kernel("restrict_p", H * W)(Pw, lev.r, nxt.b)
         ec = self.vcycle(nxt.b, level + 1)
         g.kernel("prolong_p", H * W)(Pw, x, ec)

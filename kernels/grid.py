@@ -933,3 +933,56 @@ def galerkin5(dA, wx, wy, Pw, Sc):
 for _name in ("interpolation5", "galerkin5"):
     _PAR[_name] = globals()[_name]
     _SER[_name] = njit(cache=True)(globals()[_name].py_func)
+
+
+@njit(cache=True, parallel=True)
+def residual5_z(dA, wx, wy, x, b, r, zero_parity):
+    """r = b - A x (5-point) on the columns j % 2 != zero_parity; r = 0 on the others, where a
+    zebra line sweep along those columns has just made the residual exactly zero."""
+    H, W, C = x.shape
+    for i in prange(H):
+        for j in range(W):
+            if j % 2 == zero_parity:
+                for c in range(C):
+                    r[i, j, c] = 0.0
+                continue
+            for c in range(C):
+                v = dA[i, j] * x[i, j, c]
+                if j > 0:
+                    v -= wx[i, j - 1] * x[i, j - 1, c]
+                if j < W - 1:
+                    v -= wx[i, j] * x[i, j + 1, c]
+                if i > 0:
+                    v -= wy[i - 1, j] * x[i - 1, j, c]
+                if i < H - 1:
+                    v -= wy[i, j] * x[i + 1, j, c]
+                r[i, j, c] = b[i, j, c] - v
+
+
+@njit(cache=True, parallel=True)
+def residual9_z(S, x, b, r, zero_parity):
+    """:func:`residual9` with r = 0 on the columns j % 2 == zero_parity (see :func:`residual5_z`)."""
+    H, W, C = x.shape
+    for i in prange(H):
+        for j in range(W):
+            if j % 2 == zero_parity:
+                for c in range(C):
+                    r[i, j, c] = 0.0
+                continue
+            for c in range(C):
+                v = b[i, j, c]
+                for a in range(-1, 2):
+                    ii = i + a
+                    if ii < 0 or ii >= H:
+                        continue
+                    for bb in range(-1, 2):
+                        jj = j + bb
+                        if jj < 0 or jj >= W:
+                            continue
+                        v -= S[a + 1, bb + 1, i, j] * x[ii, jj, c]
+                r[i, j, c] = v
+
+
+for _name in ("residual5_z", "residual9_z"):
+    _PAR[_name] = globals()[_name]
+    _SER[_name] = njit(cache=True)(globals()[_name].py_func)
