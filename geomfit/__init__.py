@@ -23,6 +23,11 @@ _MODULES = {
     "geomfit.encodings": ("encode_dae", "encode_dce"),
     "geomfit.render": ("Raster", "rasterize", "interpolate", "render_depth", "depth_normals"),
     "geomfit.fitting": ("fit_landmarks", "fit_landmarks_multi", "LandmarkFit"),
+    "geomfit.pipeline": ("reconstruct", "Reconstruction"),
+    "geomfit.landmarks": ("detect_landmarks",),
+    "geomfit.metrics": ("depth_mae", "micc_errors", "rigid_icp", "landmark_nme"),
+    "geomfit.data": ("resolve_model", "download_model"),
+    "geomfit.photo": ("read_image",),
     "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}

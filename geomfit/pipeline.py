@@ -1,0 +1,470 @@
+"""The whole pipeline: photo in, coarse / medium / fine 3D face out.
+
+:func:`reconstruct` chains the stages of seed 004 (Jin et al. 2021), with the coarse fit of
+seed 001 (Wang et al.):
+
+1. **landmarks** -- 68 iBUG points from a detector (:func:`geomfit.landmarks.detect_landmarks`),
+   a ``.pts`` file or an array;
+2. **coarse** -- the 3DMM fit to the landmarks by Levenberg-Marquardt
+   (:func:`geomfit.fitting.fit_landmarks`, seed 001 Eq. 1): identity, expression and a
+   scaled-orthographic camera;
+3. **medium** -- the landmark-driven Laplacian deformation of the coarse mesh
+   (:func:`geomfit.laplacian.medium_stage`, seed 004 Eqs. 2-3);
+4. **fine** -- SH lighting, albedo and phased shape-from-shading on the depth map rendered from the
+   medium mesh (:func:`geomfit.fine.fine_stage`, seed 004 Eqs. 4-9);
+5. **fine mesh** -- the refined depth is carried back onto the mesh: the medium mesh is subdivided
+   (midpoint 1-to-4, original vertex indices kept) until its visible edges are about one pixel
+   long, and every visible vertex is moved along the viewing direction by the depth change
+   (refined minus medium depth) sampled bilinearly at its pixel.  Hidden vertices (back of the
+   head, occluded sides) stay where the medium stage put them, so ``fine.obj`` is a complete head
+   whose visible face carries the shape-from-shading detail.
+
+Working size: the photo is downscaled (area filter) so that its longest side is at most
+``max_side`` pixels (512 by default) before fitting; landmarks found on the full-size photo are
+scaled with it.  Maps (depth, normals, albedo) are at the working size; meshes are in model units
+(mm for the Surrey model), in model space (so they can be compared with scans directly).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from .landmarks import check_landmarks, detect_landmarks, read_pts_checked
+from .photo import load_photo, resize_longest, srgb_to_linear
+
+__all__ = ["reconstruct", "Reconstruction", "Mesh", "displace_mesh", "fixed_landmark_rmse", "crop_box"]
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh in model space (model units, mm for the Surrey model)."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+
+    def save(self, path, colors=None):
+        """Write OBJ or PLY atomically (through :func:`geomfit.mesh.save_mesh`)."""
+        from .mesh import save_mesh
+
+        return save_mesh(path, self.vertices, self.faces, colors)
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.vertices.shape[0])
+
+
+@dataclass
+class Reconstruction:
+    """Everything :func:`reconstruct` produced.
+
+    Attributes
+    ----------
+    image : ndarray (H, W, 3)
+        The working-size photo, float RGB in [0, 1].
+    landmarks : ndarray (68, 2)
+        Landmarks in working-size pixels.
+    landmarks_info : dict
+        Detector, number of faces, chosen face (see :func:`geomfit.landmarks.detect_landmarks`).
+    photo_size : tuple (H, W)
+        Size of the original photo.
+    working_scale : float
+        Working size / original size (pixel coordinates of the photo times this = working pixels).
+    coarse, medium, fine : Mesh
+        The three meshes, model space.  ``fine`` has more vertices (subdivided); its first
+        ``medium.n_vertices`` vertices correspond to the model's vertices.
+    camera : geomfit.camera.ScaledOrthographic
+        Model space -> working-image pixels.
+    id_coeffs, exp_coeffs : ndarray
+        Coarse-fit coefficients.
+    depth, normals, albedo : ndarray
+        Fine-stage maps at working size: refined depth (H, W) in pixels (larger = closer, NaN
+        outside the face), unit normals (H, W, 3) (x right, y up, z to the viewer), albedo
+        (H, W, 3) in linear RGB (the photo is decoded from sRGB before the fine stage).
+    medium_depth : ndarray (H, W)
+        Depth rendered from the medium mesh (the fine stage's starting point).
+    mask : ndarray (H, W) bool
+        Face pixels the fine stage worked on.
+    sh : ndarray
+        SH lighting coefficients (see :mod:`geomfit.sh` for the convention).
+    specular : Any
+        Fine-stage specular estimate.
+    timings : dict
+        Seconds per stage (``landmarks``, ``model``, ``coarse``, ``medium``, ``fine``, ``fine_mesh``,
+        ``total``).
+    diagnostics : dict
+        ``landmark_rmse_px`` (RMS in original-photo pixels of the fixed-correspondence, non-contour
+        landmarks after the coarse fit), coarse iterations / convergence / cost, fine-stage energy
+        history, subdivision level, number of displaced vertices.
+    stages : dict
+        The raw results of each stage (``coarse``, ``medium``, ``fine``).
+    """
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    landmarks_info: dict
+    photo_size: tuple
+    working_scale: float
+    model: Any
+    coarse: Mesh
+    medium: Mesh
+    fine: Mesh
+    camera: Any
+    id_coeffs: np.ndarray
+    exp_coeffs: np.ndarray
+    depth: np.ndarray
+    normals: np.ndarray
+    albedo: np.ndarray
+    medium_depth: np.ndarray
+    mask: np.ndarray
+    sh: Any
+    specular: Any
+    timings: Dict[str, float] = field(default_factory=dict)
+    diagnostics: Dict[str, Any] = field(default_factory=dict)
+    stages: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def fixed_landmark_rmse(model, fit, landmarks) -> float:
+    """RMS (pixels) of the fixed-correspondence, non-contour landmarks after a coarse fit.
+
+    Uses the model's iBUG -> vertex mapping for iBUG numbers 18-68 (brows, nose, eyes, mouth: the
+    49 inner landmarks for the Surrey model), comparing the projected vertices with the given
+    landmarks; landmarks given as NaN are skipped.
+    """
+    nums = np.array(sorted(k for k in model.landmarks if int(k) >= 18), dtype=np.int64)
+    if nums.size == 0:
+        return float("nan")
+    verts = np.array([model.landmarks[int(k)] for k in nums])
+    proj = np.asarray(fit.projected)[verts]
+    ref = np.asarray(landmarks, dtype=np.float64)[nums - 1]
+    ok = np.isfinite(ref).all(1)
+    return float(np.sqrt(np.mean(np.sum((proj[ok] - ref[ok]) ** 2, axis=1))))
+
+
+def crop_box(mask, margin: int = 4):
+    """Bounding box ``(r0, r1, c0, c1)`` of a mask, grown by ``margin`` and clipped to the image."""
+    rows = np.flatnonzero(mask.any(1))
+    cols = np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        raise ValueError("the face mask is empty: the fitted mesh does not cover any pixel")
+    h, w = mask.shape
+    return (max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin),
+            max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin))
+
+
+def _bilinear(img, x, y):
+    """Sample (H, W) ``img`` at continuous pixel coords (x right, y down, centres at +0.5); NaN-aware."""
+    h, w = img.shape
+    fx = np.clip(x - 0.5, 0, w - 1)
+    fy = np.clip(y - 0.5, 0, h - 1)
+    x0 = np.floor(fx).astype(np.int64)
+    y0 = np.floor(fy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    ax, ay = fx - x0, fy - y0
+    vals = np.stack([img[y0, x0], img[y0, x1], img[y1, x0], img[y1, x1]])
+    wts = np.stack([(1 - ax) * (1 - ay), ax * (1 - ay), (1 - ax) * ay, ax * ay])
+    ok = np.isfinite(vals)
+    wts = np.where(ok, wts, 0.0)
+    s = wts.sum(0)
+    out = np.where(ok, vals, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s > 1e-9, (wts * out).sum(0) / s, np.nan)
+
+
+def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: float = 1.0,
+                  max_subdivisions: int = 3, visibility_tol: float = 1.0):
+    """Carry a depth change map onto a mesh: subdivide, then move visible vertices along the view.
+
+    Parameters
+    ----------
+    vertices : ndarray (N, 3)
+        Model-space mesh (the medium mesh).
+    faces : ndarray (F, 3)
+    camera : ScaledOrthographic
+        The camera the depth maps were rendered with.
+    delta : ndarray (H, W)
+        Refined depth minus the mesh's own rendered depth, pixels; 0 or NaN where there is no
+        refinement.
+    image_height : int
+    target_edge_px : float
+        Subdivide (midpoint, 1-to-4) until the median projected length of visible edges is at most
+        this many pixels, so that one vertex samples about one pixel of detail.
+    max_subdivisions : int
+        Cap on the subdivision level (each level multiplies the face count by 4).
+    visibility_tol : float
+        A vertex is visible when its depth is within this many pixels of the z-buffer at its pixel.
+
+    Returns
+    -------
+    vertices (N', 3), faces (F', 3), info : dict
+        ``subdivisions`` (level used) and ``displaced`` (vertices moved).  The first N vertices
+        are the input vertices (moved where visible).
+
+    Notes
+    -----
+    A vertex ``v`` with depth ``d = s (R v)_z`` moves to ``v + (delta / s) R^T e_z``, which
+    changes its depth by exactly ``delta`` and leaves its image position unchanged.
+    """
+    from .mesh import subdivide
+    from .render import rasterize
+
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    H, W = delta.shape
+    level = 0
+    while level < max_subdivisions:
+        scr = np.asarray(camera.to_screen(v, image_height))
+        front = _front_facing(scr, f)
+        e = scr[f[front]][:, [0, 1, 2, 0], :2]
+        lens = np.linalg.norm(np.diff(e, axis=1), axis=-1)
+        if lens.size == 0 or np.median(lens) <= target_edge_px:
+            break
+        v, f = subdivide(v, f, 1)
+        level += 1
+    scr = np.asarray(camera.to_screen(v, image_height))
+    ras = rasterize(scr, f, H, W)
+    zbuf = np.asarray(ras.depth)
+    x, y, z = scr[:, 0], scr[:, 1], scr[:, 2]
+    inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    zi = np.full(len(v), np.nan)
+    zi[inside] = _bilinear(zbuf, x[inside], y[inside])
+    visible = inside & np.isfinite(zi) & (z >= zi - visibility_tol)
+    d = np.where(np.isfinite(delta), delta, 0.0)
+    dv = np.zeros(len(v))
+    dv[visible] = _bilinear(d, x[visible], y[visible])
+    dv = np.nan_to_num(dv)
+    R = np.asarray(camera.rotation, dtype=np.float64)
+    s = float(np.asarray(camera.scale))
+    out = v + (dv / s)[:, None] * R[2][None, :]
+    return out, f, {"subdivisions": level, "displaced": int((np.abs(dv) > 0).sum()),
+                    "visible": int(visible.sum())}
+
+
+def _front_facing(scr, f):
+    a, b, c = scr[f[:, 0], :2], scr[f[:, 1], :2], scr[f[:, 2], :2]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    return cross < 0  # counter-clockwise in y-up = clockwise in y-down rows
+
+
+def _resolve_landmarks(img_full, landmarks, detector, log):
+    if landmarks is None:
+        pts, info = detect_landmarks(img_full, detector)
+        log(info["message"])
+        return pts, info
+    if isinstance(landmarks, (str, os.PathLike)):
+        pts = read_pts_checked(landmarks, img_full.shape)
+        return pts, {"detector": "pts", "file": str(landmarks), "n_faces": 1, "face_index": 0,
+                     "message": f"landmarks from {landmarks}"}
+    pts = check_landmarks(landmarks, img_full.shape)
+    return pts, {"detector": "given", "n_faces": 1, "face_index": 0, "message": "landmarks given"}
+
+
+def _complete_landmarks(pts, coarse, model):
+    """Fill missing (NaN) landmarks with the coarse fit's projection of their vertex, for the region map."""
+    miss = ~np.isfinite(pts).all(1)
+    if not miss.any():
+        return pts
+    out = pts.copy()
+    proj = np.asarray(coarse.projected)
+    lv = np.asarray(getattr(coarse, "landmark_vertices", np.full(68, -1)))
+    for i in np.flatnonzero(miss):
+        vi = int(lv[i]) if lv[i] >= 0 else model.landmarks.get(int(i) + 1, -1)
+        if vi >= 0:
+            out[i] = proj[vi]
+    return out if np.isfinite(out).all() else None
+
+
+def _run_medium(model, coarse, landmarks, image_size, kwargs):
+    from .laplacian import medium_stage
+
+    ok = np.isfinite(landmarks).all(1)
+    kw = dict(kwargs)
+    kw.setdefault("landmark_ids", np.flatnonzero(ok) + 1)  # iBUG numbers of the given landmarks
+    return medium_stage(coarse, landmarks[ok], image_size=image_size, model=model, **kw)
+
+
+def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
+                fine: bool = True, coarse_options: Optional[dict] = None, medium_options: Optional[dict] = None,
+                fine_options: Optional[dict] = None, target_edge_px: float = 1.0, max_subdivisions: int = 2,
+                feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None) -> Reconstruction:
+    """Reconstruct a detailed 3D face from one photo: coarse -> medium -> fine.
+
+    Parameters
+    ----------
+    image : ndarray or path
+        The photo: (H, W), (H, W, 3) or (H, W, 4) array (uint8, uint16 or float in [0, 1]), a file
+        path, or ``"skimage:astronaut"``-style sample names.
+    model : str, path or MorphableModel
+        ``"sfm"`` (Surrey model, see :func:`geomfit.data.resolve_model`), a model file, or a model.
+    landmarks : ndarray (68, 2), path to a .pts file, or None
+        In the photo's pixel coordinates (top-left origin, y down).  None: detect with
+        ``detector``.
+    detector : {"auto", "dlib", "fan"}
+        Used when ``landmarks`` is None.
+    max_side : int or None
+        Working size: the photo is downscaled so its longest side is at most this (None: full size).
+    fine : bool
+        Run the fine stage (False: the fine mesh equals the medium mesh, maps are from the medium
+        depth).
+    coarse_options, medium_options, fine_options : dict, optional
+        Keyword arguments for :func:`geomfit.fitting.fit_landmarks`,
+        :func:`geomfit.laplacian.medium_stage` and :func:`geomfit.fine.fine_stage`.
+    target_edge_px, max_subdivisions :
+        Fine-mesh resampling, see :func:`displace_mesh`.
+    feather_px : float
+        The depth change carried onto the mesh fades linearly to 0 over this many pixels towards
+        the face silhouette (0: no fading).
+    progress : callable, optional
+        Called with a short line of text at each step.
+
+    Returns
+    -------
+    Reconstruction
+
+    Raises
+    ------
+    ValueError
+        Unreadable image or landmark file, landmarks outside the image, no face found.
+    geomfit.data.ModelNotFoundError
+        ``model="sfm"`` not installed (the message says to run ``geomfit download-model sfm``).
+
+    References
+    ----------
+    Seed 004 (Jin et al. 2021), Secs. 3.2-3.4; seed 001 (Wang et al.), Sec. 3.1, Eq. 1.
+    """
+    from .data import resolve_model
+
+    log = progress or (lambda s: None)
+    t_all = time.perf_counter()
+    timings: Dict[str, float] = {}
+    diag: Dict[str, Any] = {}
+
+    img_full = load_photo(image)
+    t = time.perf_counter()
+    pts_full, info = _resolve_landmarks(img_full, landmarks, detector, log)
+    timings["landmarks"] = time.perf_counter() - t
+
+    img, ws = resize_longest(img_full, max_side)
+    pts = pts_full * ws
+    H, W = img.shape[:2]
+    out = ~((pts[:, 0] >= 0) & (pts[:, 0] <= W) & (pts[:, 1] >= 0) & (pts[:, 1] <= H)) & np.isfinite(pts).all(1)
+    if out.any():
+        # a face cut by the image border: those landmarks are left out of the fits
+        pts = pts.copy()
+        pts[out] = np.nan
+        log(f"{int(out.sum())} landmark(s) outside the image are ignored")
+    diag["landmarks_outside_image"] = np.flatnonzero(out).tolist()
+    log(f"working size {W}x{H} (scale {ws:.3f})")
+
+    t = time.perf_counter()
+    mdl = resolve_model(model)
+    timings["model"] = time.perf_counter() - t
+
+    from .camera import ScaledOrthographic
+    from .fitting import fit_landmarks
+    from .render import depth_normals, render_depth
+
+    log("coarse: fitting the morphable model to the landmarks")
+    t = time.perf_counter()
+    coarse = fit_landmarks(mdl, pts, image_size=(H, W), **(coarse_options or {}))
+    timings["coarse"] = time.perf_counter() - t
+    if not np.isfinite(np.asarray(coarse.rmse_px)):
+        raise RuntimeError("coarse fit failed: non-finite landmark residual")
+    cam = ScaledOrthographic(float(np.asarray(coarse.scale)), np.asarray(coarse.rotation),
+                             np.asarray(coarse.translation))
+    v_coarse = np.asarray(coarse.vertices)
+    faces = np.asarray(mdl.faces, dtype=np.int64)
+    rmse_work = fixed_landmark_rmse(mdl, coarse, pts)
+    diag.update(
+        landmark_rmse_px=rmse_work / ws,
+        landmark_rmse_working_px=rmse_work,
+        coarse_rmse_px=float(np.asarray(coarse.rmse_px)),
+        coarse_iterations=int(np.asarray(coarse.iterations)),
+        coarse_converged=bool(np.asarray(coarse.converged)),
+        coarse_cost_history=np.asarray(coarse.cost_history, dtype=float).tolist(),
+    )
+    log(f"coarse: landmark RMS {diag['landmark_rmse_px']:.2f} px (inner landmarks)")
+
+    log("medium: Laplacian deformation towards the landmarks")
+    t = time.perf_counter()
+    med = _run_medium(mdl, coarse, pts, (H, W), medium_options or {})
+    v_medium = np.asarray(med.vertices, dtype=np.float64)
+    timings["medium"] = time.perf_counter() - t
+
+    d_med = np.asarray(render_depth(v_medium, faces, cam, H, W))
+    mask = np.isfinite(d_med)
+    if mask.sum() < 16:
+        raise RuntimeError("the fitted face covers fewer than 16 pixels at the working size")
+    fine_res = None
+    t = time.perf_counter()
+    if fine:
+        from .fine import fine_stage
+
+        log("fine: lighting, albedo and shape-from-shading")
+        r0, r1, c0, c1 = crop_box(mask)
+        sub_img = srgb_to_linear(img[r0:r1, c0:c1])
+        sub_d = d_med[r0:r1, c0:c1]
+        sub_m = mask[r0:r1, c0:c1]
+        sub_pts = _complete_landmarks(pts, coarse, mdl)
+        sub_pts = None if sub_pts is None else sub_pts - [c0, r0]
+        fine_res = fine_stage(sub_img, np.where(sub_m, sub_d, 0.0), sub_m, landmarks=sub_pts,
+                              **(fine_options or {}))
+        depth = np.full((H, W), np.nan)
+        normals = np.full((H, W, 3), np.nan)
+        albedo = np.full((H, W, 3), np.nan)
+        rd = np.asarray(fine_res.depth, dtype=np.float64)
+        depth[r0:r1, c0:c1] = np.where(sub_m, rd, np.nan)
+        normals[r0:r1, c0:c1] = np.where(sub_m[..., None], np.asarray(fine_res.normals), np.nan)
+        albedo[r0:r1, c0:c1] = np.where(sub_m[..., None], np.asarray(fine_res.albedo), np.nan)
+        sh, spec = fine_res.sh, getattr(fine_res, "specular", None)
+        diag["fine_energy"] = _jsonable(getattr(fine_res, "energy", None))
+        diag["fine_timings"] = _jsonable(getattr(fine_res, "timings", None))
+    else:
+        depth, normals = d_med.copy(), np.asarray(depth_normals(d_med))
+        albedo, sh, spec = np.full((H, W, 3), np.nan), None, None
+    timings["fine"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if fine:
+        delta = np.where(mask, depth - d_med, 0.0)
+        if feather_px > 0:
+            # fade the change out towards the silhouette, where depth from shading is least reliable
+            import cv2
+
+            dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+            delta = delta * np.clip(dist / feather_px, 0.0, 1.0)
+        v_fine, f_fine, dinfo = displace_mesh(v_medium, faces, cam, delta, H, target_edge_px=target_edge_px,
+                                              max_subdivisions=max_subdivisions)
+        diag.update(fine_mesh=dinfo)
+        diag["fine_depth_change_px"] = {
+            "mean_abs": float(np.abs(delta[mask]).mean()), "max_abs": float(np.abs(delta[mask]).max())}
+    else:
+        v_fine, f_fine = v_medium.copy(), faces
+    timings["fine_mesh"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+    log(f"done in {timings['total']:.1f} s")
+
+    return Reconstruction(
+        image=img, landmarks=pts, landmarks_info=info, photo_size=tuple(img_full.shape[:2]), working_scale=ws, model=mdl,
+        coarse=Mesh(v_coarse, faces), medium=Mesh(v_medium, faces), fine=Mesh(v_fine, f_fine),
+        camera=cam, id_coeffs=np.asarray(coarse.id_coeffs), exp_coeffs=np.asarray(coarse.exp_coeffs),
+        depth=depth, normals=normals, albedo=albedo, medium_depth=d_med, mask=mask, sh=sh, specular=spec,
+        timings=timings, diagnostics=diag, stages={"coarse": coarse, "medium": med, "fine": fine_res},
+    )
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return str(x)
