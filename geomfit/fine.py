@@ -31,6 +31,7 @@ from .backend import asnumpy, factorize_spd, get_array_module, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
 from .render import depth_normals
+from .rtv import rtv_weights, solve_screened_poisson
 from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
 
 __all__ = [
@@ -53,43 +54,6 @@ PHASE2 = (0.001, 0.03, 0.025, 2.5)
 #: (255^2). With intensities in [0, 1] (weight 1) the paper's lambdas over-smooth the albedo and
 #: the depth (see docs/fine.md for the measurements).
 DATA_WEIGHT = 255.0 ** 2
-
-try:  # geomfit.rtv provides the RTV weights and the screened-Poisson solver
-    from .rtv import rtv_weights, solve_screened_poisson
-except ImportError:  # pragma: no cover - TEMPORARY until geomfit.rtv lands on main
-    rtv_weights = None
-    solve_screened_poisson = None
-
-
-def _tmp_rtv_weights(image, sigma=3.0, sharpness=0.02, eps=1e-3):  # TEMPORARY fallback, removed after merge
-    from scipy.ndimage import gaussian_filter
-
-    img = asnumpy(image)
-    if img.ndim == 2:
-        img = img[..., None]
-    C = img.shape[2]
-    dx = np.abs(np.diff(img, axis=1)).sum(2) / C
-    dy = np.abs(np.diff(img, axis=0)).sum(2) / C
-    sm = np.stack([gaussian_filter(img[..., c], sigma) for c in range(C)], -1)
-    gx = np.abs(np.diff(sm, axis=1)).sum(2) / C
-    gy = np.abs(np.diff(sm, axis=0)).sum(2) / C
-    return 1 / (np.maximum(dx, sharpness) * np.maximum(gx, eps)), 1 / (np.maximum(dy, sharpness) * np.maximum(gy, eps))
-
-
-def _tmp_screened_poisson(diag, wx, wy, rhs, x0=None, tol=None):  # TEMPORARY fallback, removed after merge
-    H, W = diag.shape
-    Dx, Dy = forward_difference_operators((H, W))
-    A = sp.diags(np.asarray(diag).ravel()) + Dx.T @ sp.diags(np.asarray(wx).ravel()) @ Dx \
-        + Dy.T @ sp.diags(np.asarray(wy).ravel()) @ Dy
-    F = factorize_spd(A.tocsc())
-    return F.solve(np.asarray(rhs).reshape(H * W, -1)).reshape(rhs.shape)
-
-
-def _rtv():
-    if rtv_weights is not None:
-        return rtv_weights, solve_screened_poisson
-    return _tmp_rtv_weights, _tmp_screened_poisson
-
 
 # ----------------------------------------------------------------------------------------------
 # Input handling
@@ -198,7 +162,8 @@ def _as_hwc(x, H, W, C, xp, name):
 
 
 def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_skin=0.3, lam_rtv=2.5,
-                 iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=DATA_WEIGHT):
+                 iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=DATA_WEIGHT,
+                 tol=1e-8):
     """Albedo with the skin-colour and RTV detail-reducing terms (seed 004, Eqs. 6-7).
 
     Minimises over ``gamma`` (per channel)::
@@ -230,6 +195,10 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
         RTV scale, texture sharpness and the regulariser of the windowed gradient.
     albedo0 : array (H, W, C), optional
         Albedo the first RTV weights are computed from (default: the solution without RTV).
+    data_weight : float
+        Weight ``w`` of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
+    tol : float
+        Relative residual of each screened-Poisson solve.
 
     Returns
     -------
@@ -262,17 +231,17 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
     rhs = mf * S * (I - beta) + lam_skin * avg
     if lam_rtv <= 0 or iterations <= 0:
         return rhs / diag
-    weights_fn, poisson = _rtv()
     gamma = rhs / diag if albedo0 is None else _as_hwc(albedo0, H, W, C, xp, "albedo0").copy()
     same_diag = bool(xp.all(diag == diag[..., :1]))
     for _ in range(iterations):
-        wx, wy = weights_fn(gamma, sigma=sigma, sharpness=sharpness, eps=eps)
+        wx, wy = rtv_weights(gamma, sigma=sigma, sharpness=sharpness, eps=eps)
         wx = xp.asarray(wx) * lam_rtv
         wy = xp.asarray(wy) * lam_rtv
         if same_diag:
-            gamma = poisson(diag[..., 0], wx, wy, rhs, x0=gamma)
-        else:
-            gamma = xp.stack([poisson(diag[..., c], wx, wy, rhs[..., c], x0=gamma[..., c]) for c in range(C)], -1)
+            gamma = solve_screened_poisson(diag[..., 0], wx, wy, rhs, x0=gamma, tol=tol)
+        else:  # one solve per channel (the diagonal differs): channels, not pixels
+            gamma = xp.stack([solve_screened_poisson(diag[..., c], wx, wy, rhs[..., c], x0=gamma[..., c], tol=tol)
+                              for c in range(C)], -1)
     return gamma
 
 

@@ -120,7 +120,7 @@ def test_specular_closed_form_satisfies_optimality():
 
 def test_albedo_irls_step_minimises_its_quadratic():
     """One IRLS step = the exact minimiser of the data + skin + weighted-gradient quadratic (slow dense reference)."""
-    from geomfit.fine import _rtv
+    from geomfit.rtv import rtv_weights
 
     rng = np.random.default_rng(3)
     H, W = 10, 12
@@ -133,7 +133,7 @@ def test_albedo_irls_step_minimises_its_quadratic():
     g0 = rng.uniform(0.2, 0.8, (H, W, 3))
     lam1, lam2, w = 0.3, 2.5, 7.0
     gamma = solve_albedo(I, S, beta, m, avg, lam1, lam2, iterations=1, albedo0=g0, data_weight=w)
-    wx, wy = _rtv()[0](g0, sigma=3.0, sharpness=0.02, eps=1e-3)
+    wx, wy = rtv_weights(g0, sigma=3.0, sharpness=0.02, eps=1e-3)
     Dx, Dy = forward_difference_operators((H, W))
     R = lam2 * (Dx.T @ sp.diags(np.asarray(wx).ravel()) @ Dx + Dy.T @ sp.diags(np.asarray(wy).ravel()) @ Dy)
     for c in range(3):
