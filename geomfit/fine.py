@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,8 +43,12 @@ __all__ = [
     "landmark_regions",
     "region_mean_albedo",
     "prepare_image",
+    "synthetic_scene",
+    "DepthInfo",
     "PHASE1",
     "PHASE2",
+    "DATA_WEIGHT",
+    "REGIONS",
 ]
 
 #: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (seed 004, Sec. 4.1).
@@ -168,12 +172,12 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
 
     Minimises over ``gamma`` (per channel)::
 
-        sum_{p in mask} (gamma S + beta - I)^2 + lam_skin ||gamma - gamma_avg||^2 + lam_rtv RTV(gamma)
+        w sum_{p in mask} (gamma S + beta - I)^2 + lam_skin ||gamma - gamma_avg||^2 + lam_rtv RTV(gamma)
 
     The RTV term (Xu et al. 2012) is minimised by iteratively re-weighted least squares: at each
     step ``RTV(gamma) ~ sum wx (d_x gamma)^2 + wy (d_y gamma)^2`` with the weights of the current
     albedo (:func:`geomfit.rtv.rtv_weights`), and the quadratic is one screened-Poisson solve with
-    ``diag = mask S^2 + lam_skin``. Outside the mask only the skin-colour and RTV terms act.
+    ``diag = w mask S^2 + lam_skin``. Outside the mask only the skin-colour and RTV terms act.
 
     Parameters
     ----------
@@ -685,9 +689,24 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
         epsilon = 1 during the depth phases (paper) or 0.
     shared_light : bool
         One set of SH coefficients for all channels.
+    init_rounds : int
+        Lighting / albedo alternations of the initialisation.
+    outer_iterations, depth_iterations : int
+        Rounds of (specular, depth, albedo) per phase, and Levenberg-Marquardt steps per depth solve.
+    rtv_iterations : int
+        IRLS steps of the first albedo solve (later solves take one warm-started step each).
     saturation : float
         Pixels with a channel >= ``saturation`` or all channels <= 1e-4 are left out of the data
         terms (documented fallback for clipped highlights and black pixels).
+    min_pixels : int
+        Smallest accepted mask.
+    data_weight : float
+        Weight of the data terms of Eqs. 6 and 9 (default :data:`DATA_WEIGHT` = 255^2: the paper's
+        lambdas act as if intensities were 8-bit; with 1 they over-smooth, see docs/fine.md).
+    gradient_scale : float
+        Scale of the grey image in Eq. 9's gradient term.
+    albedo_data_weight : float, optional
+        Override ``data_weight`` in Eq. 6 only.
 
     Returns
     -------

@@ -7,7 +7,7 @@ from geomfit.fine import (PHASE1, PHASE2, _DepthProblem, _depth_normals, fine_st
                           region_mean_albedo, solve_albedo, solve_depth, solve_specular, synthetic_scene)
 from geomfit.grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                           laplacian_operator)
-from geomfit.sh import fit_sh_lighting, shade
+from geomfit.sh import shade
 
 
 def _angle(a, b):
