@@ -192,14 +192,10 @@ def bench_stage_and_adam():
             "lm_factorizations": info.factorizations,
             "lm_time_to_adam_final_s": time_to_reach(trace_lm, target),
             "lm_time_to_adam_best_s": time_to_reach(trace_lm, best),
-            "adam_energy_at_lm_time_to_target": None,
         }
         tt = phases[name]["lm_time_to_adam_final_s"]
         if tt is not None:
             phases[name]["speedup_to_adam_final"] = trace_adam[-1][0] / tt
-            # Adam's energy at the moment LM reached Adam's final energy
-            e_at = [e for (ta, e) in trace_adam if ta <= tt]
-            phases[name]["adam_energy_at_lm_time_to_target"] = e_at[-1] if e_at else trace_adam[0][1]
         d_start = d_lm
     out["depth_phases"] = phases
     return out
