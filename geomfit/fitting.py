@@ -207,6 +207,10 @@ class _Prep:
         self.G9 = xp.asarray(G.reshape(9, self.P * self.P))
         self.Gtr = xp.asarray(G[0, 0] + G[1, 1] + G[2, 2])
         self.mean_fixed = xp.asarray(mean[: self.Mf])
+        # tables of the compiled CPU kernel (kernels/fitting.py), host memory
+        self.k_mean = np.ascontiguousarray(mean)
+        self.k_C = np.ascontiguousarray(basis[:, :, 1:])
+        self.k_G = np.ascontiguousarray(G)
 
 
 def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
@@ -581,14 +585,70 @@ def _lm_batch(p: _Prep, Ln, w, R, s, t, coef, reg, max_iter, ftol, xtol, gtol, l
 
 
 # ------------------------------------------------------------------------------------------------
+# Compiled CPU path (kernels/fitting.py): one image per thread, same algorithm
+# ------------------------------------------------------------------------------------------------
+_KERNELS = []
+
+
+def _kernels():
+    """The Numba kernel module, or None where Numba cannot be imported."""
+    if not _KERNELS:
+        try:
+            from .kernels import fitting as kf
+        except ImportError:  # pragma: no cover - numba is a dependency
+            kf = None
+        _KERNELS.append(kf)
+    return _KERNELS[0]
+
+
+def _trim_hist(h, it):
+    T = int(it.max()) + 1 if it.size else 1
+    return h[:, :T]
+
+
+def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase):
+    kf = _kernels()
+    B, M = w.shape
+    P = p.P
+    Ln = np.ascontiguousarray(Ln, dtype=np.float64)
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    R = np.empty((B, 3, 3))
+    t = np.empty((B, 2))
+    coef = np.empty((B, P))
+    hist0 = np.full((B, max_iter + 1), np.nan)
+    hist1 = np.full((B, max_iter + 1), np.nan)
+    sel = np.empty((B, M), dtype=np.int64)
+    s = np.empty(B)
+    cost = np.empty(B)
+    conv = np.empty(B, dtype=np.bool_)
+    it0 = np.zeros(B, dtype=np.int64)
+    it1 = np.zeros(B, dtype=np.int64)
+    rss = np.empty(B)
+    run = kf.fit_batch_parallel if B > 1 else kf.fit_batch_serial
+    with np.errstate(all="ignore"):
+        run(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, np.ascontiguousarray(reg, dtype=np.float64),
+            np.ascontiguousarray(reg_init, dtype=np.float64), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase,
+            R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)
+    hist = _trim_hist(hist1, it1)
+    if two_phase:
+        hist = np.concatenate([_trim_hist(hist0, it0), hist], axis=1)
+    return R, s, t, coef, cost, conv, it0 + it1, hist, rss, sel
+
+
+# ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
-def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp, multi_id=None):
+def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp, multi_id=None,
+            final=None):
     B = Ln.shape[0]
     # residual in pixels with the final correspondences
-    _, r, _, sel = _evaluate(p, Ln, w, R, s, t, coef, xp.zeros(p.P))
+    if final is None:
+        _, r, _, sel = _evaluate(p, Ln, w, R, s, t, coef, xp.zeros(p.P))
+        rss = (r * r).sum((1, 2))
+    else:
+        rss, sel = final
     nused = w.sum(1)
-    rmse = xp.sqrt((r * r).sum((1, 2)) / nused) * d
+    rmse = xp.sqrt(rss / nused) * d
     slot_v = xp.asarray(p.slot_vertex)
     lv = xp.full((B, N_LANDMARKS), -1, dtype=xp.int64)
     vsel = xp.where(w > 0, slot_v[sel], -1)
@@ -610,7 +670,8 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
 def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None, w_id: float = 1e-3,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
                   n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
-                  gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True) -> LandmarkFit:
+                  gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True,
+                  engine: str = "auto") -> LandmarkFit:
     """Fit pose, identity and expression of a morphable model to 2D landmarks (seed 001 Eq. 1).
 
     Parameters
@@ -643,7 +704,12 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         plausible when ``w_id``/``w_exp`` are small or 0).
     fast : bool
         Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
-        False forms ``J^T J`` directly (reference path, same result).
+        False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
+    engine : {'auto', 'numba', 'xp'}
+        ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``), one image per core
+        thread; ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
+        array operations; the reference the kernel is tested against). ``'auto'`` (default):
+        the kernel for NumPy input, the array path for CuPy input.
 
     Returns
     -------
@@ -677,6 +743,16 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
     # the initial alternation is regularised at least by w_init: a start point, not the answer
     reg_init = xp.maximum(reg, float(w_init))
+    if engine not in ("auto", "numba", "xp"):
+        raise ValueError(f"engine must be 'auto', 'numba' or 'xp', got {engine!r}")
+    if engine == "numba" and xp is not np:
+        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' path)")
+    if (engine == "numba" or (engine == "auto" and xp is np)) and fast and _kernels() is not None:
+        out = _fit_kernel(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
+                          float(gtol), bool(np.any(reg_init != reg)))
+        R, s, t, coef, cost, conv, iters, hist, rss, sel = out
+        return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
+                       final=(rss, sel))
     R, s, t, coef = _initialise(p, Ln, w, reg_init, int(n_alternations), xp)
     if bool(xp.any(reg_init != reg)):
         # continuation: converge loosely under the start-up regulariser first, so that the jaw

@@ -1,0 +1,565 @@
+"""Numba kernels of the coarse landmark fit (seed 001 Eq. 1): one image per loop iteration.
+
+Private compiled loops behind :func:`geomfit.fitting.fit_landmarks` (which validates input and
+prepares the model tables). The kernel runs the whole fit of one image (initialisation,
+Levenberg-Marquardt, final residual) in registers and small scratch arrays, the same algorithm
+as the vectorised NumPy/CuPy path of :mod:`geomfit.fitting` (the reference it is tested
+against); :func:`fit_batch_parallel` spreads the images of a batch over the CPU cores (``prange``).
+
+Layout of the model tables (``s`` = slots: fixed landmark vertices, then the right and the left
+contour candidates; ``P`` = identity + expression coefficients):
+
+- ``mean`` (S, 3), ``C`` (S, 3, P): mean and basis rows of every slot;
+- ``G`` (3, 3, P, P): ``G[i, j] = sum_k C[k, i]^T C[k, j]`` over the fixed slots, so that the
+  shape block of ``J^T J`` for the fixed landmarks is ``s^2 sum_ij (I - r3 r3^T)_ij G[i, j]``.
+
+Per image, landmarks ``L`` (M, 2) are in the normalised, y-up frame of the wrapper, in residual
+order (fixed, right jaw, left jaw); ``w`` (M,) their weights (0 = unused).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["fit_batch_parallel", "fit_batch_serial", "fit_one"]
+
+_FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
+_TINY = 1e-26
+
+
+@njit(cache=True, fastmath=_FM)
+def _slot_shape(mean, C, coef, V):
+    S, _, P = C.shape
+    for k in range(S):
+        for i in range(3):
+            acc = 0.0
+            for p in range(P):
+                acc += C[k, i, p] * coef[p]
+            V[k, i] = mean[k, i] + acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us):
+    """Cost; fills residuals r (M, 2), chosen slots sel (M,), rotated chosen vertices Us (M, 3)."""
+    S = C.shape[0]
+    P = C.shape[2]
+    _slot_shape(mean, C, coef, V)
+    for k in range(S):
+        for i in range(3):
+            U[k, i] = R[i, 0] * V[k, 0] + R[i, 1] * V[k, 1] + R[i, 2] * V[k, 2]
+    for k in range(Mf):
+        sel[k] = k
+    # sliding contour: nearest projected candidate of the landmark's side
+    for side in range(2):
+        m0 = Mf if side == 0 else Mf + Mr
+        nm = Mr if side == 0 else Ml
+        c0 = Mf if side == 0 else Mf + nr
+        nc = nr if side == 0 else nl
+        for j in range(nm):
+            li = m0 + j
+            best = c0
+            bd = np.inf
+            for c in range(c0, c0 + nc):
+                dx = L[li, 0] - (s * U[c, 0] + t[0])
+                dy = L[li, 1] - (s * U[c, 1] + t[1])
+                d2 = dx * dx + dy * dy
+                if d2 < bd or (c == c0 and not d2 >= bd):
+                    bd = d2
+                    best = c
+            sel[li] = best
+    M = L.shape[0]
+    cost = 0.0
+    for k in range(M):
+        m = sel[k]
+        for i in range(3):
+            Us[k, i] = U[m, i]
+        r0 = (s * U[m, 0] + t[0] - L[k, 0]) * w[k]
+        r1 = (s * U[m, 1] + t[1] - L[k, 1]) * w[k]
+        r[k, 0] = r0
+        r[k, 1] = r1
+        cost += r0 * r0 + r1 * r1
+    for p in range(P):
+        cost += coef[p] * coef[p] * reg[p]
+    return cost
+
+
+@njit(cache=True, fastmath=_FM)
+def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, shape_only):
+    """Gauss-Newton system: H (6+P, 6+P) = J^T J + diag(0, reg), g = J^T r + diag(0, reg) coef.
+
+    Scratch: ``A`` (M, 2, P) receives the coefficient rows of J (rotated, scaled basis rows of the
+    chosen slots), ``JT`` (6+P, 2M) the transposed Jacobian (pose rows first). ``shape_only``
+    fills only the coefficient block ``H[6:, 6:]`` and ``g[6:]``. Sums run as dot products over
+    Jacobian rows (contiguous, vectorised) except for the fixed landmarks' coefficient block,
+    which comes from the precomputed Gram tables ``G``."""
+    P = C.shape[2]
+    M = r.shape[0]
+    M2 = 2 * M
+    s2 = s * s
+    for k in range(M):
+        m = sel[k]
+        sw = s * w[k]
+        for c in range(2):
+            a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
+            for p in range(P):
+                A[k, c, p] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
+    for p in range(P):
+        for k in range(M):
+            JT[6 + p, 2 * k] = A[k, 0, p]
+            JT[6 + p, 2 * k + 1] = A[k, 1, p]
+    # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ij (I - r3 r3^T)_ij G_ij
+    a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
+    a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
+    a22 = s2 * (1.0 - R[2, 2] * R[2, 2])
+    a01 = -s2 * R[2, 0] * R[2, 1]
+    a02 = -s2 * R[2, 0] * R[2, 2]
+    a12 = -s2 * R[2, 1] * R[2, 2]
+    if Mf > 0:
+        for p in range(P):
+            for q in range(p, P):
+                H[6 + p, 6 + q] = (a00 * G[0, 0, p, q] + a11 * G[1, 1, p, q] + a22 * G[2, 2, p, q]
+                                   + a01 * (G[0, 1, p, q] + G[1, 0, p, q]) + a02 * (G[0, 2, p, q] + G[2, 0, p, q])
+                                   + a12 * (G[1, 2, p, q] + G[2, 1, p, q]))
+    else:
+        for p in range(P):
+            for q in range(p, P):
+                H[6 + p, 6 + q] = 0.0
+    # contour rows: dot products over their Jacobian rows
+    c0 = 2 * Mf
+    if M2 > c0:
+        for p in range(P):
+            for q in range(p, P):
+                acc = 0.0
+                for j in range(c0, M2):
+                    acc += JT[6 + p, j] * JT[6 + q, j]
+                H[6 + p, 6 + q] += acc
+    # fixed landmarks whose weight is not 1 (missing ones): correct the Gram term
+    for k in range(Mf):
+        wk = w[k]
+        if wk != 1.0:
+            m = sel[k]
+            f = s2 * (wk * wk - 1.0)
+            for c in range(2):
+                a0, a1, a2 = R[c, 0], R[c, 1], R[c, 2]
+                for p in range(P):
+                    ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
+                    for q in range(p, P):
+                        H[6 + p, 6 + q] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+    for p in range(P):
+        H[6 + p, 6 + p] += reg[p]
+        for q in range(p + 1, P):
+            H[6 + q, 6 + p] = H[6 + p, 6 + q]
+    # gradient of the coefficients
+    for p in range(P):
+        acc = 0.0
+        for k in range(M):
+            acc += JT[6 + p, 2 * k] * r[k, 0] + JT[6 + p, 2 * k + 1] * r[k, 1]
+        g[6 + p] = acc + reg[p] * coef[p]
+    if shape_only:
+        return
+    # pose rows (omega, log s, t), rotation increment on the left of R:
+    # row x: (0, u2, -u1, u0, w, 0); row y: (-u2, 0, u0, u1, 0, w) with u = s w (R v)
+    for k in range(M):
+        wk = w[k]
+        sw = s * wk
+        u0, u1, u2 = sw * Us[k, 0], sw * Us[k, 1], sw * Us[k, 2]
+        jx = 2 * k
+        jy = 2 * k + 1
+        JT[0, jx] = 0.0
+        JT[1, jx] = u2
+        JT[2, jx] = -u1
+        JT[3, jx] = u0
+        JT[4, jx] = wk
+        JT[5, jx] = 0.0
+        JT[0, jy] = -u2
+        JT[1, jy] = 0.0
+        JT[2, jy] = u0
+        JT[3, jy] = u1
+        JT[4, jy] = 0.0
+        JT[5, jy] = wk
+    n = 6 + P
+    for i in range(6):
+        acc = 0.0
+        for k in range(M):
+            acc += JT[i, 2 * k] * r[k, 0] + JT[i, 2 * k + 1] * r[k, 1]
+        g[i] = acc
+        for j in range(i, n):
+            acc = 0.0
+            for l in range(M2):
+                acc += JT[i, l] * JT[j, l]
+            H[i, j] = acc
+            H[j, i] = acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _cholesky_solve(A, b, x):
+    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor, lower
+    triangle). Returns False (x untouched) when A is not numerically positive definite."""
+    n = A.shape[0]
+    for i in range(n):
+        for j in range(i + 1):
+            sm = A[i, j]
+            for k in range(j):
+                sm -= A[i, k] * A[j, k]
+            if i == j:
+                if not sm > 0.0 or not math.isfinite(sm):
+                    return False
+                A[i, i] = math.sqrt(sm)
+            else:
+                A[i, j] = sm / A[j, j]
+    for i in range(n):
+        sm = b[i]
+        for k in range(i):
+            sm -= A[i, k] * x[k]
+        x[i] = sm / A[i, i]
+    for i in range(n - 1, -1, -1):
+        sm = x[i]
+        for k in range(i + 1, n):
+            sm -= A[k, i] * x[k]
+        x[i] = sm / A[i, i]
+    return True
+
+
+@njit(cache=True)
+def _solve_spd(A, b, x, work):
+    """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to the minimum
+    norm least-squares solution; a non-finite one gives NaN."""
+    n = A.shape[0]
+    finite = True
+    for i in range(n):
+        if not math.isfinite(b[i]):
+            finite = False
+        for j in range(n):
+            if not math.isfinite(A[i, j]):
+                finite = False
+    if not finite:
+        for i in range(n):
+            x[i] = np.nan
+        return
+    work[:, :] = A
+    if _cholesky_solve(work, b, x):
+        return
+    sol = np.linalg.lstsq(A, b.copy())[0]
+    for i in range(n):
+        x[i] = sol[i]
+
+
+@njit(cache=True)
+def _absmax(g):
+    """max |g_i|; inf when any entry is NaN (so that a NaN gradient never passes a tolerance)."""
+    m = 0.0
+    for i in range(g.shape[0]):
+        a = abs(g[i])
+        if not a <= m:
+            m = a if a == a else np.inf
+            if m == np.inf:
+                return m
+    return m
+
+
+@njit(cache=True)
+def _rodrigues_left(w0, w1, w2, R, out):
+    """out = exp([w]_x) @ R."""
+    th2 = w0 * w0 + w1 * w1 + w2 * w2
+    th = math.sqrt(th2)
+    if th < 1e-6:
+        a = 1.0 - th2 / 6.0
+        b = 0.5 - th2 / 24.0
+    else:
+        a = math.sin(th) / th
+        b = (1.0 - math.cos(th)) / (th * th)
+    K = ((0.0, -w2, w1), (w2, 0.0, -w0), (-w1, w0, 0.0))
+    E = np.empty((3, 3))
+    for i in range(3):
+        for j in range(3):
+            kk = K[i][0] * K[0][j] + K[i][1] * K[1][j] + K[i][2] * K[2][j]
+            E[i, j] = (1.0 if i == j else 0.0) + a * K[i][j] + b * kk
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = E[i, 0] * R[0, j] + E[i, 1] * R[1, j] + E[i, 2] * R[2, j]
+
+
+@njit(cache=True)
+def _affine_pose(X, L, w, R, t):
+    """Weighted affine camera X (M, 3) -> L (M, 2), projected to the nearest scaled orthographic
+    camera (SVD); fills R (3, 3) and t (2,), returns s."""
+    M = X.shape[0]
+    N = np.zeros((4, 4))
+    Bm = np.zeros((4, 2))
+    xh = np.empty(4)
+    for k in range(M):
+        wk = w[k]
+        if wk == 0.0:
+            continue
+        xh[0], xh[1], xh[2], xh[3] = X[k, 0], X[k, 1], X[k, 2], 1.0
+        for i in range(4):
+            for j in range(4):
+                N[i, j] += wk * xh[i] * xh[j]
+            Bm[i, 0] += wk * xh[i] * L[k, 0]
+            Bm[i, 1] += wk * xh[i] * L[k, 1]
+    for i in range(4):
+        N[i, i] += 1e-12
+    # Gaussian elimination with partial pivoting (4x4, two right-hand sides)
+    Aff = np.empty((4, 2))
+    ok = True
+    for i in range(4):
+        for j in range(4):
+            if not math.isfinite(N[i, j]):
+                ok = False
+        if not (math.isfinite(Bm[i, 0]) and math.isfinite(Bm[i, 1])):
+            ok = False
+    if ok:
+        for c in range(4):
+            piv = c
+            for i in range(c + 1, 4):
+                if abs(N[i, c]) > abs(N[piv, c]):
+                    piv = i
+            if N[piv, c] == 0.0:
+                ok = False
+                break
+            if piv != c:
+                for j in range(4):
+                    N[c, j], N[piv, j] = N[piv, j], N[c, j]
+                for j in range(2):
+                    Bm[c, j], Bm[piv, j] = Bm[piv, j], Bm[c, j]
+            for i in range(c + 1, 4):
+                f = N[i, c] / N[c, c]
+                for j in range(c, 4):
+                    N[i, j] -= f * N[c, j]
+                for j in range(2):
+                    Bm[i, j] -= f * Bm[c, j]
+        if ok:
+            for j in range(2):
+                for i in range(3, -1, -1):
+                    sm = Bm[i, j]
+                    for k in range(i + 1, 4):
+                        sm -= N[i, k] * Aff[k, j]
+                    Aff[i, j] = sm / N[i, i]
+    if not ok:
+        Aff = np.linalg.lstsq(np.where(np.isfinite(N), N, 0.0), np.where(np.isfinite(Bm), Bm, 0.0))[0]
+    Mc = np.empty((2, 3))
+    for i in range(2):
+        for j in range(3):
+            v = Aff[j, i]
+            Mc[i, j] = v if math.isfinite(v) else 0.0
+    # nearest orthonormal rows R2 = (Mc Mc^T)^(-1/2) Mc (= U Vh of the SVD), s = mean singular value;
+    # closed form for the 2x2 inverse square root, the SVD where Mc is (nearly) rank deficient
+    a = Mc[0, 0] * Mc[0, 0] + Mc[0, 1] * Mc[0, 1] + Mc[0, 2] * Mc[0, 2]
+    b = Mc[0, 0] * Mc[1, 0] + Mc[0, 1] * Mc[1, 1] + Mc[0, 2] * Mc[1, 2]
+    c = Mc[1, 0] * Mc[1, 0] + Mc[1, 1] * Mc[1, 1] + Mc[1, 2] * Mc[1, 2]
+    det = a * c - b * b
+    if det > 1e-8 * (a + c) * (a + c):
+        dl = math.sqrt(det)
+        tau = math.sqrt(a + c + 2.0 * dl)
+        f = 1.0 / (dl * tau)
+        i00, i01, i11 = f * (c + dl), -f * b, f * (a + dl)
+        for j in range(3):
+            m0, m1 = Mc[0, j], Mc[1, j]
+            R[0, j] = i00 * m0 + i01 * m1
+            R[1, j] = i01 * m0 + i11 * m1
+        s = 0.5 * tau
+    else:
+        U, S, Vh = np.linalg.svd(Mc, full_matrices=False)
+        for i in range(2):
+            for j in range(3):
+                R[i, j] = U[i, 0] * Vh[0, j] + U[i, 1] * Vh[1, j]
+        s = 0.5 * (S[0] + S[1])
+    R[2, 0] = R[0, 1] * R[1, 2] - R[0, 2] * R[1, 1]
+    R[2, 1] = R[0, 2] * R[1, 0] - R[0, 0] * R[1, 2]
+    R[2, 2] = R[0, 0] * R[1, 1] - R[0, 1] * R[1, 0]
+    sw = 0.0
+    t0 = 0.0
+    t1 = 0.0
+    for k in range(M):
+        wk = w[k]
+        if wk == 0.0:
+            continue
+        u0 = R[0, 0] * X[k, 0] + R[0, 1] * X[k, 1] + R[0, 2] * X[k, 2]
+        u1 = R[1, 0] * X[k, 0] + R[1, 1] * X[k, 1] + R[1, 2] * X[k, 2]
+        t0 += (L[k, 0] - s * u0) * wk
+        t1 += (L[k, 1] - s * u1) * wk
+        sw += wk
+    t[0] = t0 / sw
+    t[1] = t1 / sw
+    return s
+
+
+@njit(cache=True)
+def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
+        V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
+    """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
+    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs."""
+    P = C.shape[2]
+    n = 6 + P
+    cost = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
+    _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+    hist[0] = cost
+    lam = lam0
+    nu = 2.0
+    conv = False
+    gmax = _absmax(g)
+    if not math.isfinite(cost):
+        return s, cost, False, 0
+    if gmax <= gtol or cost <= _TINY:
+        return s, cost, True, 0
+    it = 0
+    negd = np.empty(n)
+    while it < max_iter:
+        it += 1
+        for i in range(n):
+            for j in range(n):
+                Aw[i, j] = H[i, j]
+        for i in range(n):
+            Aw[i, i] += lam * max(H[i, i], 1e-12)
+        for i in range(n):
+            negd[i] = -g[i]
+        _solve_spd(Aw, negd, d, work)
+        _rodrigues_left(d[0], d[1], d[2], R, Rn)
+        sn = s * math.exp(d[3])
+        tn[0] = t[0] + d[4]
+        tn[1] = t[1] + d[5]
+        for p in range(P):
+            cn[p] = coef[p] + d[6 + p]
+        cnew = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, Rn, sn, tn, cn, reg, V, U, seln, rn, Usn)
+        pred = 0.0
+        dd = 0.0
+        for i in range(n):
+            hd = 0.0
+            for j in range(n):
+                hd += H[i, j] * d[j]
+            pred += d[i] * hd + 2.0 * lam * d[i] * d[i] * max(H[i, i], 1e-12)
+            dd += d[i] * d[i]
+        fin = math.isfinite(cnew)
+        acc = fin and cnew < cost
+        rho = (cost - cnew) / pred if pred > 0 else 0.0
+        th = math.log(s) ** 2 + t[0] * t[0] + t[1] * t[1]
+        for p in range(P):
+            th += coef[p] * coef[p]
+        small_step = math.sqrt(dd) <= xtol * (xtol + math.sqrt(th))
+        if acc:
+            rel_dec = (cost - cnew) <= ftol * cost
+            lam_new = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            nu = 2.0
+            for i in range(3):
+                for j in range(3):
+                    R[i, j] = Rn[i, j]
+            s = sn
+            t[0] = tn[0]
+            t[1] = tn[1]
+            for p in range(P):
+                coef[p] = cn[p]
+            cost = cnew
+            for k in range(sel.shape[0]):
+                sel[k] = seln[k]
+                r[k, 0] = rn[k, 0]
+                r[k, 1] = rn[k, 1]
+                Us[k, 0] = Usn[k, 0]
+                Us[k, 1] = Usn[k, 1]
+                Us[k, 2] = Usn[k, 2]
+            _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+            gmax = _absmax(g)
+            stop = rel_dec or small_step or cost <= _TINY or gmax <= gtol
+        else:
+            lam_new = lam * nu
+            nu = nu * 2.0
+            stop = fin and small_step
+        lam = lam_new
+        hist[it] = cost
+        if stop:
+            conv = True
+            break
+        if lam > 1e16:
+            break
+    return s, cost, conv and math.isfinite(cost), it
+
+
+@njit(cache=True)
+def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R, t, coef, hist0, hist1, sel):
+    """Whole fit of one image. Fills R (3, 3), t (2,), coef (P,), hist0/hist1 (max_iter + 1,:
+    costs of the start-up and the final LM phase), sel (M,). Returns (s, cost, converged, it0, it1,
+    rss) where rss is the unregularised sum of squared weighted residuals at the answer."""
+    S = C.shape[0]
+    P = C.shape[2]
+    M = L.shape[0]
+    n = 6 + P
+    V = np.empty((S, 3))
+    U = np.empty((S, 3))
+    r = np.empty((M, 2))
+    Us = np.empty((M, 3))
+    A = np.empty((M, 2, P))
+    JT = np.empty((n, 2 * M))
+    H = np.empty((n, n))
+    g = np.empty(n)
+    # 1. affine camera from the mean shape's fixed landmarks
+    s = _affine_pose(mean[:Mf], L[:Mf], w[:Mf], R, t)
+    for p in range(P):
+        coef[p] = 0.0
+    # 2. alternation on the fixed landmarks: linear shape solve, pose re-fit
+    wf = np.zeros(M)
+    wf[:Mf] = w[:Mf]
+    Hs = np.empty((P, P))
+    work = np.empty((n, n))
+    x = np.empty(P)
+    rhs = np.empty(P)
+    Xs = np.empty((Mf, 3))
+    for _ in range(n_alt):
+        if P > 0:
+            _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
+            _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, JT, H, g, True)
+            for p in range(P):
+                for q in range(P):
+                    Hs[p, q] = H[6 + p, 6 + q]
+                Hs[p, p] += 1e-10
+                rhs[p] = g[6 + p]
+            _solve_spd(Hs, rhs, x, work[:P, :P])
+            for p in range(P):
+                coef[p] -= x[p]
+        _slot_shape(mean, C, coef, V)
+        for k in range(Mf):
+            for i in range(3):
+                Xs[k, i] = V[k, i]
+        s = _affine_pose(Xs, L[:Mf], w[:Mf], R, t)
+    # 3. Levenberg-Marquardt (after a loose start-up phase under reg_init when reg is smaller)
+    Rn = np.empty((3, 3))
+    tn = np.empty(2)
+    cn = np.empty(P)
+    seln = np.empty(M, dtype=np.int64)
+    rn = np.empty((M, 2))
+    Usn = np.empty((M, 3))
+    Aw = np.empty((n, n))
+    d = np.empty(n)
+    it0 = 0
+    if two_phase:
+        s, _, _, it0 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
+                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln,
+                           rn, Usn, Aw, d, work)
+    s, cost, conv, it1 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
+                             gtol, lam0, hist1, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
+                             work)
+    # final correspondences and unregularised residual
+    zero = np.zeros(P)
+    rss = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, zero, V, U, sel, r, Us)
+    return s, cost, conv, it0, it1, rss
+
+
+@njit(cache=True, parallel=True)
+def fit_batch_parallel(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+                       lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
+    """:func:`fit_one` for every image b of a batch, images spread over the cores."""
+    for b in prange(L.shape[0]):
+        s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
+            mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
+
+
+@njit(cache=True)
+def fit_batch_serial(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+                     lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
+    """:func:`fit_one` for every image of a (small) batch on the calling thread."""
+    for b in range(L.shape[0]):
+        s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
+            mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
