@@ -127,13 +127,16 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
             for q in range(p, P):
                 H[6 + p, 6 + q] = 0.0
     # contour rows: dot products over their Jacobian rows
+    # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
     c0 = 2 * Mf
     if M2 > c0:
         for p in range(P):
+            a = JT[6 + p, c0:M2]
             for q in range(p, P):
+                b = JT[6 + q, c0:M2]
                 acc = 0.0
-                for j in range(c0, M2):
-                    acc += JT[6 + p, j] * JT[6 + q, j]
+                for j in range(M2 - c0):
+                    acc += a[j] * b[j]
                 H[6 + p, 6 + q] += acc
     # fixed landmarks whose weight is not 1 (missing ones): correct the Gram term
     for k in range(Mf):
@@ -152,10 +155,12 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
         for q in range(p + 1, P):
             H[6 + q, 6 + p] = H[6 + p, 6 + q]
     # gradient of the coefficients
+    rf = r.reshape(M2)
     for p in range(P):
+        a = JT[6 + p]
         acc = 0.0
-        for k in range(M):
-            acc += JT[6 + p, 2 * k] * r[k, 0] + JT[6 + p, 2 * k + 1] * r[k, 1]
+        for j in range(M2):
+            acc += a[j] * rf[j]
         g[6 + p] = acc + reg[p] * coef[p]
     if shape_only:
         return
@@ -181,16 +186,57 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
         JT[5, jy] = wk
     n = 6 + P
     for i in range(6):
+        a = JT[i]
         acc = 0.0
-        for k in range(M):
-            acc += JT[i, 2 * k] * r[k, 0] + JT[i, 2 * k + 1] * r[k, 1]
+        for l in range(M2):
+            acc += a[l] * rf[l]
         g[i] = acc
         for j in range(i, n):
+            b = JT[j]
             acc = 0.0
             for l in range(M2):
-                acc += JT[i, l] * JT[j, l]
+                acc += a[l] * b[l]
             H[i, j] = acc
             H[j, i] = acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _potrf_loops(A):
+    """In-place lower Cholesky factor of the row-major SPD matrix A (dot-product form); False when A
+    is not numerically positive definite."""
+    n = A.shape[0]
+    for i in range(n):
+        ai = A[i]
+        for j in range(i + 1):
+            aj = A[j]
+            sm = ai[j]
+            for k in range(j):
+                sm -= ai[k] * aj[k]
+            if i == j:
+                if not sm > 0.0 or not math.isfinite(sm):
+                    return False
+                ai[i] = math.sqrt(sm)
+            else:
+                ai[j] = sm / aj[j]
+    return True
+
+
+try:  # LAPACK dpotrf through Numba's own binding (the one np.linalg.cholesky uses): cacheable
+    from numba.core import types as _nbtypes
+    from numba.np.linalg import _LAPACK, ensure_lapack
+
+    ensure_lapack()
+    _xxpotrf = _LAPACK().numba_xxpotrf(_nbtypes.float64)
+    _KIND, _UPLO = ord("d"), ord("U")
+
+    @njit(cache=True)
+    def _potrf(A):
+        """In-place lower Cholesky factor of the row-major SPD matrix A (LAPACK dpotrf on the
+        column-major view, upper triangle = our lower one); False when not positive definite."""
+        n = A.shape[0]
+        return _xxpotrf(_KIND, _UPLO, n, A.ctypes, n) == 0
+except Exception:  # pragma: no cover - older/newer Numba without this binding
+    _potrf = _potrf_loops
 
 
 @njit(cache=True, fastmath=_FM)
@@ -198,22 +244,14 @@ def _cholesky_solve(A, b, x):
     """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor, lower
     triangle). Returns False (x untouched) when A is not numerically positive definite."""
     n = A.shape[0]
+    if not _potrf(A):
+        return False
     for i in range(n):
-        for j in range(i + 1):
-            sm = A[i, j]
-            for k in range(j):
-                sm -= A[i, k] * A[j, k]
-            if i == j:
-                if not sm > 0.0 or not math.isfinite(sm):
-                    return False
-                A[i, i] = math.sqrt(sm)
-            else:
-                A[i, j] = sm / A[j, j]
-    for i in range(n):
+        ai = A[i]
         sm = b[i]
         for k in range(i):
-            sm -= A[i, k] * x[k]
-        x[i] = sm / A[i, i]
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
     for i in range(n - 1, -1, -1):
         sm = x[i]
         for k in range(i + 1, n):
@@ -386,7 +424,7 @@ def _affine_pose(X, L, w, R, t):
     return s
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
         V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
     """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
@@ -426,9 +464,10 @@ def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol
         pred = 0.0
         dd = 0.0
         for i in range(n):
+            hi = H[i]
             hd = 0.0
             for j in range(n):
-                hd += H[i, j] * d[j]
+                hd += hi[j] * d[j]
             pred += d[i] * hd + 2.0 * lam * d[i] * d[i] * max(H[i, i], 1e-12)
             dd += d[i] * d[i]
         fin = math.isfinite(cnew)
@@ -502,6 +541,7 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
     wf[:Mf] = w[:Mf]
     Hs = np.empty((P, P))
     work = np.empty((n, n))
+    workP = np.empty((P, P))
     x = np.empty(P)
     rhs = np.empty(P)
     Xs = np.empty((Mf, 3))
@@ -514,7 +554,7 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
                     Hs[p, q] = H[6 + p, 6 + q]
                 Hs[p, p] += 1e-10
                 rhs[p] = g[6 + p]
-            _solve_spd(Hs, rhs, x, work[:P, :P])
+            _solve_spd(Hs, rhs, x, workP)
             for p in range(P):
                 coef[p] -= x[p]
         _slot_shape(mean, C, coef, V)
