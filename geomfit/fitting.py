@@ -624,7 +624,8 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     it0 = np.zeros(B, dtype=np.int64)
     it1 = np.zeros(B, dtype=np.int64)
     rss = np.empty(B)
-    run = kf.fit_batch_parallel if B > 1 else kf.fit_batch_serial
+    # small batches stay on the calling thread: waking the thread pool costs more than it gains
+    run = kf.fit_batch_parallel if B >= 16 else kf.fit_batch_serial
     with np.errstate(all="ignore"):
         run(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, np.ascontiguousarray(reg, dtype=np.float64),
             np.ascontiguousarray(reg_init, dtype=np.float64), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase,

@@ -129,7 +129,11 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     # contour rows: dot products over their Jacobian rows
     # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
     c0 = 2 * Mf
-    if M2 > c0:
+    used = False
+    for k in range(Mf, M):
+        if w[k] != 0.0:
+            used = True
+    if used:
         for p in range(P):
             a = JT[6 + p, c0:M2]
             for q in range(p, P):

@@ -28,7 +28,7 @@ def _compare(a, b, atol=1e-8):
 @pytest.mark.parametrize("w_reg", [1e-3, 1e-2, 0.0])
 def test_kernel_equals_array_path_random(contours, w_reg):
     model = random_model(seed=3, contours=contours)
-    L, *_ = synth(model, 5, seed=21)
+    L, *_ = synth(model, 18, seed=21)  # >= 16: the parallel (prange) kernel
     L = L + np.random.default_rng(22).normal(size=L.shape) * 2.0
     L[0, [10, 40]] = np.nan  # missing fixed landmarks
     L[2, 3] = np.nan  # a missing jaw landmark
