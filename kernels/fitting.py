@@ -101,14 +101,17 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     for k in range(M):
         m = sel[k]
         sw = s * w[k]
+        cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
         for c in range(2):
             a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
+            ak = A[k, c]
             for p in range(P):
-                A[k, c, p] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
+                ak[p] = a0 * cm0[p] + a1 * cm1[p] + a2 * cm2[p]
     for p in range(P):
+        jt = JT[6 + p]
         for k in range(M):
-            JT[6 + p, 2 * k] = A[k, 0, p]
-            JT[6 + p, 2 * k + 1] = A[k, 1, p]
+            jt[2 * k] = A[k, 0, p]
+            jt[2 * k + 1] = A[k, 1, p]
     # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ij (I - r3 r3^T)_ij G_ij
     a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
     a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
@@ -116,16 +119,17 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     a01 = -s2 * R[2, 0] * R[2, 1]
     a02 = -s2 * R[2, 0] * R[2, 2]
     a12 = -s2 * R[2, 1] * R[2, 2]
-    if Mf > 0:
-        for p in range(P):
+    for p in range(P):
+        h = H[6 + p, 6:]
+        if Mf > 0:
+            g00, g11, g22 = G[0, 0, p], G[1, 1, p], G[2, 2, p]
+            g01, g10, g02, g20, g12, g21 = G[0, 1, p], G[1, 0, p], G[0, 2, p], G[2, 0, p], G[1, 2, p], G[2, 1, p]
             for q in range(p, P):
-                H[6 + p, 6 + q] = (a00 * G[0, 0, p, q] + a11 * G[1, 1, p, q] + a22 * G[2, 2, p, q]
-                                   + a01 * (G[0, 1, p, q] + G[1, 0, p, q]) + a02 * (G[0, 2, p, q] + G[2, 0, p, q])
-                                   + a12 * (G[1, 2, p, q] + G[2, 1, p, q]))
-    else:
-        for p in range(P):
+                h[q] = (a00 * g00[q] + a11 * g11[q] + a22 * g22[q] + a01 * (g01[q] + g10[q])
+                        + a02 * (g02[q] + g20[q]) + a12 * (g12[q] + g21[q]))
+        else:
             for q in range(p, P):
-                H[6 + p, 6 + q] = 0.0
+                h[q] = 0.0
     # contour rows: dot products over their Jacobian rows
     # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
     c0 = 2 * Mf
@@ -136,12 +140,13 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     if used:
         for p in range(P):
             a = JT[6 + p, c0:M2]
+            h = H[6 + p, 6:]
             for q in range(p, P):
                 b = JT[6 + q, c0:M2]
                 acc = 0.0
                 for j in range(M2 - c0):
                     acc += a[j] * b[j]
-                H[6 + p, 6 + q] += acc
+                h[q] += acc
     # fixed landmarks whose weight is not 1 (missing ones): correct the Gram term
     for k in range(Mf):
         wk = w[k]
