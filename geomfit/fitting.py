@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
+from .backend import asnumpy, cuda_available, get_array_module
 from .model import MorphableModel
 
 __all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
@@ -636,6 +636,19 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     return R, s, t, coef, cost, conv, it0 + it1, hist, rss, sel
 
 
+def _fit_cuda(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase, xp):
+    kf = _kernels()
+    if kf is None or kf.CUDA_KERNEL is None or not cuda_available():
+        raise RuntimeError("engine='cuda' needs Numba CUDA with a GPU (or NUMBA_ENABLE_CUDASIM=1)")
+    outs = kf.fit_batch_cuda(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, asnumpy(reg),
+                             asnumpy(reg_init), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase, xp=xp)
+    R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss = outs
+    hist = _trim_hist(hist1, it1)
+    if two_phase:
+        hist = xp.concatenate([_trim_hist(hist0, it0), hist], axis=1)
+    return R, s, t, coef, cost, conv.astype(bool), it0 + it1, hist, rss, sel
+
+
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
@@ -706,11 +719,13 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     fast : bool
         Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
         False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
-    engine : {'auto', 'numba', 'xp'}
+    engine : {'auto', 'numba', 'xp', 'cuda'}
         ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``), one image per core
         thread; ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
         array operations; the reference the kernel is tested against). ``'auto'`` (default):
-        the kernel for NumPy input, the array path for CuPy input.
+        the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
+        kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU
+        or under ``NUMBA_ENABLE_CUDASIM=1``.
 
     Returns
     -------
@@ -744,10 +759,16 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
     # the initial alternation is regularised at least by w_init: a start point, not the answer
     reg_init = xp.maximum(reg, float(w_init))
-    if engine not in ("auto", "numba", "xp"):
-        raise ValueError(f"engine must be 'auto', 'numba' or 'xp', got {engine!r}")
+    if engine not in ("auto", "numba", "xp", "cuda"):
+        raise ValueError(f"engine must be 'auto', 'numba', 'xp' or 'cuda', got {engine!r}")
     if engine == "numba" and xp is not np:
-        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' path)")
+        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' or 'cuda' path)")
+    if engine == "cuda":
+        out = _fit_cuda(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
+                        float(gtol), bool(xp.any(reg_init != reg)), xp)
+        R, s, t, coef, cost, conv, iters, hist, rss, sel = out
+        return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
+                       final=(rss, sel))
     if (engine == "numba" or (engine == "auto" and xp is np)) and fast and _kernels() is not None:
         out = _fit_kernel(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
                           float(gtol), bool(np.any(reg_init != reg)))

@@ -23,7 +23,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["fit_batch_parallel", "fit_batch_serial", "fit_one"]
+from geomfit.backend import numba_cuda
+
+__all__ = ["fit_batch_parallel", "fit_batch_serial", "fit_one", "fit_batch_cuda", "CUDA_KERNEL"]
 
 _FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
 _TINY = 1e-26
@@ -612,3 +614,489 @@ def fit_batch_serial(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt,
         s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
             mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
             two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: one thread per image. The same algorithm as fit_one; scratch arrays live in global memory
+# with the image index LAST, so that neighbouring threads touch neighbouring addresses. Linear
+# systems are solved by an in-kernel Cholesky; a system that is not positive definite gives a NaN
+# step (rejected by LM, which raises the damping) instead of the CPU's least-squares fallback.
+# ------------------------------------------------------------------------------------------------
+def _define_cuda(cu):
+    # kernels reach the module through the global name ``cuda`` (the simulator swaps it in)
+    dev = cu.jit(device=True)
+
+    @dev
+    def slot_shape(mean, C, coef, V, b):
+        for k in range(C.shape[0]):
+            for i in range(3):
+                acc = 0.0
+                for p in range(C.shape[2]):
+                    acc += C[k, i, p] * coef[p, b]
+                V[k, i, b] = mean[k, i] + acc
+
+    @dev
+    def evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b):
+        S = C.shape[0]
+        P = C.shape[2]
+        M = L.shape[1]
+        slot_shape(mean, C, coef, V, b)
+        for k in range(S):
+            for i in range(3):
+                U[k, i, b] = R[i, 0, b] * V[k, 0, b] + R[i, 1, b] * V[k, 1, b] + R[i, 2, b] * V[k, 2, b]
+        for k in range(Mf):
+            sel[k, b] = k
+        for side in range(2):
+            m0 = Mf if side == 0 else Mf + Mr
+            nm = Mr if side == 0 else Ml
+            c0 = Mf if side == 0 else Mf + nr
+            nc = nr if side == 0 else nl
+            for j in range(nm):
+                li = m0 + j
+                best = c0
+                bd = math.inf
+                for c in range(c0, c0 + nc):
+                    dx = L[b, li, 0] - (s * U[c, 0, b] + t[0, b])
+                    dy = L[b, li, 1] - (s * U[c, 1, b] + t[1, b])
+                    d2 = dx * dx + dy * dy
+                    if d2 < bd or (c == c0 and not d2 >= bd):
+                        bd = d2
+                        best = c
+                sel[li, b] = best
+        cost = 0.0
+        for k in range(M):
+            m = sel[k, b]
+            for i in range(3):
+                Us[k, i, b] = U[m, i, b]
+            r0 = (s * U[m, 0, b] + t[0, b] - L[b, k, 0]) * w[k, b]
+            r1 = (s * U[m, 1, b] + t[1, b] - L[b, k, 1]) * w[k, b]
+            r[k, 0, b] = r0
+            r[k, 1, b] = r1
+            cost += r0 * r0 + r1 * r1
+        for p in range(P):
+            cost += coef[p, b] * coef[p, b] * reg[p]
+        return cost
+
+    @dev
+    def normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, shape_only, b):
+        P = C.shape[2]
+        M = r.shape[0]
+        M2 = 2 * M
+        n = 6 + P
+        s2 = s * s
+        for k in range(M):
+            m = sel[k, b]
+            sw = s * w[k, b]
+            for c in range(2):
+                a0, a1, a2 = R[c, 0, b] * sw, R[c, 1, b] * sw, R[c, 2, b] * sw
+                for p in range(P):
+                    JT[6 + p, 2 * k + c, b] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
+        a00 = s2 * (1.0 - R[2, 0, b] * R[2, 0, b])
+        a11 = s2 * (1.0 - R[2, 1, b] * R[2, 1, b])
+        a22 = s2 * (1.0 - R[2, 2, b] * R[2, 2, b])
+        a01 = -s2 * R[2, 0, b] * R[2, 1, b]
+        a02 = -s2 * R[2, 0, b] * R[2, 2, b]
+        a12 = -s2 * R[2, 1, b] * R[2, 2, b]
+        used = False
+        for k in range(Mf, M):
+            if w[k, b] != 0.0:
+                used = True
+        for p in range(P):
+            for q in range(p, P):
+                acc = 0.0
+                if Mf > 0:
+                    acc = (a00 * G[0, 0, p, q] + a11 * G[1, 1, p, q] + a22 * G[2, 2, p, q]
+                           + a01 * (G[0, 1, p, q] + G[1, 0, p, q]) + a02 * (G[0, 2, p, q] + G[2, 0, p, q])
+                           + a12 * (G[1, 2, p, q] + G[2, 1, p, q]))
+                if used:
+                    for j in range(2 * Mf, M2):
+                        acc += JT[6 + p, j, b] * JT[6 + q, j, b]
+                H[6 + p, 6 + q, b] = acc
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk != 1.0:
+                m = sel[k, b]
+                f = s2 * (wk * wk - 1.0)
+                for c in range(2):
+                    a0, a1, a2 = R[c, 0, b], R[c, 1, b], R[c, 2, b]
+                    for p in range(P):
+                        ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
+                        for q in range(p, P):
+                            H[6 + p, 6 + q, b] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+        for p in range(P):
+            H[6 + p, 6 + p, b] += reg[p]
+            for q in range(p + 1, P):
+                H[6 + q, 6 + p, b] = H[6 + p, 6 + q, b]
+        for p in range(P):
+            acc = 0.0
+            for k in range(M):
+                acc += JT[6 + p, 2 * k, b] * r[k, 0, b] + JT[6 + p, 2 * k + 1, b] * r[k, 1, b]
+            g[6 + p, b] = acc + reg[p] * coef[p, b]
+        if shape_only:
+            return
+        for k in range(M):
+            wk = w[k, b]
+            sw = s * wk
+            u0, u1, u2 = sw * Us[k, 0, b], sw * Us[k, 1, b], sw * Us[k, 2, b]
+            jx = 2 * k
+            jy = jx + 1
+            JT[0, jx, b] = 0.0
+            JT[1, jx, b] = u2
+            JT[2, jx, b] = -u1
+            JT[3, jx, b] = u0
+            JT[4, jx, b] = wk
+            JT[5, jx, b] = 0.0
+            JT[0, jy, b] = -u2
+            JT[1, jy, b] = 0.0
+            JT[2, jy, b] = u0
+            JT[3, jy, b] = u1
+            JT[4, jy, b] = 0.0
+            JT[5, jy, b] = wk
+        for i in range(6):
+            acc = 0.0
+            for k in range(M):
+                acc += JT[i, 2 * k, b] * r[k, 0, b] + JT[i, 2 * k + 1, b] * r[k, 1, b]
+            g[i, b] = acc
+            for j in range(i, n):
+                acc = 0.0
+                for l in range(M2):
+                    acc += JT[i, l, b] * JT[j, l, b]
+                H[i, j, b] = acc
+                H[j, i, b] = acc
+
+    @dev
+    def chol_solve(A, off, n, rhs, x, b):
+        """Solve the SPD system A[off:off+n, off:off+n, b] x = rhs[off:off+n, b] (A overwritten by
+        its lower Cholesky factor); not positive definite or not finite: x = NaN."""
+        ok = True
+        for i in range(off, off + n):
+            for j in range(off, i + 1):
+                sm = A[i, j, b]
+                for k in range(off, j):
+                    sm -= A[i, k, b] * A[j, k, b]
+                if i == j:
+                    if not sm > 0.0 or not math.isfinite(sm):
+                        ok = False
+                        break
+                    A[i, i, b] = math.sqrt(sm)
+                else:
+                    A[i, j, b] = sm / A[j, j, b]
+            if not ok:
+                break
+        if not ok:
+            for i in range(off, off + n):
+                x[i, b] = math.nan
+            return
+        for i in range(off, off + n):
+            sm = rhs[i, b]
+            for k in range(off, i):
+                sm -= A[i, k, b] * x[k, b]
+            x[i, b] = sm / A[i, i, b]
+        for i in range(off + n - 1, off - 1, -1):
+            sm = x[i, b]
+            for k in range(i + 1, off + n):
+                sm -= A[k, i, b] * x[k, b]
+            x[i, b] = sm / A[i, i, b]
+
+    @dev
+    def affine_pose(X, L, w, Mf, R, t, b):
+        """Affine camera from X[k, :, b] (k < Mf) to L[b, k]; nearest scaled orthographic camera
+        in closed form (NaN scale for a degenerate camera). Fills R[:, :, b], t[:, b]; returns s."""
+        N = cuda.local.array((4, 6), dtype=np.float64)  # [N | rhs]
+        for i in range(4):
+            for j in range(6):
+                N[i, j] = 0.0
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk == 0.0:
+                continue
+            x0, x1, x2 = X[k, 0, b], X[k, 1, b], X[k, 2, b]
+            for i in range(4):
+                xi = x0 if i == 0 else (x1 if i == 1 else (x2 if i == 2 else 1.0))
+                for j in range(4):
+                    xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else 1.0))
+                    N[i, j] += wk * xi * xj
+                N[i, 4] += wk * xi * L[b, k, 0]
+                N[i, 5] += wk * xi * L[b, k, 1]
+        for i in range(4):
+            N[i, i] += 1e-12
+        for c in range(4):
+            piv = c
+            for i in range(c + 1, 4):
+                if abs(N[i, c]) > abs(N[piv, c]):
+                    piv = i
+            if piv != c:
+                for j in range(6):
+                    tmp = N[c, j]
+                    N[c, j] = N[piv, j]
+                    N[piv, j] = tmp
+            for i in range(c + 1, 4):
+                f = N[i, c] / N[c, c]
+                for j in range(c, 6):
+                    N[i, j] -= f * N[c, j]
+        Aff = cuda.local.array((4, 2), dtype=np.float64)
+        for j in range(2):
+            for i in range(3, -1, -1):
+                sm = N[i, 4 + j]
+                for k in range(i + 1, 4):
+                    sm -= N[i, k] * Aff[k, j]
+                Aff[i, j] = sm / N[i, i]
+        Mc = cuda.local.array((2, 3), dtype=np.float64)
+        for i in range(2):
+            for j in range(3):
+                v = Aff[j, i]
+                Mc[i, j] = v if math.isfinite(v) else 0.0
+        a = Mc[0, 0] * Mc[0, 0] + Mc[0, 1] * Mc[0, 1] + Mc[0, 2] * Mc[0, 2]
+        bb = Mc[0, 0] * Mc[1, 0] + Mc[0, 1] * Mc[1, 1] + Mc[0, 2] * Mc[1, 2]
+        c = Mc[1, 0] * Mc[1, 0] + Mc[1, 1] * Mc[1, 1] + Mc[1, 2] * Mc[1, 2]
+        det = a * c - bb * bb
+        if det > 1e-8 * (a + c) * (a + c):
+            dl = math.sqrt(det)
+            tau = math.sqrt(a + c + 2.0 * dl)
+            f = 1.0 / (dl * tau)
+            i00, i01, i11 = f * (c + dl), -f * bb, f * (a + dl)
+            s = 0.5 * tau
+        else:
+            i00, i01, i11 = math.nan, math.nan, math.nan
+            s = math.nan
+        for j in range(3):
+            m0, m1 = Mc[0, j], Mc[1, j]
+            R[0, j, b] = i00 * m0 + i01 * m1
+            R[1, j, b] = i01 * m0 + i11 * m1
+        R[2, 0, b] = R[0, 1, b] * R[1, 2, b] - R[0, 2, b] * R[1, 1, b]
+        R[2, 1, b] = R[0, 2, b] * R[1, 0, b] - R[0, 0, b] * R[1, 2, b]
+        R[2, 2, b] = R[0, 0, b] * R[1, 1, b] - R[0, 1, b] * R[1, 0, b]
+        sw = 0.0
+        t0 = 0.0
+        t1 = 0.0
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk == 0.0:
+                continue
+            u0 = R[0, 0, b] * X[k, 0, b] + R[0, 1, b] * X[k, 1, b] + R[0, 2, b] * X[k, 2, b]
+            u1 = R[1, 0, b] * X[k, 0, b] + R[1, 1, b] * X[k, 1, b] + R[1, 2, b] * X[k, 2, b]
+            t0 += (L[b, k, 0] - s * u0) * wk
+            t1 += (L[b, k, 1] - s * u1) * wk
+            sw += wk
+        t[0, b] = t0 / sw
+        t[1, b] = t1 / sw
+        return s
+
+    @dev
+    def lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
+           V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, b):
+        P = C.shape[2]
+        n = 6 + P
+        M = L.shape[1]
+        cost = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
+        normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
+        hist[b, 0] = cost
+        gmax = 0.0
+        for i in range(n):
+            a = abs(g[i, b])
+            if not a <= gmax:
+                gmax = a if a == a else math.inf
+        if not math.isfinite(cost):
+            return s, cost, False, 0
+        if gmax <= gtol or cost <= _TINY:
+            return s, cost, True, 0
+        lam = lam0
+        nu = 2.0
+        conv = False
+        it = 0
+        while it < max_iter:
+            it += 1
+            for i in range(n):
+                for j in range(n):
+                    Aw[i, j, b] = H[i, j, b]
+                Aw[i, i, b] += lam * max(H[i, i, b], 1e-12)
+                negd[i, b] = -g[i, b]
+            chol_solve(Aw, 0, n, negd, d, b)
+            # Rn = exp([d0:3]_x) R
+            w0, w1, w2 = d[0, b], d[1, b], d[2, b]
+            th2 = w0 * w0 + w1 * w1 + w2 * w2
+            th = math.sqrt(th2)
+            if th < 1e-6:
+                ra = 1.0 - th2 / 6.0
+                rb = 0.5 - th2 / 24.0
+            else:
+                ra = math.sin(th) / th
+                rb = (1.0 - math.cos(th)) / (th * th)
+            K = cuda.local.array((3, 3), dtype=np.float64)
+            E = cuda.local.array((3, 3), dtype=np.float64)
+            K[0, 0], K[0, 1], K[0, 2] = 0.0, -w2, w1
+            K[1, 0], K[1, 1], K[1, 2] = w2, 0.0, -w0
+            K[2, 0], K[2, 1], K[2, 2] = -w1, w0, 0.0
+            for i in range(3):
+                for j in range(3):
+                    kk = K[i, 0] * K[0, j] + K[i, 1] * K[1, j] + K[i, 2] * K[2, j]
+                    E[i, j] = (1.0 if i == j else 0.0) + ra * K[i, j] + rb * kk
+            for i in range(3):
+                for j in range(3):
+                    Rn[i, j, b] = E[i, 0] * R[0, j, b] + E[i, 1] * R[1, j, b] + E[i, 2] * R[2, j, b]
+            sn = s * math.exp(d[3, b])
+            tn[0, b] = t[0, b] + d[4, b]
+            tn[1, b] = t[1, b] + d[5, b]
+            for p in range(P):
+                cn[p, b] = coef[p, b] + d[6 + p, b]
+            cnew = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, Rn, sn, tn, cn, reg, V, U, seln, rn, Usn, b)
+            pred = 0.0
+            dd = 0.0
+            for i in range(n):
+                hd = 0.0
+                for j in range(n):
+                    hd += H[i, j, b] * d[j, b]
+                pred += d[i, b] * hd + 2.0 * lam * d[i, b] * d[i, b] * max(H[i, i, b], 1e-12)
+                dd += d[i, b] * d[i, b]
+            fin = math.isfinite(cnew)
+            acc = fin and cnew < cost
+            rho = (cost - cnew) / pred if pred > 0 else 0.0
+            thn = math.log(s) ** 2 + t[0, b] * t[0, b] + t[1, b] * t[1, b]
+            for p in range(P):
+                thn += coef[p, b] * coef[p, b]
+            small_step = math.sqrt(dd) <= xtol * (xtol + math.sqrt(thn))
+            if acc:
+                rel_dec = (cost - cnew) <= ftol * cost
+                lam_new = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+                nu = 2.0
+                for i in range(3):
+                    for j in range(3):
+                        R[i, j, b] = Rn[i, j, b]
+                s = sn
+                t[0, b] = tn[0, b]
+                t[1, b] = tn[1, b]
+                for p in range(P):
+                    coef[p, b] = cn[p, b]
+                cost = cnew
+                for k in range(M):
+                    sel[k, b] = seln[k, b]
+                    r[k, 0, b] = rn[k, 0, b]
+                    r[k, 1, b] = rn[k, 1, b]
+                    for i in range(3):
+                        Us[k, i, b] = Usn[k, i, b]
+                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
+                gmax = 0.0
+                for i in range(n):
+                    a = abs(g[i, b])
+                    if not a <= gmax:
+                        gmax = a if a == a else math.inf
+                stop = rel_dec or small_step or cost <= _TINY or gmax <= gtol
+            else:
+                lam_new = lam * nu
+                nu = nu * 2.0
+                stop = fin and small_step
+            lam = lam_new
+            hist[b, it] = cost
+            if stop:
+                conv = True
+                break
+            if lam > 1e16:
+                break
+        return s, cost, conv and math.isfinite(cost), it
+
+    @cu.jit
+    def fit_batch_kernel(mean, C, G, Mf, Mr, Ml, nr, nl, L, w_in, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+                         lam0, two_phase, R_out, t_out, coef_out, hist0, hist1, sel_out, s_out, cost_out, conv_out,
+                         it0_out, it1_out, rss_out, w, wf, V, U, sel, seln, r, rn, Us, Usn, JT, H, Aw, g, d, negd,
+                         R, Rn, t, tn, coef, cn):
+        b = cuda.grid(1)
+        B = L.shape[0]
+        if b >= B:
+            return
+        M = L.shape[1]
+        P = C.shape[2]
+        for k in range(M):
+            w[k, b] = w_in[b, k]
+            wf[k, b] = w_in[b, k] if k < Mf else 0.0
+        for k in range(Mf):  # the mean shape's fixed landmark vertices into V
+            for i in range(3):
+                V[k, i, b] = mean[k, i]
+        s = affine_pose(V, L, w, Mf, R, t, b)
+        for p in range(P):
+            coef[p, b] = 0.0
+        for _ in range(n_alt):
+            if P > 0:
+                evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us, b)
+                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, JT, H, g, True, b)
+                for p in range(P):
+                    for q in range(P):
+                        Aw[6 + p, 6 + q, b] = H[6 + p, 6 + q, b]
+                    Aw[6 + p, 6 + p, b] += 1e-10
+                chol_solve(Aw, 6, P, g, d, b)
+                for p in range(P):
+                    coef[p, b] -= d[6 + p, b]
+            slot_shape(mean, C, coef, V, b)
+            s = affine_pose(V, L, w, Mf, R, t, b)
+        it0 = 0
+        if two_phase:
+            s, c0, cv0, it0 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
+                                 max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, JT, H, g, Rn, tn, cn,
+                                 seln, rn, Usn, Aw, d, negd, b)
+        s, cost, conv, it1 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
+                                gtol, lam0, hist1, V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
+                                negd, b)
+        # final correspondences and the unregularised residual
+        rss = 0.0
+        evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
+        for k in range(M):
+            rss += r[k, 0, b] * r[k, 0, b] + r[k, 1, b] * r[k, 1, b]
+            sel_out[b, k] = sel[k, b]
+        for i in range(3):
+            for j in range(3):
+                R_out[b, i, j] = R[i, j, b]
+        t_out[b, 0] = t[0, b]
+        t_out[b, 1] = t[1, b]
+        for p in range(P):
+            coef_out[b, p] = coef[p, b]
+        s_out[b] = s
+        cost_out[b] = cost
+        conv_out[b] = 1 if conv else 0
+        it0_out[b] = it0
+        it1_out[b] = it1
+        rss_out[b] = rss
+
+    return fit_batch_kernel
+
+
+cuda = _cuda = numba_cuda()
+CUDA_KERNEL = _define_cuda(_cuda) if _cuda is not None else None
+
+
+def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+                   two_phase, xp=None, threads_per_block=64):
+    """Run the CUDA kernel (one thread per image) on a batch. ``L`` (B, M, 2) and ``w`` (B, M) are
+    CuPy arrays on a GPU, or NumPy arrays (copied to the device; the simulator). Returns
+    ``(R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)`` as arrays of ``xp`` (NumPy:
+    copied back to the host)."""
+    if CUDA_KERNEL is None:
+        raise RuntimeError("Numba CUDA is not available: cannot run the CUDA landmark fit")
+    xp = np if xp is None else xp
+    B, M = L.shape[0], L.shape[1]
+    S, _, P = C.shape
+    n = 6 + P
+    T = max_iter + 1
+    f8 = np.float64
+
+    def dev(shape, dtype=f8, fill=None):
+        if xp is np:
+            a = np.empty(shape, dtype=dtype) if fill is None else np.full(shape, fill, dtype=dtype)
+            return cuda.to_device(a)
+        return xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
+
+    def put(a):
+        return cuda.to_device(np.ascontiguousarray(a)) if xp is np else xp.ascontiguousarray(xp.asarray(a))
+
+    outs = [dev((B, 3, 3)), dev((B, 2)), dev((B, P)), dev((B, T), fill=np.nan), dev((B, T), fill=np.nan),
+            dev((B, M), np.int64), dev(B), dev(B), dev(B, np.int8), dev(B, np.int64, 0), dev(B, np.int64, 0),
+            dev(B)]
+    scratch = [dev((M, B)), dev((M, B)), dev((S, 3, B)), dev((S, 3, B)), dev((M, B), np.int64),
+               dev((M, B), np.int64), dev((M, 2, B)), dev((M, 2, B)), dev((M, 3, B)), dev((M, 3, B)),
+               dev((n, 2 * M, B)), dev((n, n, B)), dev((n, n, B)), dev((n, B)), dev((n, B)), dev((n, B)),
+               dev((3, 3, B)), dev((3, 3, B)), dev((2, B)), dev((2, B)), dev((P, B)), dev((P, B))]
+    blocks = (B + threads_per_block - 1) // threads_per_block
+    CUDA_KERNEL[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
+                                           put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
+                                           *outs, *scratch)
+    if xp is np:
+        return tuple(o.copy_to_host() for o in outs)
+    return tuple(outs)
