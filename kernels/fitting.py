@@ -508,9 +508,10 @@ def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol
                 Us[k, 0] = Usn[k, 0]
                 Us[k, 1] = Usn[k, 1]
                 Us[k, 2] = Usn[k, 2]
-            _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
-            gmax = _absmax(g)
-            stop = rel_dec or small_step or cost <= _TINY or gmax <= gtol
+            stop = rel_dec or small_step or cost <= _TINY
+            if not stop:  # the system at the answer is only needed to go on (or for the gradient test)
+                _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+                stop = _absmax(g) <= gtol
         else:
             lam_new = lam * nu
             nu = nu * 2.0
