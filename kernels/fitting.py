@@ -100,20 +100,26 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     M = r.shape[0]
     M2 = 2 * M
     s2 = s * s
-    for k in range(M):
-        m = sel[k]
-        sw = s * w[k]
-        cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
-        for c in range(2):
-            a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
-            ak = A[k, c]
-            for p in range(P):
-                ak[p] = a0 * cm0[p] + a1 * cm1[p] + a2 * cm2[p]
-    for p in range(P):
-        jt = JT[6 + p]
+    used = False  # any contour landmark in use (not during the start-up alternation)
+    for k in range(Mf, M):
+        if w[k] != 0.0:
+            used = True
+    need_j = used or not shape_only
+    if need_j:
         for k in range(M):
-            jt[2 * k] = A[k, 0, p]
-            jt[2 * k + 1] = A[k, 1, p]
+            m = sel[k]
+            sw = s * w[k]
+            cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
+            for c in range(2):
+                a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
+                ak = A[k, c]
+                for p in range(P):
+                    ak[p] = a0 * cm0[p] + a1 * cm1[p] + a2 * cm2[p]
+        for p in range(P):
+            jt = JT[6 + p]
+            for k in range(M):
+                jt[2 * k] = A[k, 0, p]
+                jt[2 * k + 1] = A[k, 1, p]
     # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ij (I - r3 r3^T)_ij G_ij
     a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
     a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
@@ -135,10 +141,6 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
     # contour rows: dot products over their Jacobian rows
     # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
     c0 = 2 * Mf
-    used = False
-    for k in range(Mf, M):
-        if w[k] != 0.0:
-            used = True
     if used:
         for p in range(P):
             a = JT[6 + p, c0:M2]
@@ -167,12 +169,29 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
             H[6 + q, 6 + p] = H[6 + p, 6 + q]
     # gradient of the coefficients
     rf = r.reshape(M2)
-    for p in range(P):
-        a = JT[6 + p]
-        acc = 0.0
-        for j in range(M2):
-            acc += a[j] * rf[j]
-        g[6 + p] = acc + reg[p] * coef[p]
+    if need_j:
+        for p in range(P):
+            a = JT[6 + p]
+            acc = 0.0
+            for j in range(M2):
+                acc += a[j] * rf[j]
+            g[6 + p] = acc + reg[p] * coef[p]
+    else:
+        # g = sum_k C_k^T (s w_k R2^T r_k): no Jacobian rows needed
+        gs = g[6:]
+        for p in range(P):
+            gs[p] = reg[p] * coef[p]
+        for k in range(M):
+            sw = s * w[k]
+            if sw == 0.0:
+                continue
+            m = sel[k]
+            v0 = sw * (R[0, 0] * r[k, 0] + R[1, 0] * r[k, 1])
+            v1 = sw * (R[0, 1] * r[k, 0] + R[1, 1] * r[k, 1])
+            v2 = sw * (R[0, 2] * r[k, 0] + R[1, 2] * r[k, 1])
+            cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
+            for p in range(P):
+                gs[p] += v0 * cm0[p] + v1 * cm1[p] + v2 * cm2[p]
     if shape_only:
         return
     # pose rows (omega, log s, t), rotation increment on the left of R:
