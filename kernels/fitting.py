@@ -290,6 +290,39 @@ def _cholesky_solve(A, b, x):
     return True
 
 
+@njit(cache=True, fastmath=_FM)
+def _solve_damped(H, g, lam, d, work, rhs):
+    """LM step: d = -(H + lam diag(max(diag H, 1e-12)))^{-1} g; Cholesky in ``work``, the
+    least-squares fallback where the system is not positive definite, NaN where not finite."""
+    n = H.shape[0]
+    finite = True
+    for i in range(n):
+        hi = H[i]
+        wi = work[i]
+        acc = 0.0
+        for j in range(n):
+            v = hi[j]
+            wi[j] = v
+            acc += v * 0.0  # NaN for an inf or NaN entry
+        wi[i] += lam * max(hi[i], 1e-12)
+        rhs[i] = -g[i]
+        if not (acc == 0.0 and math.isfinite(rhs[i])):
+            finite = False
+    if not finite:
+        for i in range(n):
+            d[i] = np.nan
+        return
+    if _cholesky_solve(work, rhs, d):
+        return
+    for i in range(n):
+        for j in range(n):
+            work[i, j] = H[i, j]
+        work[i, i] += lam * max(H[i, i], 1e-12)
+    sol = np.linalg.lstsq(work, rhs.copy())[0]
+    for i in range(n):
+        d[i] = sol[i]
+
+
 @njit(cache=True)
 def _solve_spd(A, b, x, work):
     """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to the minimum
@@ -476,14 +509,7 @@ def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol
     negd = np.empty(n)
     while it < max_iter:
         it += 1
-        for i in range(n):
-            for j in range(n):
-                Aw[i, j] = H[i, j]
-        for i in range(n):
-            Aw[i, i] += lam * max(H[i, i], 1e-12)
-        for i in range(n):
-            negd[i] = -g[i]
-        _solve_spd(Aw, negd, d, work)
+        _solve_damped(H, g, lam, d, Aw, negd)
         _rodrigues_left(d[0], d[1], d[2], R, Rn)
         sn = s * math.exp(d[3])
         tn[0] = t[0] + d[4]

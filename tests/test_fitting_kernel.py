@@ -69,6 +69,13 @@ def test_kernel_cholesky_and_affine_pose():
     assert not kf._cholesky_solve(Aind.copy(), b, x)
     kf._solve_spd(Aind, b, x, np.empty((n, n)))
     np.testing.assert_allclose(x, np.linalg.solve(Aind, b), rtol=1e-8)
+    # the damped LM system, positive definite and not (least-squares fallback)
+    for Hm in (A, Aind):
+        D = np.maximum(np.diag(Hm), 1e-12)
+        kf._solve_damped(Hm, b, 1e-3, x, np.empty((n, n)), np.empty(n))
+        np.testing.assert_allclose(x, -np.linalg.solve(Hm + 1e-3 * np.diag(D), b), rtol=1e-8)
+    kf._solve_damped(np.where(np.eye(n) > 0, np.inf, A), b, 1e-3, x, np.empty((n, n)), np.empty(n))
+    assert np.isnan(x).all()
     # a non-finite system gives NaN, not an exception
     kf._solve_spd(np.where(np.eye(n) > 0, np.nan, A), b, x, np.empty((n, n)))
     assert np.isnan(x).all()
