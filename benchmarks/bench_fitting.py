@@ -110,7 +110,7 @@ def one_run(model, pts, batch, eos_fit, repeat):
     B = batch.shape[0]
     nthr = numba.get_num_threads()
     r["batch_fits_per_s"] = B / median_time(lambda: fit_landmarks(model, batch, (H, W)), 3)
-    numba.set_num_threads(1)
+    numba.set_num_threads(1)  # geomfit splits batches over numba.get_num_threads() threads
     try:
         r["batch_fits_per_s_1thread"] = B / median_time(lambda: fit_landmarks(model, batch, (H, W)), 3)
     finally:

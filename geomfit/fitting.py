@@ -601,6 +601,28 @@ def _kernels():
     return _KERNELS[0]
 
 
+_EXECUTOR = {}
+
+
+def _n_threads():
+    """Threads for a batch: Numba's setting (NUMBA_NUM_THREADS / numba.set_num_threads)."""
+    try:
+        import numba
+
+        return max(1, int(numba.get_num_threads()))
+    except Exception:  # pragma: no cover
+        return 1
+
+
+def _executor(n):
+    ex = _EXECUTOR.get(n)
+    if ex is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = _EXECUTOR[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="geomfit-fit")
+    return ex
+
+
 def _trim_hist(h, it):
     T = int(it.max()) + 1 if it.size else 1
     return h[:, :T]
@@ -625,11 +647,21 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     it1 = np.zeros(B, dtype=np.int64)
     rss = np.empty(B)
     # small batches stay on the calling thread: waking the thread pool costs more than it gains
-    run = kf.fit_batch_parallel if B >= 16 else kf.fit_batch_serial
+    reg = np.ascontiguousarray(reg, dtype=np.float64)
+    reg_init = np.ascontiguousarray(reg_init, dtype=np.float64)
+
+    def run(a, b):  # images a..b-1; the kernel releases the GIL
+        kf.fit_batch(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
+                     max_iter, ftol, xtol, gtol, 1e-3, two_phase, R[a:b], t[a:b], coef[a:b], hist0[a:b],
+                     hist1[a:b], sel[a:b], s[a:b], cost[a:b], conv[a:b], it0[a:b], it1[a:b], rss[a:b])
+
+    nthr = _n_threads()
     with np.errstate(all="ignore"):
-        run(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, np.ascontiguousarray(reg, dtype=np.float64),
-            np.ascontiguousarray(reg_init, dtype=np.float64), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase,
-            R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)
+        if B < 16 or nthr == 1:  # small batches stay on the calling thread
+            run(0, B)
+        else:  # one contiguous chunk per thread
+            edges = np.linspace(0, B, nthr + 1).astype(int)
+            list(_executor(nthr).map(run, edges[:-1], edges[1:]))
     hist = _trim_hist(hist1, it1)
     if two_phase:
         hist = np.concatenate([_trim_hist(hist0, it0), hist], axis=1)
@@ -720,8 +752,8 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
         False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
     engine : {'auto', 'numba', 'xp', 'cuda'}
-        ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``), one image per core
-        thread; ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
+        ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``); batches of 16 or
+        more are split into one chunk per thread (``numba.get_num_threads()``); ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
         array operations; the reference the kernel is tested against). ``'auto'`` (default):
         the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
         kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU

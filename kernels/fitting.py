@@ -4,7 +4,9 @@ Private compiled loops behind :func:`geomfit.fitting.fit_landmarks` (which valid
 prepares the model tables). The kernel runs the whole fit of one image (initialisation,
 Levenberg-Marquardt, final residual) in registers and small scratch arrays, the same algorithm
 as the vectorised NumPy/CuPy path of :mod:`geomfit.fitting` (the reference it is tested
-against); :func:`fit_batch_parallel` spreads the images of a batch over the CPU cores (``prange``).
+against). :func:`fit_batch` runs a batch (or a chunk of one) with the GIL released, so that the
+wrapper can run chunks of a large batch on several threads (no ``prange``: the parallel
+compilation took another half of the serial kernel's compile time, for the same speed).
 
 Layout of the model tables (``s`` = slots: fixed landmark vertices, then the right and the left
 contour candidates; ``P`` = identity + expression coefficients):
@@ -21,11 +23,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from geomfit.backend import numba_cuda
 
-__all__ = ["fit_batch_parallel", "fit_batch_serial", "fit_one", "fit_batch_cuda", "CUDA_KERNEL"]
+__all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA_KERNEL"]
 
 _FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
 _TINY = 1e-26
@@ -292,8 +294,8 @@ def _cholesky_solve(A, b, x):
 
 @njit(cache=True, fastmath=_FM)
 def _solve_damped(H, g, lam, d, work, rhs):
-    """LM step: d = -(H + lam diag(max(diag H, 1e-12)))^{-1} g; Cholesky in ``work``, the
-    least-squares fallback where the system is not positive definite, NaN where not finite."""
+    """LM step: d = -(H + lam diag(max(diag H, 1e-12)))^{-1} g; Cholesky in ``work``, pivoted LU
+    where the system is not numerically positive definite, NaN where not finite."""
     n = H.shape[0]
     finite = True
     for i in range(n):
@@ -318,15 +320,13 @@ def _solve_damped(H, g, lam, d, work, rhs):
         for j in range(n):
             work[i, j] = H[i, j]
         work[i, i] += lam * max(H[i, i], 1e-12)
-    sol = np.linalg.lstsq(work, rhs.copy())[0]
-    for i in range(n):
-        d[i] = sol[i]
+    _lu_solve(work, rhs, d)
 
 
 @njit(cache=True)
 def _solve_spd(A, b, x, work):
-    """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to the minimum
-    norm least-squares solution; a non-finite one gives NaN."""
+    """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to pivoted LU;
+    a non-finite one gives NaN."""
     n = A.shape[0]
     finite = True
     for i in range(n):
@@ -342,9 +342,44 @@ def _solve_spd(A, b, x, work):
     work[:, :] = A
     if _cholesky_solve(work, b, x):
         return
-    sol = np.linalg.lstsq(A, b.copy())[0]
-    for i in range(n):
-        x[i] = sol[i]
+    work[:, :] = A
+    _lu_solve(work, b, x)
+
+
+@njit(cache=True)
+def _lu_solve(A, b, x):
+    """Gaussian elimination with partial pivoting (A overwritten): the fallback for systems that
+    are not numerically positive definite. An exactly singular system gives NaN (the array path
+    takes the pseudo-inverse there; LM rejects such a step and raises the damping)."""
+    n = A.shape[0]
+    y = b.copy()
+    for c in range(n):
+        piv = c
+        for i in range(c + 1, n):
+            if abs(A[i, c]) > abs(A[piv, c]):
+                piv = i
+        if not abs(A[piv, c]) > 0.0:
+            for i in range(n):
+                x[i] = np.nan
+            return
+        if piv != c:
+            for j in range(n):
+                A[c, j], A[piv, j] = A[piv, j], A[c, j]
+            y[c], y[piv] = y[piv], y[c]
+        ac = A[c]
+        for i in range(c + 1, n):
+            ai = A[i]
+            f = ai[c] / ac[c]
+            if f != 0.0:
+                for j in range(c, n):
+                    ai[j] -= f * ac[j]
+                y[i] -= f * y[c]
+    for i in range(n - 1, -1, -1):
+        ai = A[i]
+        sm = y[i]
+        for k in range(i + 1, n):
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
 
 
 @njit(cache=True)
@@ -438,8 +473,13 @@ def _affine_pose(X, L, w, R, t):
                     for k in range(i + 1, 4):
                         sm -= N[i, k] * Aff[k, j]
                     Aff[i, j] = sm / N[i, i]
-    if not ok:
-        Aff = np.linalg.lstsq(np.where(np.isfinite(N), N, 0.0), np.where(np.isfinite(Bm), Bm, 0.0))[0]
+    if not ok:  # singular or non-finite normal equations: no camera (the fit reports failure)
+        for i in range(3):
+            for j in range(3):
+                R[i, j] = np.nan
+        t[0] = np.nan
+        t[1] = np.nan
+        return np.nan
     Mc = np.empty((2, 3))
     for i in range(2):
         for j in range(3):
@@ -642,20 +682,11 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
     return s, cost, conv, it0, it1, rss
 
 
-@njit(cache=True, parallel=True)
-def fit_batch_parallel(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
-                       lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
-    """:func:`fit_one` for every image b of a batch, images spread over the cores."""
-    for b in prange(L.shape[0]):
-        s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
-            mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
-            two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
-
-
-@njit(cache=True)
-def fit_batch_serial(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+@njit(cache=True, nogil=True)
+def fit_batch(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
                      lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
-    """:func:`fit_one` for every image of a (small) batch on the calling thread."""
+    """:func:`fit_one` for every image of a batch (or of a chunk of one: the wrapper runs chunks
+    on several threads; the GIL is released)."""
     for b in range(L.shape[0]):
         s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
             mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,

@@ -28,7 +28,7 @@ def _compare(a, b, atol=1e-8):
 @pytest.mark.parametrize("w_reg", [1e-3, 1e-2, 0.0])
 def test_kernel_equals_array_path_random(contours, w_reg):
     model = random_model(seed=3, contours=contours)
-    L, *_ = synth(model, 18, seed=21)  # >= 16: the parallel (prange) kernel
+    L, *_ = synth(model, 18, seed=21)  # >= 16: split over threads
     L = L + np.random.default_rng(22).normal(size=L.shape) * 2.0
     L[0, [10, 40]] = np.nan  # missing fixed landmarks
     L[2, 3] = np.nan  # a missing jaw landmark
@@ -64,7 +64,7 @@ def test_kernel_cholesky_and_affine_pose():
     x = np.empty(n)
     assert kf._cholesky_solve(A.copy(), b, x)
     np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-9)
-    # not positive definite: reported, and _solve_spd falls back to least squares
+    # not positive definite: reported, and _solve_spd falls back to pivoted LU
     Aind = A - 50.0 * np.eye(n)
     assert not kf._cholesky_solve(Aind.copy(), b, x)
     kf._solve_spd(Aind, b, x, np.empty((n, n)))
