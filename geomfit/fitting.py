@@ -18,7 +18,13 @@ Camera convention (the same as eos's): the model's y axis points up, image y poi
 ``translation = (t_x, t_y)`` is therefore in pixels with a bottom-left origin; ``projected`` is
 in ordinary pixel coordinates (top-left origin, y down), like the iBUG ``.pts`` files.
 
-Algorithm (all images of a batch advance together in array operations, NumPy or CuPy):
+Implementations (``engine`` of :func:`fit_landmarks`; the same algorithm and results): a compiled
+Numba kernel that runs the whole fit of one image per call (``geomfit.kernels.fitting``; default
+for NumPy input, batches split over threads), a Numba CUDA kernel (one GPU thread per image), and
+the vectorised array path below in which all images of a batch advance together in NumPy or CuPy
+array operations (default for CuPy input; the reference the kernels are tested against).
+
+Algorithm:
 
 1. closed-form affine camera fit to the mean shape's fixed landmarks, projected to the nearest
    scaled orthographic camera (SVD);

@@ -7,6 +7,10 @@ as the vectorised NumPy/CuPy path of :mod:`geomfit.fitting` (the reference it is
 against). :func:`fit_batch` runs a batch (or a chunk of one) with the GIL released, so that the
 wrapper can run chunks of a large batch on several threads (no ``prange``: the parallel
 compilation took another half of the serial kernel's compile time, for the same speed).
+:data:`CUDA_KERNEL` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
+thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
+
+Reference: seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
 
 Layout of the model tables (``s`` = slots: fixed landmark vertices, then the right and the left
 contour candidates; ``P`` = identity + expression coefficients):
