@@ -475,13 +475,18 @@ def _prepare_landmarks(landmarks, image_size, visible, xp, p: _Prep):
     nw = w.sum(1)
     c = (Ly * w[:, :, None]).sum(1) / nw[:, None]
     D = (Ly - c[:, None, :]) * w[:, :, None]
-    cov = xp.swapaxes(D, 1, 2) @ D / nw[:, None, None]
-    ev = xp.linalg.eigvalsh(cov)
-    bad = asnumpy(ev[:, 0] <= 1e-6 * ev[:, 1])
+    # 2x2 covariance [[a, b], [b, e]] in closed form: trace, determinant, largest eigenvalue
+    a = (D[..., 0] * D[..., 0]).sum(1) / nw
+    b = (D[..., 0] * D[..., 1]).sum(1) / nw
+    e = (D[..., 1] * D[..., 1]).sum(1) / nw
+    tr = a + e
+    ev_max = 0.5 * tr + xp.sqrt(0.25 * (a - e) ** 2 + b * b)
+    # smallest eigenvalue <= 1e-6 * largest  <=>  det <= 1e-6 * largest^2
+    bad = asnumpy((ev_max <= 0) | (a * e - b * b <= 1e-6 * ev_max * ev_max))
     if bad.any():
         which = np.nonzero(bad)[0][:10].tolist()
         raise ValueError(f"landmarks are collinear (or coincide) in image(s) {which}: cannot fit a pose")
-    d = xp.sqrt(ev.sum(1))
+    d = xp.sqrt(tr)
     Ln = (Ly - c[:, None, :]) / d[:, None, None] * w[:, :, None]
     return single, Ln, w, c, d, hw
 
@@ -661,9 +666,9 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
                      max_iter, ftol, xtol, gtol, 1e-3, two_phase, R[a:b], t[a:b], coef[a:b], hist0[a:b],
                      hist1[a:b], sel[a:b], s[a:b], cost[a:b], conv[a:b], it0[a:b], it1[a:b], rss[a:b])
 
-    nthr = _n_threads()
+    nthr = _n_threads() if B >= 16 else 1
     with np.errstate(all="ignore"):
-        if B < 16 or nthr == 1:  # small batches stay on the calling thread
+        if nthr == 1:  # small batches stay on the calling thread
             run(0, B)
         else:  # one contiguous chunk per thread
             edges = np.linspace(0, B, nthr + 1).astype(int)
