@@ -28,6 +28,7 @@ _MODULES = {
     "geomfit.metrics": ("depth_mae", "micc_errors", "rigid_icp", "landmark_nme"),
     "geomfit.data": ("resolve_model", "download_model"),
     "geomfit.photo": ("read_image",),
+    "geomfit.rtv": ("rtv_smooth", "rtv_weights", "rtv_energy", "solve_screened_poisson"),
     "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}

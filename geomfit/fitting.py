@@ -18,7 +18,13 @@ Camera convention (the same as eos's): the model's y axis points up, image y poi
 ``translation = (t_x, t_y)`` is therefore in pixels with a bottom-left origin; ``projected`` is
 in ordinary pixel coordinates (top-left origin, y down), like the iBUG ``.pts`` files.
 
-Algorithm (all images of a batch advance together in array operations, NumPy or CuPy):
+Implementations (``engine`` of :func:`fit_landmarks`; the same algorithm and results): a compiled
+Numba kernel that runs the whole fit of one image per call (``geomfit.kernels.fitting``; default
+for NumPy input, batches split over threads), a Numba CUDA kernel (one GPU thread per image), and
+the vectorised array path below in which all images of a batch advance together in NumPy or CuPy
+array operations (default for CuPy input; the reference the kernels are tested against).
+
+Algorithm:
 
 1. closed-form affine camera fit to the mean shape's fixed landmarks, projected to the nearest
    scaled orthographic camera (SVD);
@@ -37,7 +43,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .backend import asnumpy, get_array_module
+from .backend import asnumpy, cuda_available, get_array_module
 from .model import MorphableModel
 
 __all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
@@ -207,6 +213,10 @@ class _Prep:
         self.G9 = xp.asarray(G.reshape(9, self.P * self.P))
         self.Gtr = xp.asarray(G[0, 0] + G[1, 1] + G[2, 2])
         self.mean_fixed = xp.asarray(mean[: self.Mf])
+        # tables of the compiled CPU kernel (kernels/fitting.py), host memory
+        self.k_mean = np.ascontiguousarray(mean)
+        self.k_C = np.ascontiguousarray(basis[:, :, 1:])
+        self.k_G = np.ascontiguousarray(G)
 
 
 def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
@@ -465,13 +475,18 @@ def _prepare_landmarks(landmarks, image_size, visible, xp, p: _Prep):
     nw = w.sum(1)
     c = (Ly * w[:, :, None]).sum(1) / nw[:, None]
     D = (Ly - c[:, None, :]) * w[:, :, None]
-    cov = xp.swapaxes(D, 1, 2) @ D / nw[:, None, None]
-    ev = xp.linalg.eigvalsh(cov)
-    bad = asnumpy(ev[:, 0] <= 1e-6 * ev[:, 1])
+    # 2x2 covariance [[a, b], [b, e]] in closed form: trace, determinant, largest eigenvalue
+    a = (D[..., 0] * D[..., 0]).sum(1) / nw
+    b = (D[..., 0] * D[..., 1]).sum(1) / nw
+    e = (D[..., 1] * D[..., 1]).sum(1) / nw
+    tr = a + e
+    ev_max = 0.5 * tr + xp.sqrt(0.25 * (a - e) ** 2 + b * b)
+    # smallest eigenvalue <= 1e-6 * largest  <=>  det <= 1e-6 * largest^2
+    bad = asnumpy((ev_max <= 0) | (a * e - b * b <= 1e-6 * ev_max * ev_max))
     if bad.any():
         which = np.nonzero(bad)[0][:10].tolist()
         raise ValueError(f"landmarks are collinear (or coincide) in image(s) {which}: cannot fit a pose")
-    d = xp.sqrt(ev.sum(1))
+    d = xp.sqrt(tr)
     Ln = (Ly - c[:, None, :]) / d[:, None, None] * w[:, :, None]
     return single, Ln, w, c, d, hw
 
@@ -581,14 +596,116 @@ def _lm_batch(p: _Prep, Ln, w, R, s, t, coef, reg, max_iter, ftol, xtol, gtol, l
 
 
 # ------------------------------------------------------------------------------------------------
+# Compiled CPU path (kernels/fitting.py): one image per thread, same algorithm
+# ------------------------------------------------------------------------------------------------
+_KERNELS = []
+
+
+def _kernels():
+    """The Numba kernel module, or None where Numba cannot be imported."""
+    if not _KERNELS:
+        try:
+            from .kernels import fitting as kf
+        except ImportError:  # pragma: no cover - numba is a dependency
+            kf = None
+        _KERNELS.append(kf)
+    return _KERNELS[0]
+
+
+_EXECUTOR = {}
+
+
+def _n_threads():
+    """Threads for a batch: Numba's setting (NUMBA_NUM_THREADS / numba.set_num_threads)."""
+    try:
+        import numba
+
+        return max(1, int(numba.get_num_threads()))
+    except Exception:  # pragma: no cover
+        return 1
+
+
+def _executor(n):
+    ex = _EXECUTOR.get(n)
+    if ex is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = _EXECUTOR[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="geomfit-fit")
+    return ex
+
+
+def _trim_hist(h, it):
+    T = int(it.max()) + 1 if it.size else 1
+    return h[:, :T]
+
+
+def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase):
+    kf = _kernels()
+    B, M = w.shape
+    P = p.P
+    Ln = np.ascontiguousarray(Ln, dtype=np.float64)
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    R = np.empty((B, 3, 3))
+    t = np.empty((B, 2))
+    coef = np.empty((B, P))
+    hist0 = np.full((B, max_iter + 1), np.nan)
+    hist1 = np.full((B, max_iter + 1), np.nan)
+    sel = np.empty((B, M), dtype=np.int64)
+    s = np.empty(B)
+    cost = np.empty(B)
+    conv = np.empty(B, dtype=np.bool_)
+    it0 = np.zeros(B, dtype=np.int64)
+    it1 = np.zeros(B, dtype=np.int64)
+    rss = np.empty(B)
+    # small batches stay on the calling thread: waking the thread pool costs more than it gains
+    reg = np.ascontiguousarray(reg, dtype=np.float64)
+    reg_init = np.ascontiguousarray(reg_init, dtype=np.float64)
+
+    def run(a, b):  # images a..b-1; the kernel releases the GIL
+        kf.fit_batch(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
+                     max_iter, ftol, xtol, gtol, 1e-3, two_phase, R[a:b], t[a:b], coef[a:b], hist0[a:b],
+                     hist1[a:b], sel[a:b], s[a:b], cost[a:b], conv[a:b], it0[a:b], it1[a:b], rss[a:b])
+
+    nthr = _n_threads() if B >= 16 else 1
+    with np.errstate(all="ignore"):
+        if nthr == 1:  # small batches stay on the calling thread
+            run(0, B)
+        else:  # one contiguous chunk per thread
+            edges = np.linspace(0, B, nthr + 1).astype(int)
+            list(_executor(nthr).map(run, edges[:-1], edges[1:]))
+    hist = _trim_hist(hist1, it1)
+    if two_phase:
+        hist = np.concatenate([_trim_hist(hist0, it0), hist], axis=1)
+    return R, s, t, coef, cost, conv, it0 + it1, hist, rss, sel
+
+
+def _fit_cuda(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase, xp):
+    kf = _kernels()
+    if kf is None or kf.CUDA_KERNEL is None or not cuda_available():
+        raise RuntimeError("engine='cuda' needs Numba CUDA with a GPU (or NUMBA_ENABLE_CUDASIM=1)")
+    outs = kf.fit_batch_cuda(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, asnumpy(reg),
+                             asnumpy(reg_init), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase, xp=xp)
+    R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss = outs
+    hist = _trim_hist(hist1, it1)
+    if two_phase:
+        hist = xp.concatenate([_trim_hist(hist0, it0), hist], axis=1)
+    return R, s, t, coef, cost, conv.astype(bool), it0 + it1, hist, rss, sel
+
+
+# ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
-def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp, multi_id=None):
+def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp, multi_id=None,
+            final=None):
     B = Ln.shape[0]
     # residual in pixels with the final correspondences
-    _, r, _, sel = _evaluate(p, Ln, w, R, s, t, coef, xp.zeros(p.P))
+    if final is None:
+        _, r, _, sel = _evaluate(p, Ln, w, R, s, t, coef, xp.zeros(p.P))
+        rss = (r * r).sum((1, 2))
+    else:
+        rss, sel = final
     nused = w.sum(1)
-    rmse = xp.sqrt((r * r).sum((1, 2)) / nused) * d
+    rmse = xp.sqrt(rss / nused) * d
     slot_v = xp.asarray(p.slot_vertex)
     lv = xp.full((B, N_LANDMARKS), -1, dtype=xp.int64)
     vsel = xp.where(w > 0, slot_v[sel], -1)
@@ -610,7 +727,8 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
 def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None, w_id: float = 1e-3,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
                   n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
-                  gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True) -> LandmarkFit:
+                  gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True,
+                  engine: str = "auto") -> LandmarkFit:
     """Fit pose, identity and expression of a morphable model to 2D landmarks (seed 001 Eq. 1).
 
     Parameters
@@ -643,7 +761,14 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         plausible when ``w_id``/``w_exp`` are small or 0).
     fast : bool
         Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
-        False forms ``J^T J`` directly (reference path, same result).
+        False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
+    engine : {'auto', 'numba', 'xp', 'cuda'}
+        ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``); batches of 16 or
+        more are split into one chunk per thread (``numba.get_num_threads()``); ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
+        array operations; the reference the kernel is tested against). ``'auto'`` (default):
+        the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
+        kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU
+        or under ``NUMBA_ENABLE_CUDASIM=1``.
 
     Returns
     -------
@@ -677,6 +802,22 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
     # the initial alternation is regularised at least by w_init: a start point, not the answer
     reg_init = xp.maximum(reg, float(w_init))
+    if engine not in ("auto", "numba", "xp", "cuda"):
+        raise ValueError(f"engine must be 'auto', 'numba', 'xp' or 'cuda', got {engine!r}")
+    if engine == "numba" and xp is not np:
+        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' or 'cuda' path)")
+    if engine == "cuda":
+        out = _fit_cuda(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
+                        float(gtol), bool(xp.any(reg_init != reg)), xp)
+        R, s, t, coef, cost, conv, iters, hist, rss, sel = out
+        return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
+                       final=(rss, sel))
+    if (engine == "numba" or (engine == "auto" and xp is np)) and fast and _kernels() is not None:
+        out = _fit_kernel(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
+                          float(gtol), bool(np.any(reg_init != reg)))
+        R, s, t, coef, cost, conv, iters, hist, rss, sel = out
+        return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
+                       final=(rss, sel))
     R, s, t, coef = _initialise(p, Ln, w, reg_init, int(n_alternations), xp)
     if bool(xp.any(reg_init != reg)):
         # continuation: converge loosely under the start-up regulariser first, so that the jaw

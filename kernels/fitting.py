@@ -1,0 +1,1183 @@
+"""Numba kernels of the coarse landmark fit (seed 001 Eq. 1): one image per loop iteration.
+
+Private compiled loops behind :func:`geomfit.fitting.fit_landmarks` (which validates input and
+prepares the model tables). The kernel runs the whole fit of one image (initialisation,
+Levenberg-Marquardt, final residual) in registers and small scratch arrays, the same algorithm
+as the vectorised NumPy/CuPy path of :mod:`geomfit.fitting` (the reference it is tested
+against). :func:`fit_batch` runs a batch (or a chunk of one) with the GIL released, so that the
+wrapper can run chunks of a large batch on several threads (no ``prange``: the parallel
+compilation took another half of the serial kernel's compile time, for the same speed).
+:data:`CUDA_KERNEL` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
+thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
+
+Reference: seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
+
+Layout of the model tables (``s`` = slots: fixed landmark vertices, then the right and the left
+contour candidates; ``P`` = identity + expression coefficients):
+
+- ``mean`` (S, 3), ``C`` (S, 3, P): mean and basis rows of every slot;
+- ``G`` (3, 3, P, P): ``G[i, j] = sum_k C[k, i]^T C[k, j]`` over the fixed slots, so that the
+  shape block of ``J^T J`` for the fixed landmarks is ``s^2 sum_ij (I - r3 r3^T)_ij G[i, j]``.
+
+Per image, landmarks ``L`` (M, 2) are in the normalised, y-up frame of the wrapper, in residual
+order (fixed, right jaw, left jaw); ``w`` (M,) their weights (0 = unused).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from geomfit.backend import numba_cuda
+
+__all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA_KERNEL"]
+
+_FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
+_TINY = 1e-26
+
+
+@njit(cache=True, fastmath=_FM)
+def _slot_shape(mean, C, coef, V):
+    S, _, P = C.shape
+    for k in range(S):
+        for i in range(3):
+            acc = 0.0
+            for p in range(P):
+                acc += C[k, i, p] * coef[p]
+            V[k, i] = mean[k, i] + acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us):
+    """Cost; fills residuals r (M, 2), chosen slots sel (M,), rotated chosen vertices Us (M, 3)."""
+    S = C.shape[0]
+    P = C.shape[2]
+    _slot_shape(mean, C, coef, V)
+    for k in range(S):
+        for i in range(3):
+            U[k, i] = R[i, 0] * V[k, 0] + R[i, 1] * V[k, 1] + R[i, 2] * V[k, 2]
+    for k in range(Mf):
+        sel[k] = k
+    # sliding contour: nearest projected candidate of the landmark's side
+    for side in range(2):
+        m0 = Mf if side == 0 else Mf + Mr
+        nm = Mr if side == 0 else Ml
+        c0 = Mf if side == 0 else Mf + nr
+        nc = nr if side == 0 else nl
+        for j in range(nm):
+            li = m0 + j
+            best = c0
+            bd = np.inf
+            for c in range(c0, c0 + nc):
+                dx = L[li, 0] - (s * U[c, 0] + t[0])
+                dy = L[li, 1] - (s * U[c, 1] + t[1])
+                d2 = dx * dx + dy * dy
+                if d2 < bd or (c == c0 and not d2 >= bd):
+                    bd = d2
+                    best = c
+            sel[li] = best
+    M = L.shape[0]
+    cost = 0.0
+    for k in range(M):
+        m = sel[k]
+        for i in range(3):
+            Us[k, i] = U[m, i]
+        r0 = (s * U[m, 0] + t[0] - L[k, 0]) * w[k]
+        r1 = (s * U[m, 1] + t[1] - L[k, 1]) * w[k]
+        r[k, 0] = r0
+        r[k, 1] = r1
+        cost += r0 * r0 + r1 * r1
+    for p in range(P):
+        cost += coef[p] * coef[p] * reg[p]
+    return cost
+
+
+@njit(cache=True, fastmath=_FM)
+def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, shape_only):
+    """Gauss-Newton system: H (6+P, 6+P) = J^T J + diag(0, reg), g = J^T r + diag(0, reg) coef.
+
+    Scratch: ``A`` (M, 2, P) receives the coefficient rows of J (rotated, scaled basis rows of the
+    chosen slots), ``JT`` (6+P, 2M) the transposed Jacobian (pose rows first). ``shape_only``
+    fills only the coefficient block ``H[6:, 6:]`` and ``g[6:]``. Sums run as dot products over
+    Jacobian rows (contiguous, vectorised) except for the fixed landmarks' coefficient block,
+    which comes from the precomputed Gram tables ``G``."""
+    P = C.shape[2]
+    M = r.shape[0]
+    M2 = 2 * M
+    s2 = s * s
+    used = False  # any contour landmark in use (not during the start-up alternation)
+    for k in range(Mf, M):
+        if w[k] != 0.0:
+            used = True
+    need_j = used or not shape_only
+    if need_j:
+        for k in range(M):
+            m = sel[k]
+            sw = s * w[k]
+            cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
+            for c in range(2):
+                a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
+                ak = A[k, c]
+                for p in range(P):
+                    ak[p] = a0 * cm0[p] + a1 * cm1[p] + a2 * cm2[p]
+        for p in range(P):
+            jt = JT[6 + p]
+            for k in range(M):
+                jt[2 * k] = A[k, 0, p]
+                jt[2 * k + 1] = A[k, 1, p]
+    # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ij (I - r3 r3^T)_ij G_ij
+    a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
+    a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
+    a22 = s2 * (1.0 - R[2, 2] * R[2, 2])
+    a01 = -s2 * R[2, 0] * R[2, 1]
+    a02 = -s2 * R[2, 0] * R[2, 2]
+    a12 = -s2 * R[2, 1] * R[2, 2]
+    for p in range(P):
+        h = H[6 + p, 6:]
+        if Mf > 0:
+            g00, g11, g22 = G[0, 0, p], G[1, 1, p], G[2, 2, p]
+            g01, g10, g02, g20, g12, g21 = G[0, 1, p], G[1, 0, p], G[0, 2, p], G[2, 0, p], G[1, 2, p], G[2, 1, p]
+            for q in range(p, P):
+                h[q] = (a00 * g00[q] + a11 * g11[q] + a22 * g22[q] + a01 * (g01[q] + g10[q])
+                        + a02 * (g02[q] + g20[q]) + a12 * (g12[q] + g21[q]))
+        else:
+            for q in range(p, P):
+                h[q] = 0.0
+    # contour rows: dot products over their Jacobian rows
+    # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
+    c0 = 2 * Mf
+    if used:
+        for p in range(P):
+            a = JT[6 + p, c0:M2]
+            h = H[6 + p, 6:]
+            for q in range(p, P):
+                b = JT[6 + q, c0:M2]
+                acc = 0.0
+                for j in range(M2 - c0):
+                    acc += a[j] * b[j]
+                h[q] += acc
+    # fixed landmarks whose weight is not 1 (missing ones): correct the Gram term
+    for k in range(Mf):
+        wk = w[k]
+        if wk != 1.0:
+            m = sel[k]
+            f = s2 * (wk * wk - 1.0)
+            for c in range(2):
+                a0, a1, a2 = R[c, 0], R[c, 1], R[c, 2]
+                for p in range(P):
+                    ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
+                    for q in range(p, P):
+                        H[6 + p, 6 + q] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+    for p in range(P):
+        H[6 + p, 6 + p] += reg[p]
+        for q in range(p + 1, P):
+            H[6 + q, 6 + p] = H[6 + p, 6 + q]
+    # gradient of the coefficients
+    rf = r.reshape(M2)
+    if need_j:
+        for p in range(P):
+            a = JT[6 + p]
+            acc = 0.0
+            for j in range(M2):
+                acc += a[j] * rf[j]
+            g[6 + p] = acc + reg[p] * coef[p]
+    else:
+        # g = sum_k C_k^T (s w_k R2^T r_k): no Jacobian rows needed
+        gs = g[6:]
+        for p in range(P):
+            gs[p] = reg[p] * coef[p]
+        for k in range(M):
+            sw = s * w[k]
+            if sw == 0.0:
+                continue
+            m = sel[k]
+            v0 = sw * (R[0, 0] * r[k, 0] + R[1, 0] * r[k, 1])
+            v1 = sw * (R[0, 1] * r[k, 0] + R[1, 1] * r[k, 1])
+            v2 = sw * (R[0, 2] * r[k, 0] + R[1, 2] * r[k, 1])
+            cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
+            for p in range(P):
+                gs[p] += v0 * cm0[p] + v1 * cm1[p] + v2 * cm2[p]
+    if shape_only:
+        return
+    # pose rows (omega, log s, t), rotation increment on the left of R:
+    # row x: (0, u2, -u1, u0, w, 0); row y: (-u2, 0, u0, u1, 0, w) with u = s w (R v)
+    for k in range(M):
+        wk = w[k]
+        sw = s * wk
+        u0, u1, u2 = sw * Us[k, 0], sw * Us[k, 1], sw * Us[k, 2]
+        jx = 2 * k
+        jy = 2 * k + 1
+        JT[0, jx] = 0.0
+        JT[1, jx] = u2
+        JT[2, jx] = -u1
+        JT[3, jx] = u0
+        JT[4, jx] = wk
+        JT[5, jx] = 0.0
+        JT[0, jy] = -u2
+        JT[1, jy] = 0.0
+        JT[2, jy] = u0
+        JT[3, jy] = u1
+        JT[4, jy] = 0.0
+        JT[5, jy] = wk
+    n = 6 + P
+    for i in range(6):
+        a = JT[i]
+        acc = 0.0
+        for l in range(M2):
+            acc += a[l] * rf[l]
+        g[i] = acc
+        for j in range(i, n):
+            b = JT[j]
+            acc = 0.0
+            for l in range(M2):
+                acc += a[l] * b[l]
+            H[i, j] = acc
+            H[j, i] = acc
+
+
+@njit(cache=True, fastmath=_FM)
+def _potrf_loops(A):
+    """In-place lower Cholesky factor of the row-major SPD matrix A (dot-product form); False when A
+    is not numerically positive definite."""
+    n = A.shape[0]
+    for i in range(n):
+        ai = A[i]
+        for j in range(i + 1):
+            aj = A[j]
+            sm = ai[j]
+            for k in range(j):
+                sm -= ai[k] * aj[k]
+            if i == j:
+                if not sm > 0.0 or not math.isfinite(sm):
+                    return False
+                ai[i] = math.sqrt(sm)
+            else:
+                ai[j] = sm / aj[j]
+    return True
+
+
+try:  # LAPACK dpotrf through Numba's own binding (the one np.linalg.cholesky uses): cacheable
+    from numba.core import types as _nbtypes
+    from numba.np.linalg import _LAPACK, ensure_lapack
+
+    ensure_lapack()
+    _xxpotrf = _LAPACK().numba_xxpotrf(_nbtypes.float64)
+    _KIND, _UPLO = ord("d"), ord("U")
+
+    @njit(cache=True)
+    def _potrf(A):
+        """In-place lower Cholesky factor of the row-major SPD matrix A (LAPACK dpotrf on the
+        column-major view, upper triangle = our lower one); False when not positive definite."""
+        n = A.shape[0]
+        return _xxpotrf(_KIND, _UPLO, n, A.ctypes, n) == 0
+except Exception:  # pragma: no cover - older/newer Numba without this binding
+    _potrf = _potrf_loops
+
+
+@njit(cache=True, fastmath=_FM)
+def _cholesky_solve(A, b, x):
+    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor, lower
+    triangle). Returns False (x untouched) when A is not numerically positive definite."""
+    n = A.shape[0]
+    if not _potrf(A):
+        return False
+    for i in range(n):
+        ai = A[i]
+        sm = b[i]
+        for k in range(i):
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
+    for i in range(n - 1, -1, -1):
+        sm = x[i]
+        for k in range(i + 1, n):
+            sm -= A[k, i] * x[k]
+        x[i] = sm / A[i, i]
+    return True
+
+
+@njit(cache=True, fastmath=_FM)
+def _solve_damped(H, g, lam, d, work, rhs):
+    """LM step: d = -(H + lam diag(max(diag H, 1e-12)))^{-1} g; Cholesky in ``work``, pivoted LU
+    where the system is not numerically positive definite, NaN where not finite."""
+    n = H.shape[0]
+    finite = True
+    for i in range(n):
+        hi = H[i]
+        wi = work[i]
+        acc = 0.0
+        for j in range(n):
+            v = hi[j]
+            wi[j] = v
+            acc += v * 0.0  # NaN for an inf or NaN entry
+        wi[i] += lam * max(hi[i], 1e-12)
+        rhs[i] = -g[i]
+        if not (acc == 0.0 and math.isfinite(rhs[i])):
+            finite = False
+    if not finite:
+        for i in range(n):
+            d[i] = np.nan
+        return
+    if _cholesky_solve(work, rhs, d):
+        return
+    for i in range(n):
+        for j in range(n):
+            work[i, j] = H[i, j]
+        work[i, i] += lam * max(H[i, i], 1e-12)
+    _lu_solve(work, rhs, d)
+
+
+@njit(cache=True)
+def _solve_spd(A, b, x, work):
+    """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to pivoted LU;
+    a non-finite one gives NaN."""
+    n = A.shape[0]
+    finite = True
+    for i in range(n):
+        if not math.isfinite(b[i]):
+            finite = False
+        for j in range(n):
+            if not math.isfinite(A[i, j]):
+                finite = False
+    if not finite:
+        for i in range(n):
+            x[i] = np.nan
+        return
+    work[:, :] = A
+    if _cholesky_solve(work, b, x):
+        return
+    work[:, :] = A
+    _lu_solve(work, b, x)
+
+
+@njit(cache=True)
+def _lu_solve(A, b, x):
+    """Gaussian elimination with partial pivoting (A overwritten): the fallback for systems that
+    are not numerically positive definite. An exactly singular system gives NaN (the array path
+    takes the pseudo-inverse there; LM rejects such a step and raises the damping)."""
+    n = A.shape[0]
+    y = b.copy()
+    for c in range(n):
+        piv = c
+        for i in range(c + 1, n):
+            if abs(A[i, c]) > abs(A[piv, c]):
+                piv = i
+        if not abs(A[piv, c]) > 0.0:
+            for i in range(n):
+                x[i] = np.nan
+            return
+        if piv != c:
+            for j in range(n):
+                A[c, j], A[piv, j] = A[piv, j], A[c, j]
+            y[c], y[piv] = y[piv], y[c]
+        ac = A[c]
+        for i in range(c + 1, n):
+            ai = A[i]
+            f = ai[c] / ac[c]
+            if f != 0.0:
+                for j in range(c, n):
+                    ai[j] -= f * ac[j]
+                y[i] -= f * y[c]
+    for i in range(n - 1, -1, -1):
+        ai = A[i]
+        sm = y[i]
+        for k in range(i + 1, n):
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
+
+
+@njit(cache=True)
+def _absmax(g):
+    """max |g_i|; inf when any entry is NaN (so that a NaN gradient never passes a tolerance)."""
+    m = 0.0
+    for i in range(g.shape[0]):
+        a = abs(g[i])
+        if not a <= m:
+            m = a if a == a else np.inf
+            if m == np.inf:
+                return m
+    return m
+
+
+@njit(cache=True)
+def _rodrigues_left(w0, w1, w2, R, out):
+    """out = exp([w]_x) @ R."""
+    th2 = w0 * w0 + w1 * w1 + w2 * w2
+    th = math.sqrt(th2)
+    if th < 1e-6:
+        a = 1.0 - th2 / 6.0
+        b = 0.5 - th2 / 24.0
+    else:
+        a = math.sin(th) / th
+        b = (1.0 - math.cos(th)) / (th * th)
+    K = ((0.0, -w2, w1), (w2, 0.0, -w0), (-w1, w0, 0.0))
+    E = np.empty((3, 3))
+    for i in range(3):
+        for j in range(3):
+            kk = K[i][0] * K[0][j] + K[i][1] * K[1][j] + K[i][2] * K[2][j]
+            E[i, j] = (1.0 if i == j else 0.0) + a * K[i][j] + b * kk
+    for i in range(3):
+        for j in range(3):
+            out[i, j] = E[i, 0] * R[0, j] + E[i, 1] * R[1, j] + E[i, 2] * R[2, j]
+
+
+@njit(cache=True)
+def _affine_pose(X, L, w, R, t):
+    """Weighted affine camera X (M, 3) -> L (M, 2), projected to the nearest scaled orthographic
+    camera (SVD); fills R (3, 3) and t (2,), returns s."""
+    M = X.shape[0]
+    N = np.zeros((4, 4))
+    Bm = np.zeros((4, 2))
+    xh = np.empty(4)
+    for k in range(M):
+        wk = w[k]
+        if wk == 0.0:
+            continue
+        xh[0], xh[1], xh[2], xh[3] = X[k, 0], X[k, 1], X[k, 2], 1.0
+        for i in range(4):
+            for j in range(4):
+                N[i, j] += wk * xh[i] * xh[j]
+            Bm[i, 0] += wk * xh[i] * L[k, 0]
+            Bm[i, 1] += wk * xh[i] * L[k, 1]
+    for i in range(4):
+        N[i, i] += 1e-12
+    # Gaussian elimination with partial pivoting (4x4, two right-hand sides)
+    Aff = np.empty((4, 2))
+    ok = True
+    for i in range(4):
+        for j in range(4):
+            if not math.isfinite(N[i, j]):
+                ok = False
+        if not (math.isfinite(Bm[i, 0]) and math.isfinite(Bm[i, 1])):
+            ok = False
+    if ok:
+        for c in range(4):
+            piv = c
+            for i in range(c + 1, 4):
+                if abs(N[i, c]) > abs(N[piv, c]):
+                    piv = i
+            if N[piv, c] == 0.0:
+                ok = False
+                break
+            if piv != c:
+                for j in range(4):
+                    N[c, j], N[piv, j] = N[piv, j], N[c, j]
+                for j in range(2):
+                    Bm[c, j], Bm[piv, j] = Bm[piv, j], Bm[c, j]
+            for i in range(c + 1, 4):
+                f = N[i, c] / N[c, c]
+                for j in range(c, 4):
+                    N[i, j] -= f * N[c, j]
+                for j in range(2):
+                    Bm[i, j] -= f * Bm[c, j]
+        if ok:
+            for j in range(2):
+                for i in range(3, -1, -1):
+                    sm = Bm[i, j]
+                    for k in range(i + 1, 4):
+                        sm -= N[i, k] * Aff[k, j]
+                    Aff[i, j] = sm / N[i, i]
+    if not ok:  # singular or non-finite normal equations: no camera (the fit reports failure)
+        for i in range(3):
+            for j in range(3):
+                R[i, j] = np.nan
+        t[0] = np.nan
+        t[1] = np.nan
+        return np.nan
+    Mc = np.empty((2, 3))
+    for i in range(2):
+        for j in range(3):
+            v = Aff[j, i]
+            Mc[i, j] = v if math.isfinite(v) else 0.0
+    # nearest orthonormal rows R2 = (Mc Mc^T)^(-1/2) Mc (= U Vh of the SVD), s = mean singular value;
+    # closed form for the 2x2 inverse square root, the SVD where Mc is (nearly) rank deficient
+    a = Mc[0, 0] * Mc[0, 0] + Mc[0, 1] * Mc[0, 1] + Mc[0, 2] * Mc[0, 2]
+    b = Mc[0, 0] * Mc[1, 0] + Mc[0, 1] * Mc[1, 1] + Mc[0, 2] * Mc[1, 2]
+    c = Mc[1, 0] * Mc[1, 0] + Mc[1, 1] * Mc[1, 1] + Mc[1, 2] * Mc[1, 2]
+    det = a * c - b * b
+    if det > 1e-8 * (a + c) * (a + c):
+        dl = math.sqrt(det)
+        tau = math.sqrt(a + c + 2.0 * dl)
+        f = 1.0 / (dl * tau)
+        i00, i01, i11 = f * (c + dl), -f * b, f * (a + dl)
+        for j in range(3):
+            m0, m1 = Mc[0, j], Mc[1, j]
+            R[0, j] = i00 * m0 + i01 * m1
+            R[1, j] = i01 * m0 + i11 * m1
+        s = 0.5 * tau
+    else:
+        U, S, Vh = np.linalg.svd(Mc, full_matrices=False)
+        for i in range(2):
+            for j in range(3):
+                R[i, j] = U[i, 0] * Vh[0, j] + U[i, 1] * Vh[1, j]
+        s = 0.5 * (S[0] + S[1])
+    R[2, 0] = R[0, 1] * R[1, 2] - R[0, 2] * R[1, 1]
+    R[2, 1] = R[0, 2] * R[1, 0] - R[0, 0] * R[1, 2]
+    R[2, 2] = R[0, 0] * R[1, 1] - R[0, 1] * R[1, 0]
+    sw = 0.0
+    t0 = 0.0
+    t1 = 0.0
+    for k in range(M):
+        wk = w[k]
+        if wk == 0.0:
+            continue
+        u0 = R[0, 0] * X[k, 0] + R[0, 1] * X[k, 1] + R[0, 2] * X[k, 2]
+        u1 = R[1, 0] * X[k, 0] + R[1, 1] * X[k, 1] + R[1, 2] * X[k, 2]
+        t0 += (L[k, 0] - s * u0) * wk
+        t1 += (L[k, 1] - s * u1) * wk
+        sw += wk
+    t[0] = t0 / sw
+    t[1] = t1 / sw
+    return s
+
+
+@njit(cache=True, fastmath=_FM)
+def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
+        V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
+    """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
+    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs."""
+    P = C.shape[2]
+    n = 6 + P
+    cost = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
+    _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+    hist[0] = cost
+    lam = lam0
+    nu = 2.0
+    conv = False
+    gmax = _absmax(g)
+    if not math.isfinite(cost):
+        return s, cost, False, 0
+    if gmax <= gtol or cost <= _TINY:
+        return s, cost, True, 0
+    it = 0
+    negd = np.empty(n)
+    while it < max_iter:
+        it += 1
+        _solve_damped(H, g, lam, d, Aw, negd)
+        _rodrigues_left(d[0], d[1], d[2], R, Rn)
+        sn = s * math.exp(d[3])
+        tn[0] = t[0] + d[4]
+        tn[1] = t[1] + d[5]
+        for p in range(P):
+            cn[p] = coef[p] + d[6 + p]
+        cnew = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, Rn, sn, tn, cn, reg, V, U, seln, rn, Usn)
+        pred = 0.0
+        dd = 0.0
+        for i in range(n):
+            hi = H[i]
+            hd = 0.0
+            for j in range(n):
+                hd += hi[j] * d[j]
+            pred += d[i] * hd + 2.0 * lam * d[i] * d[i] * max(H[i, i], 1e-12)
+            dd += d[i] * d[i]
+        fin = math.isfinite(cnew)
+        acc = fin and cnew < cost
+        rho = (cost - cnew) / pred if pred > 0 else 0.0
+        th = math.log(s) ** 2 + t[0] * t[0] + t[1] * t[1]
+        for p in range(P):
+            th += coef[p] * coef[p]
+        small_step = math.sqrt(dd) <= xtol * (xtol + math.sqrt(th))
+        if acc:
+            rel_dec = (cost - cnew) <= ftol * cost
+            lam_new = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            nu = 2.0
+            for i in range(3):
+                for j in range(3):
+                    R[i, j] = Rn[i, j]
+            s = sn
+            t[0] = tn[0]
+            t[1] = tn[1]
+            for p in range(P):
+                coef[p] = cn[p]
+            cost = cnew
+            for k in range(sel.shape[0]):
+                sel[k] = seln[k]
+                r[k, 0] = rn[k, 0]
+                r[k, 1] = rn[k, 1]
+                Us[k, 0] = Usn[k, 0]
+                Us[k, 1] = Usn[k, 1]
+                Us[k, 2] = Usn[k, 2]
+            stop = rel_dec or small_step or cost <= _TINY
+            if not stop:  # the system at the answer is only needed to go on (or for the gradient test)
+                _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+                stop = _absmax(g) <= gtol
+        else:
+            lam_new = lam * nu
+            nu = nu * 2.0
+            stop = fin and small_step
+        lam = lam_new
+        hist[it] = cost
+        if stop:
+            conv = True
+            break
+        if lam > 1e16:
+            break
+    return s, cost, conv and math.isfinite(cost), it
+
+
+@njit(cache=True)
+def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R, t, coef, hist0, hist1, sel):
+    """Whole fit of one image. Fills R (3, 3), t (2,), coef (P,), hist0/hist1 (max_iter + 1,:
+    costs of the start-up and the final LM phase), sel (M,). Returns (s, cost, converged, it0, it1,
+    rss) where rss is the unregularised sum of squared weighted residuals at the answer."""
+    S = C.shape[0]
+    P = C.shape[2]
+    M = L.shape[0]
+    n = 6 + P
+    V = np.empty((S, 3))
+    U = np.empty((S, 3))
+    r = np.empty((M, 2))
+    Us = np.empty((M, 3))
+    A = np.empty((M, 2, P))
+    JT = np.empty((n, 2 * M))
+    H = np.empty((n, n))
+    g = np.empty(n)
+    # 1. affine camera from the mean shape's fixed landmarks
+    s = _affine_pose(mean[:Mf], L[:Mf], w[:Mf], R, t)
+    for p in range(P):
+        coef[p] = 0.0
+    # 2. alternation on the fixed landmarks: linear shape solve, pose re-fit
+    wf = np.zeros(M)
+    wf[:Mf] = w[:Mf]
+    Hs = np.empty((P, P))
+    work = np.empty((n, n))
+    workP = np.empty((P, P))
+    x = np.empty(P)
+    rhs = np.empty(P)
+    Xs = np.empty((Mf, 3))
+    for _ in range(n_alt):
+        if P > 0:
+            _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
+            _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, JT, H, g, True)
+            for p in range(P):
+                for q in range(P):
+                    Hs[p, q] = H[6 + p, 6 + q]
+                Hs[p, p] += 1e-10
+                rhs[p] = g[6 + p]
+            _solve_spd(Hs, rhs, x, workP)
+            for p in range(P):
+                coef[p] -= x[p]
+        _slot_shape(mean, C, coef, V)
+        for k in range(Mf):
+            for i in range(3):
+                Xs[k, i] = V[k, i]
+        s = _affine_pose(Xs, L[:Mf], w[:Mf], R, t)
+    # 3. Levenberg-Marquardt (after a loose start-up phase under reg_init when reg is smaller)
+    Rn = np.empty((3, 3))
+    tn = np.empty(2)
+    cn = np.empty(P)
+    seln = np.empty(M, dtype=np.int64)
+    rn = np.empty((M, 2))
+    Usn = np.empty((M, 3))
+    Aw = np.empty((n, n))
+    d = np.empty(n)
+    it0 = 0
+    if two_phase:
+        s, _, _, it0 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
+                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln,
+                           rn, Usn, Aw, d, work)
+    s, cost, conv, it1 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
+                             gtol, lam0, hist1, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
+                             work)
+    # final correspondences and unregularised residual
+    zero = np.zeros(P)
+    rss = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, zero, V, U, sel, r, Us)
+    return s, cost, conv, it0, it1, rss
+
+
+@njit(cache=True, nogil=True)
+def fit_batch(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+                     lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
+    """:func:`fit_one` for every image of a batch (or of a chunk of one: the wrapper runs chunks
+    on several threads; the GIL is released)."""
+    for b in range(L.shape[0]):
+        s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
+            mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: one thread per image. The same algorithm as fit_one; scratch arrays live in global memory
+# with the image index LAST, so that neighbouring threads touch neighbouring addresses. Linear
+# systems are solved by an in-kernel Cholesky; a system that is not positive definite gives a NaN
+# step (rejected by LM, which raises the damping) instead of the CPU's least-squares fallback.
+# ------------------------------------------------------------------------------------------------
+def _define_cuda(cu):
+    # kernels reach the module through the global name ``cuda`` (the simulator swaps it in)
+    dev = cu.jit(device=True)
+
+    @dev
+    def slot_shape(mean, C, coef, V, b):
+        for k in range(C.shape[0]):
+            for i in range(3):
+                acc = 0.0
+                for p in range(C.shape[2]):
+                    acc += C[k, i, p] * coef[p, b]
+                V[k, i, b] = mean[k, i] + acc
+
+    @dev
+    def evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b):
+        S = C.shape[0]
+        P = C.shape[2]
+        M = L.shape[1]
+        slot_shape(mean, C, coef, V, b)
+        for k in range(S):
+            for i in range(3):
+                U[k, i, b] = R[i, 0, b] * V[k, 0, b] + R[i, 1, b] * V[k, 1, b] + R[i, 2, b] * V[k, 2, b]
+        for k in range(Mf):
+            sel[k, b] = k
+        for side in range(2):
+            m0 = Mf if side == 0 else Mf + Mr
+            nm = Mr if side == 0 else Ml
+            c0 = Mf if side == 0 else Mf + nr
+            nc = nr if side == 0 else nl
+            for j in range(nm):
+                li = m0 + j
+                best = c0
+                bd = math.inf
+                for c in range(c0, c0 + nc):
+                    dx = L[b, li, 0] - (s * U[c, 0, b] + t[0, b])
+                    dy = L[b, li, 1] - (s * U[c, 1, b] + t[1, b])
+                    d2 = dx * dx + dy * dy
+                    if d2 < bd or (c == c0 and not d2 >= bd):
+                        bd = d2
+                        best = c
+                sel[li, b] = best
+        cost = 0.0
+        for k in range(M):
+            m = sel[k, b]
+            for i in range(3):
+                Us[k, i, b] = U[m, i, b]
+            r0 = (s * U[m, 0, b] + t[0, b] - L[b, k, 0]) * w[k, b]
+            r1 = (s * U[m, 1, b] + t[1, b] - L[b, k, 1]) * w[k, b]
+            r[k, 0, b] = r0
+            r[k, 1, b] = r1
+            cost += r0 * r0 + r1 * r1
+        for p in range(P):
+            cost += coef[p, b] * coef[p, b] * reg[p]
+        return cost
+
+    @dev
+    def normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, shape_only, b):
+        P = C.shape[2]
+        M = r.shape[0]
+        M2 = 2 * M
+        n = 6 + P
+        s2 = s * s
+        for k in range(M):
+            m = sel[k, b]
+            sw = s * w[k, b]
+            for c in range(2):
+                a0, a1, a2 = R[c, 0, b] * sw, R[c, 1, b] * sw, R[c, 2, b] * sw
+                for p in range(P):
+                    JT[6 + p, 2 * k + c, b] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
+        a00 = s2 * (1.0 - R[2, 0, b] * R[2, 0, b])
+        a11 = s2 * (1.0 - R[2, 1, b] * R[2, 1, b])
+        a22 = s2 * (1.0 - R[2, 2, b] * R[2, 2, b])
+        a01 = -s2 * R[2, 0, b] * R[2, 1, b]
+        a02 = -s2 * R[2, 0, b] * R[2, 2, b]
+        a12 = -s2 * R[2, 1, b] * R[2, 2, b]
+        used = False
+        for k in range(Mf, M):
+            if w[k, b] != 0.0:
+                used = True
+        for p in range(P):
+            for q in range(p, P):
+                acc = 0.0
+                if Mf > 0:
+                    acc = (a00 * G[0, 0, p, q] + a11 * G[1, 1, p, q] + a22 * G[2, 2, p, q]
+                           + a01 * (G[0, 1, p, q] + G[1, 0, p, q]) + a02 * (G[0, 2, p, q] + G[2, 0, p, q])
+                           + a12 * (G[1, 2, p, q] + G[2, 1, p, q]))
+                if used:
+                    for j in range(2 * Mf, M2):
+                        acc += JT[6 + p, j, b] * JT[6 + q, j, b]
+                H[6 + p, 6 + q, b] = acc
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk != 1.0:
+                m = sel[k, b]
+                f = s2 * (wk * wk - 1.0)
+                for c in range(2):
+                    a0, a1, a2 = R[c, 0, b], R[c, 1, b], R[c, 2, b]
+                    for p in range(P):
+                        ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
+                        for q in range(p, P):
+                            H[6 + p, 6 + q, b] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+        for p in range(P):
+            H[6 + p, 6 + p, b] += reg[p]
+            for q in range(p + 1, P):
+                H[6 + q, 6 + p, b] = H[6 + p, 6 + q, b]
+        for p in range(P):
+            acc = 0.0
+            for k in range(M):
+                acc += JT[6 + p, 2 * k, b] * r[k, 0, b] + JT[6 + p, 2 * k + 1, b] * r[k, 1, b]
+            g[6 + p, b] = acc + reg[p] * coef[p, b]
+        if shape_only:
+            return
+        for k in range(M):
+            wk = w[k, b]
+            sw = s * wk
+            u0, u1, u2 = sw * Us[k, 0, b], sw * Us[k, 1, b], sw * Us[k, 2, b]
+            jx = 2 * k
+            jy = jx + 1
+            JT[0, jx, b] = 0.0
+            JT[1, jx, b] = u2
+            JT[2, jx, b] = -u1
+            JT[3, jx, b] = u0
+            JT[4, jx, b] = wk
+            JT[5, jx, b] = 0.0
+            JT[0, jy, b] = -u2
+            JT[1, jy, b] = 0.0
+            JT[2, jy, b] = u0
+            JT[3, jy, b] = u1
+            JT[4, jy, b] = 0.0
+            JT[5, jy, b] = wk
+        for i in range(6):
+            acc = 0.0
+            for k in range(M):
+                acc += JT[i, 2 * k, b] * r[k, 0, b] + JT[i, 2 * k + 1, b] * r[k, 1, b]
+            g[i, b] = acc
+            for j in range(i, n):
+                acc = 0.0
+                for l in range(M2):
+                    acc += JT[i, l, b] * JT[j, l, b]
+                H[i, j, b] = acc
+                H[j, i, b] = acc
+
+    @dev
+    def chol_solve(A, off, n, rhs, x, b):
+        """Solve the SPD system A[off:off+n, off:off+n, b] x = rhs[off:off+n, b] (A overwritten by
+        its lower Cholesky factor); not positive definite or not finite: x = NaN."""
+        ok = True
+        for i in range(off, off + n):
+            for j in range(off, i + 1):
+                sm = A[i, j, b]
+                for k in range(off, j):
+                    sm -= A[i, k, b] * A[j, k, b]
+                if i == j:
+                    if not sm > 0.0 or not math.isfinite(sm):
+                        ok = False
+                        break
+                    A[i, i, b] = math.sqrt(sm)
+                else:
+                    A[i, j, b] = sm / A[j, j, b]
+            if not ok:
+                break
+        if not ok:
+            for i in range(off, off + n):
+                x[i, b] = math.nan
+            return
+        for i in range(off, off + n):
+            sm = rhs[i, b]
+            for k in range(off, i):
+                sm -= A[i, k, b] * x[k, b]
+            x[i, b] = sm / A[i, i, b]
+        for i in range(off + n - 1, off - 1, -1):
+            sm = x[i, b]
+            for k in range(i + 1, off + n):
+                sm -= A[k, i, b] * x[k, b]
+            x[i, b] = sm / A[i, i, b]
+
+    @dev
+    def affine_pose(X, L, w, Mf, R, t, b):
+        """Affine camera from X[k, :, b] (k < Mf) to L[b, k]; nearest scaled orthographic camera
+        in closed form (NaN scale for a degenerate camera). Fills R[:, :, b], t[:, b]; returns s."""
+        N = cuda.local.array((4, 6), dtype=np.float64)  # [N | rhs]
+        for i in range(4):
+            for j in range(6):
+                N[i, j] = 0.0
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk == 0.0:
+                continue
+            x0, x1, x2 = X[k, 0, b], X[k, 1, b], X[k, 2, b]
+            for i in range(4):
+                xi = x0 if i == 0 else (x1 if i == 1 else (x2 if i == 2 else 1.0))
+                for j in range(4):
+                    xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else 1.0))
+                    N[i, j] += wk * xi * xj
+                N[i, 4] += wk * xi * L[b, k, 0]
+                N[i, 5] += wk * xi * L[b, k, 1]
+        for i in range(4):
+            N[i, i] += 1e-12
+        for c in range(4):
+            piv = c
+            for i in range(c + 1, 4):
+                if abs(N[i, c]) > abs(N[piv, c]):
+                    piv = i
+            if piv != c:
+                for j in range(6):
+                    tmp = N[c, j]
+                    N[c, j] = N[piv, j]
+                    N[piv, j] = tmp
+            for i in range(c + 1, 4):
+                f = N[i, c] / N[c, c]
+                for j in range(c, 6):
+                    N[i, j] -= f * N[c, j]
+        Aff = cuda.local.array((4, 2), dtype=np.float64)
+        for j in range(2):
+            for i in range(3, -1, -1):
+                sm = N[i, 4 + j]
+                for k in range(i + 1, 4):
+                    sm -= N[i, k] * Aff[k, j]
+                Aff[i, j] = sm / N[i, i]
+        Mc = cuda.local.array((2, 3), dtype=np.float64)
+        for i in range(2):
+            for j in range(3):
+                v = Aff[j, i]
+                Mc[i, j] = v if math.isfinite(v) else 0.0
+        a = Mc[0, 0] * Mc[0, 0] + Mc[0, 1] * Mc[0, 1] + Mc[0, 2] * Mc[0, 2]
+        bb = Mc[0, 0] * Mc[1, 0] + Mc[0, 1] * Mc[1, 1] + Mc[0, 2] * Mc[1, 2]
+        c = Mc[1, 0] * Mc[1, 0] + Mc[1, 1] * Mc[1, 1] + Mc[1, 2] * Mc[1, 2]
+        det = a * c - bb * bb
+        if det > 1e-8 * (a + c) * (a + c):
+            dl = math.sqrt(det)
+            tau = math.sqrt(a + c + 2.0 * dl)
+            f = 1.0 / (dl * tau)
+            i00, i01, i11 = f * (c + dl), -f * bb, f * (a + dl)
+            s = 0.5 * tau
+        else:
+            i00, i01, i11 = math.nan, math.nan, math.nan
+            s = math.nan
+        for j in range(3):
+            m0, m1 = Mc[0, j], Mc[1, j]
+            R[0, j, b] = i00 * m0 + i01 * m1
+            R[1, j, b] = i01 * m0 + i11 * m1
+        R[2, 0, b] = R[0, 1, b] * R[1, 2, b] - R[0, 2, b] * R[1, 1, b]
+        R[2, 1, b] = R[0, 2, b] * R[1, 0, b] - R[0, 0, b] * R[1, 2, b]
+        R[2, 2, b] = R[0, 0, b] * R[1, 1, b] - R[0, 1, b] * R[1, 0, b]
+        sw = 0.0
+        t0 = 0.0
+        t1 = 0.0
+        for k in range(Mf):
+            wk = w[k, b]
+            if wk == 0.0:
+                continue
+            u0 = R[0, 0, b] * X[k, 0, b] + R[0, 1, b] * X[k, 1, b] + R[0, 2, b] * X[k, 2, b]
+            u1 = R[1, 0, b] * X[k, 0, b] + R[1, 1, b] * X[k, 1, b] + R[1, 2, b] * X[k, 2, b]
+            t0 += (L[b, k, 0] - s * u0) * wk
+            t1 += (L[b, k, 1] - s * u1) * wk
+            sw += wk
+        t[0, b] = t0 / sw
+        t[1, b] = t1 / sw
+        return s
+
+    @dev
+    def lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
+           V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, b):
+        P = C.shape[2]
+        n = 6 + P
+        M = L.shape[1]
+        cost = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
+        normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
+        hist[b, 0] = cost
+        gmax = 0.0
+        for i in range(n):
+            a = abs(g[i, b])
+            if not a <= gmax:
+                gmax = a if a == a else math.inf
+        if not math.isfinite(cost):
+            return s, cost, False, 0
+        if gmax <= gtol or cost <= _TINY:
+            return s, cost, True, 0
+        lam = lam0
+        nu = 2.0
+        conv = False
+        it = 0
+        while it < max_iter:
+            it += 1
+            for i in range(n):
+                for j in range(n):
+                    Aw[i, j, b] = H[i, j, b]
+                Aw[i, i, b] += lam * max(H[i, i, b], 1e-12)
+                negd[i, b] = -g[i, b]
+            chol_solve(Aw, 0, n, negd, d, b)
+            # Rn = exp([d0:3]_x) R
+            w0, w1, w2 = d[0, b], d[1, b], d[2, b]
+            th2 = w0 * w0 + w1 * w1 + w2 * w2
+            th = math.sqrt(th2)
+            if th < 1e-6:
+                ra = 1.0 - th2 / 6.0
+                rb = 0.5 - th2 / 24.0
+            else:
+                ra = math.sin(th) / th
+                rb = (1.0 - math.cos(th)) / (th * th)
+            K = cuda.local.array((3, 3), dtype=np.float64)
+            E = cuda.local.array((3, 3), dtype=np.float64)
+            K[0, 0], K[0, 1], K[0, 2] = 0.0, -w2, w1
+            K[1, 0], K[1, 1], K[1, 2] = w2, 0.0, -w0
+            K[2, 0], K[2, 1], K[2, 2] = -w1, w0, 0.0
+            for i in range(3):
+                for j in range(3):
+                    kk = K[i, 0] * K[0, j] + K[i, 1] * K[1, j] + K[i, 2] * K[2, j]
+                    E[i, j] = (1.0 if i == j else 0.0) + ra * K[i, j] + rb * kk
+            for i in range(3):
+                for j in range(3):
+                    Rn[i, j, b] = E[i, 0] * R[0, j, b] + E[i, 1] * R[1, j, b] + E[i, 2] * R[2, j, b]
+            sn = s * math.exp(d[3, b])
+            tn[0, b] = t[0, b] + d[4, b]
+            tn[1, b] = t[1, b] + d[5, b]
+            for p in range(P):
+                cn[p, b] = coef[p, b] + d[6 + p, b]
+            cnew = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, Rn, sn, tn, cn, reg, V, U, seln, rn, Usn, b)
+            pred = 0.0
+            dd = 0.0
+            for i in range(n):
+                hd = 0.0
+                for j in range(n):
+                    hd += H[i, j, b] * d[j, b]
+                pred += d[i, b] * hd + 2.0 * lam * d[i, b] * d[i, b] * max(H[i, i, b], 1e-12)
+                dd += d[i, b] * d[i, b]
+            fin = math.isfinite(cnew)
+            acc = fin and cnew < cost
+            rho = (cost - cnew) / pred if pred > 0 else 0.0
+            thn = math.log(s) ** 2 + t[0, b] * t[0, b] + t[1, b] * t[1, b]
+            for p in range(P):
+                thn += coef[p, b] * coef[p, b]
+            small_step = math.sqrt(dd) <= xtol * (xtol + math.sqrt(thn))
+            if acc:
+                rel_dec = (cost - cnew) <= ftol * cost
+                lam_new = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+                nu = 2.0
+                for i in range(3):
+                    for j in range(3):
+                        R[i, j, b] = Rn[i, j, b]
+                s = sn
+                t[0, b] = tn[0, b]
+                t[1, b] = tn[1, b]
+                for p in range(P):
+                    coef[p, b] = cn[p, b]
+                cost = cnew
+                for k in range(M):
+                    sel[k, b] = seln[k, b]
+                    r[k, 0, b] = rn[k, 0, b]
+                    r[k, 1, b] = rn[k, 1, b]
+                    for i in range(3):
+                        Us[k, i, b] = Usn[k, i, b]
+                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
+                gmax = 0.0
+                for i in range(n):
+                    a = abs(g[i, b])
+                    if not a <= gmax:
+                        gmax = a if a == a else math.inf
+                stop = rel_dec or small_step or cost <= _TINY or gmax <= gtol
+            else:
+                lam_new = lam * nu
+                nu = nu * 2.0
+                stop = fin and small_step
+            lam = lam_new
+            hist[b, it] = cost
+            if stop:
+                conv = True
+                break
+            if lam > 1e16:
+                break
+        return s, cost, conv and math.isfinite(cost), it
+
+    @cu.jit
+    def fit_batch_kernel(mean, C, G, Mf, Mr, Ml, nr, nl, L, w_in, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+                         lam0, two_phase, R_out, t_out, coef_out, hist0, hist1, sel_out, s_out, cost_out, conv_out,
+                         it0_out, it1_out, rss_out, w, wf, V, U, sel, seln, r, rn, Us, Usn, JT, H, Aw, g, d, negd,
+                         R, Rn, t, tn, coef, cn):
+        b = cuda.grid(1)
+        B = L.shape[0]
+        if b >= B:
+            return
+        M = L.shape[1]
+        P = C.shape[2]
+        for k in range(M):
+            w[k, b] = w_in[b, k]
+            wf[k, b] = w_in[b, k] if k < Mf else 0.0
+        for k in range(Mf):  # the mean shape's fixed landmark vertices into V
+            for i in range(3):
+                V[k, i, b] = mean[k, i]
+        s = affine_pose(V, L, w, Mf, R, t, b)
+        for p in range(P):
+            coef[p, b] = 0.0
+        for _ in range(n_alt):
+            if P > 0:
+                evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us, b)
+                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, JT, H, g, True, b)
+                for p in range(P):
+                    for q in range(P):
+                        Aw[6 + p, 6 + q, b] = H[6 + p, 6 + q, b]
+                    Aw[6 + p, 6 + p, b] += 1e-10
+                chol_solve(Aw, 6, P, g, d, b)
+                for p in range(P):
+                    coef[p, b] -= d[6 + p, b]
+            slot_shape(mean, C, coef, V, b)
+            s = affine_pose(V, L, w, Mf, R, t, b)
+        it0 = 0
+        if two_phase:
+            s, c0, cv0, it0 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
+                                 max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, JT, H, g, Rn, tn, cn,
+                                 seln, rn, Usn, Aw, d, negd, b)
+        s, cost, conv, it1 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
+                                gtol, lam0, hist1, V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
+                                negd, b)
+        # final correspondences and the unregularised residual
+        rss = 0.0
+        evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
+        for k in range(M):
+            rss += r[k, 0, b] * r[k, 0, b] + r[k, 1, b] * r[k, 1, b]
+            sel_out[b, k] = sel[k, b]
+        for i in range(3):
+            for j in range(3):
+                R_out[b, i, j] = R[i, j, b]
+        t_out[b, 0] = t[0, b]
+        t_out[b, 1] = t[1, b]
+        for p in range(P):
+            coef_out[b, p] = coef[p, b]
+        s_out[b] = s
+        cost_out[b] = cost
+        conv_out[b] = 1 if conv else 0
+        it0_out[b] = it0
+        it1_out[b] = it1
+        rss_out[b] = rss
+
+    return fit_batch_kernel
+
+
+cuda = _cuda = numba_cuda()
+CUDA_KERNEL = _define_cuda(_cuda) if _cuda is not None else None
+
+
+def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+                   two_phase, xp=None, threads_per_block=64):
+    """Run the CUDA kernel (one thread per image) on a batch. ``L`` (B, M, 2) and ``w`` (B, M) are
+    CuPy arrays on a GPU, or NumPy arrays (copied to the device; the simulator). Returns
+    ``(R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)`` as arrays of ``xp`` (NumPy:
+    copied back to the host)."""
+    if CUDA_KERNEL is None:
+        raise RuntimeError("Numba CUDA is not available: cannot run the CUDA landmark fit")
+    xp = np if xp is None else xp
+    B, M = L.shape[0], L.shape[1]
+    S, _, P = C.shape
+    n = 6 + P
+    T = max_iter + 1
+    f8 = np.float64
+
+    def dev(shape, dtype=f8, fill=None):
+        if xp is np:
+            a = np.empty(shape, dtype=dtype) if fill is None else np.full(shape, fill, dtype=dtype)
+            return cuda.to_device(a)
+        return xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
+
+    def put(a):
+        return cuda.to_device(np.ascontiguousarray(a)) if xp is np else xp.ascontiguousarray(xp.asarray(a))
+
+    outs = [dev((B, 3, 3)), dev((B, 2)), dev((B, P)), dev((B, T), fill=np.nan), dev((B, T), fill=np.nan),
+            dev((B, M), np.int64), dev(B), dev(B), dev(B, np.int8), dev(B, np.int64, 0), dev(B, np.int64, 0),
+            dev(B)]
+    scratch = [dev((M, B)), dev((M, B)), dev((S, 3, B)), dev((S, 3, B)), dev((M, B), np.int64),
+               dev((M, B), np.int64), dev((M, 2, B)), dev((M, 2, B)), dev((M, 3, B)), dev((M, 3, B)),
+               dev((n, 2 * M, B)), dev((n, n, B)), dev((n, n, B)), dev((n, B)), dev((n, B)), dev((n, B)),
+               dev((3, 3, B)), dev((3, 3, B)), dev((2, B)), dev((2, B)), dev((P, B)), dev((P, B))]
+    blocks = (B + threads_per_block - 1) // threads_per_block
+    CUDA_KERNEL[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
+                                           put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
+                                           *outs, *scratch)
+    if xp is np:
+        return tuple(o.copy_to_host() for o in outs)
+    return tuple(outs)
