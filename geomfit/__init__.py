@@ -29,6 +29,8 @@ _MODULES = {
     "geomfit.data": ("resolve_model", "download_model"),
     "geomfit.photo": ("read_image",),
     "geomfit.rtv": ("rtv_smooth", "rtv_weights", "rtv_energy", "solve_screened_poisson"),
+    "geomfit.sh": ("sh_basis", "shade", "fit_sh_lighting"),
+    "geomfit.fine": ("fine_stage", "FineResult", "solve_albedo", "solve_specular", "solve_depth"),
     "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
