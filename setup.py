@@ -13,6 +13,8 @@ EXTRAS = {
     "landmarks": ["dlib-bin", "face_recognition_models", "face-alignment"],
     # Other model formats (BFM 2017/2019 .h5).
     "formats": ["h5py"],
+    # Sample photos for `geomfit reconstruct skimage:NAME`.
+    "examples": ["scikit-image"],
     "dev": [
         "pytest>=7",
         "pytest-benchmark",
@@ -24,7 +26,7 @@ EXTRAS = {
         "numba-cuda>=0.20",
     ],
 }
-EXTRAS["all"] = sorted({p for k in ("cholmod", "torch", "landmarks", "formats") for p in EXTRAS[k]})
+EXTRAS["all"] = sorted({p for k in ("cholmod", "torch", "landmarks", "formats", "examples") for p in EXTRAS[k]})
 
 setup(
     name="geomfit",
@@ -35,7 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["geomfit", "geomfit.io", "geomfit.learned", "geomfit.kernels"],
+    packages=["geomfit", "geomfit.io", "geomfit.kernels"],
     install_requires=[
         "numpy>=1.23",
         "scipy>=1.9",
