@@ -37,6 +37,7 @@ __all__ = [
     "sparse_module",
     "factorize_spd",
     "SPDFactor",
+    "pcg",
 ]
 
 _CUPY: Any = False  # False = not probed yet, None = unavailable
@@ -273,6 +274,51 @@ class SPDFactor:
 
     __call__ = solve
 
+    def refactor(self, A) -> "SPDFactor":
+        """Factor a new matrix ``A`` with the sparsity pattern of the current one, in place.
+
+        CHOLMOD (scikit-sparse 0.4) keeps its symbolic analysis (fill-reducing ordering and
+        elimination tree) and redoes only the numeric factorisation; the other methods factor
+        from scratch. ``A`` must be on the same device and hold no entry outside the pattern of
+        the matrix this factor was built from (explicit zeros are fine). Returns ``self``.
+
+        Raises
+        ------
+        numpy.linalg.LinAlgError
+            If ``A`` is not positive definite (CHOLMOD) or singular (SuperLU).
+        """
+        xp = self.xp
+        if A.shape != self.shape:
+            raise ValueError(f"SPDFactor.refactor: matrix has shape {A.shape}, the factor {self.shape}")
+        if xp is np:
+            A = sp.csc_matrix(A, dtype=np.float64)
+            self.A = A
+            if self.method == "cholmod" and hasattr(self._f, "cholesky_inplace"):
+                try:
+                    self._f.cholesky_inplace(A)
+                except Exception as e:
+                    raise np.linalg.LinAlgError(f"factorize_spd: CHOLMOD failed, matrix is not SPD ({e})") from e
+            elif self.method == "cholmod":
+                self._factor_cholmod(A)
+            else:
+                self._factor_superlu(A)
+        else:
+            self.A = sparse_module(xp).csr_matrix(A, dtype=xp.float64)
+            if self.method == "cholespy":
+                self._factor_cholespy(self.A)
+            else:
+                d = self.A.diagonal()
+                if bool(xp.any(d <= 0)):
+                    raise np.linalg.LinAlgError("factorize_spd: matrix has a non-positive diagonal: not SPD")
+                self._inv_diag = 1.0 / d
+                self._last = None
+        return self
+
+    @property
+    def exact(self) -> bool:
+        """True when :meth:`solve` is a direct solve (not the iterative GPU fallback)."""
+        return self.method != "cg"
+
     def update(self, C, subtract: bool = False) -> "SPDFactor":
         """Replace ``A`` by ``A + C C^T`` (``A - C C^T`` with ``subtract=True``), in place.
 
@@ -328,3 +374,62 @@ def factorize_spd(A, method: Optional[str] = None, tol: float = 1e-10, maxiter: 
         If the matrix is not positive definite (CHOLMOD) or singular (SuperLU).
     """
     return SPDFactor(A, method=method, tol=tol, maxiter=maxiter)
+
+
+def pcg(A, b, precondition, tol: float = 1e-1, maxiter: int = 20, x0=None):
+    """Preconditioned conjugate gradients for ``A x = b`` with ``A`` symmetric positive definite.
+
+    Parameters
+    ----------
+    A : sparse matrix (SciPy or CuPy), shape (n, n)
+    b : array (n,)
+        Right-hand side, on the same device as ``A``.
+    precondition : callable
+        ``z = precondition(r)`` approximating ``A^{-1} r``; typically :meth:`SPDFactor.solve` of a
+        nearby matrix (a factor reused from an earlier, similar system).
+    tol : float
+        Stop when ``||b - A x|| <= tol ||b||``.
+    maxiter : int
+        At most this many iterations (each one product with ``A`` and one preconditioner solve).
+    x0 : array (n,), optional
+        Start (default zero, which makes every iterate a descent direction for ``x^T A x / 2 - b^T x``).
+
+    Returns
+    -------
+    x : array (n,)
+        The last iterate.
+    iterations : int
+    converged : bool
+        Whether the tolerance was reached.
+
+    References
+    ----------
+    Hestenes and Stiefel 1952; Saad, "Iterative methods for sparse linear systems", 2nd ed., Alg. 9.1.
+    """
+    xp = get_array_module(b)
+    bn = float(xp.linalg.norm(b))
+    if bn == 0.0:
+        return xp.zeros_like(b), 0, True
+    x = xp.zeros_like(b) if x0 is None else x0.copy()
+    r = b - A @ x if x0 is not None else b.copy()
+    if float(xp.linalg.norm(r)) <= tol * bn:
+        return x, 0, True
+    z = precondition(r)
+    p = z.copy()
+    rz = float(r @ z)
+    for k in range(1, int(maxiter) + 1):
+        Ap = A @ p
+        pAp = float(p @ Ap)
+        if not pAp > 0:  # breakdown (A not SPD in floating point): stop with what we have
+            return x, k - 1, False
+        a = rz / pAp
+        x += a * p
+        r -= a * Ap
+        if float(xp.linalg.norm(r)) <= tol * bn:
+            return x, k, True
+        z = precondition(r)
+        rz_new = float(r @ z)
+        p *= rz_new / rz
+        p += z
+        rz = rz_new
+    return x, int(maxiter), False

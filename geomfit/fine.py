@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import asnumpy, factorize_spd, get_array_module, sparse_module
+from .backend import asnumpy, factorize_spd, get_array_module, pcg, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
 from .render import depth_normals
@@ -293,6 +293,98 @@ def solve_specular(image, diffuse, beta0, mask=None, lam=0.5, nonnegative=True):
 # Depth (Eq. 9)
 # ----------------------------------------------------------------------------------------------
 
+def _row_pairs(X, Y):
+    """All products ``X[p, j] * Y[p, k]`` of entries sharing a row ``p``: arrays ``(p, j, k, coef)``.
+
+    ``X^T diag(w) Y = sum_p w_p X[p, :]^T Y[p, :]``, so these pairs map a weight vector ``w`` to the
+    entries of ``X^T diag(w) Y`` linearly (vectorised row-wise Cartesian products, no loops).
+    """
+    X, Y = X.tocsr(), Y.tocsr()
+    X.sort_indices()
+    Y.sort_indices()
+    cx, cy = np.diff(X.indptr), np.diff(Y.indptr)
+    rx = np.repeat(np.arange(X.shape[0]), cx)  # row of every X entry
+    rep = cy[rx]  # Y partners of every X entry
+    ex = np.repeat(np.arange(X.nnz), rep)
+    offs = np.arange(ex.size) - np.repeat(np.cumsum(rep) - rep, rep)
+    ey = np.repeat(Y.indptr[rx], rep) + offs
+    return rx[ex], X.indices[ex], Y.indices[ey], X.data[ex] * Y.data[ey]
+
+
+class _GaussNewtonPattern:
+    """Fixed-pattern assembly of the Gauss-Newton matrix of Eq. 9's data term plus a constant part.
+
+    The data Jacobian of channel ``c`` is ``diag(a_c) Gx + diag(b_c) Gy``, so
+    ``J^T J = Gx^T diag(waa) Gx + Gx^T diag(wab) Gy + Gy^T diag(wab) Gx + Gy^T diag(wbb) Gy`` with
+    ``waa = sum_c a_c^2``, ``wab = sum_c a_c b_c``, ``wbb = sum_c b_c^2``. The values of ``J^T J + C``
+    on one fixed sparsity pattern are ``M @ [waa; wab; wbb] + c`` with a sparse ``M`` built once:
+    every step is one sparse mat-vec (no sparse-sparse products), and the pattern never changes, so
+    CHOLMOD's symbolic analysis is done once (:meth:`geomfit.backend.SPDFactor.refactor`).
+    """
+
+    def __init__(self, Gx, Gy, Cst, xp, key=None, like=None):
+        self.key = key
+        if like is not None and like.key is not None and key is not None and like.xp is xp and all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(like.key, key)):
+            # same grid, mask and data rows: only the constant part (the weights lam) differs
+            self.indptr, self.indices, self.M, self.diag_pos, self.n, self.xp = (
+                like.indptr, like.indices, like.M, like.diag_pos, like.n, xp)
+            self._keys = like._keys
+            Cc = Cst.tocoo()
+            cst = np.bincount(np.searchsorted(self._keys, Cc.row.astype(np.int64) * self.n + Cc.col),
+                              weights=Cc.data, minlength=self._keys.size)
+            self.cst = cst if xp is np else xp.asarray(cst)
+            return
+        n = Gx.shape[1]
+        nd = Gx.shape[0]
+        aG = abs(Gx) + abs(Gy)
+        P = (aG.T @ aG + abs(Cst) + sp.identity(n, format="csr")).tocsr()
+        P.sort_indices()
+        self.indptr, self.indices = P.indptr.astype(np.int64), P.indices.astype(np.int64)
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.indptr))
+        keys = rows * n + self.indices  # sorted (CSR with sorted indices)
+
+        def pos(r, c):
+            return np.searchsorted(keys, np.asarray(r, np.int64) * n + c)
+
+        parts_pos, parts_col, parts_val = [], [], []
+        for X, Y, w in ((Gx, Gx, 0), (Gx, Gy, 1), (Gy, Gx, 1), (Gy, Gy, 2)):
+            p_, j, k, coef = _row_pairs(X, Y)
+            parts_pos.append(pos(j, k))
+            parts_col.append(w * nd + p_)
+            parts_val.append(coef)
+        M = sp.csr_matrix((np.concatenate(parts_val), (np.concatenate(parts_pos), np.concatenate(parts_col))),
+                          shape=(keys.size, 3 * nd))
+        Cc = Cst.tocoo()
+        cst = np.bincount(pos(Cc.row, Cc.col), weights=Cc.data, minlength=keys.size)
+        self.diag_pos = pos(np.arange(n), np.arange(n))
+        self.n, self.xp, self._keys = n, xp, keys
+        if xp is np:
+            self.M, self.cst = M, cst
+        else:
+            spm = sparse_module(xp)
+            self.M, self.cst = spm.csr_matrix(M), xp.asarray(cst)
+            self.indptr, self.indices = xp.asarray(self.indptr), xp.asarray(self.indices)
+            self.diag_pos = xp.asarray(self.diag_pos)
+
+    def values(self, a, b):
+        """Entries of ``J^T J + C`` on the pattern, from the data derivatives ``a, b`` (n_data, C)."""
+        xp = self.xp
+        w = xp.concatenate([(a * a).sum(1), (a * b).sum(1), (b * b).sum(1)])
+        return self.M @ w + self.cst
+
+    def matrix(self, values, damping=0.0):
+        """The matrix with ``values`` plus ``damping * diag`` (Marquardt), CSC on the CPU (symmetric,
+        so the CSR arrays serve as CSC), CSR on the GPU."""
+        xp = self.xp
+        v = values.copy()
+        if damping:
+            v[self.diag_pos] *= 1.0 + damping
+        if xp is np:
+            return sp.csc_matrix((v, self.indices, self.indptr), shape=(self.n, self.n))
+        return sparse_module(xp).csr_matrix((v, self.indices, self.indptr), shape=(self.n, self.n))
+
+
 class _DepthProblem:
     """Eq. 9 restricted to the depth values inside the mask, as stacked residuals ``R(u)``.
 
@@ -336,6 +428,9 @@ class _DepthProblem:
         self.n = n
         Cst = l1 * sp.identity(n, format="csr") + l2 * (L.T @ L) + (l3 * l4 * l4) * (D.T @ D)
         spm = sparse_module(xp)
+        self._gx_np, self._gy_np, self._cst_np = Gx.tocsr(), Gy.tocsr(), Cst.tocsr()
+        self._pattern = None
+        self._pattern_like = None  # a pattern of an earlier problem on the same pixels, to reuse
         cv = lambda A: A.tocsr() if xp is np else spm.csr_matrix(A.tocsr())  # noqa: E731
         self.Gx, self.Gy, self.L, self.D, self.Cst = cv(Gx), cv(Gy), cv(L), cv(D), cv(Cst.tocsr())
         self.Dg = xp.asarray(Dg)
@@ -398,6 +493,23 @@ class _DepthProblem:
         blocks = [spm.diags(a[:, c]) @ self.Gx + spm.diags(b[:, c]) @ self.Gy for c in range(self.C)]
         return spm.vstack(blocks).tocsr()
 
+    @property
+    def pattern(self) -> _GaussNewtonPattern:
+        """The fixed-pattern Gauss-Newton assembly (built on first use)."""
+        if self._pattern is None:
+            self._pattern = _GaussNewtonPattern(self._gx_np, self._gy_np, self._cst_np, self.xp,
+                                                key=(self.cols, self.rows_data, self.rows_inner),
+                                                like=self._pattern_like)
+        return self._pattern
+
+    def gauss_newton(self, u):
+        """Residual-derivative triple, the Gauss-Newton values ``J^T J + C`` on :attr:`pattern`, and
+        the half gradient ``J^T R`` of :meth:`energy` at ``u``."""
+        rab = self.data_derivatives(u)
+        r, a, b = rab
+        g = (self.Gx.T @ (a * r).sum(1) + self.Gy.T @ (b * r).sum(1)) + self.gradient_const(u)
+        return self.pattern.values(a, b), g
+
     def jacobian(self, u):
         """Stacked sparse Jacobian of :meth:`residuals` (for tests)."""
         spm = sparse_module(self.xp)
@@ -415,16 +527,32 @@ class _DepthProblem:
 class DepthInfo:
     """Convergence record of :func:`solve_depth`: energies (Eq. 9) after each accepted step (the
     first entry is the initial energy), the wall-clock seconds at which each was reached, the number
-    of linear solves and factorisations, and the final damping."""
+    of linear solves (factor solves, including those inside PCG), factorisations and PCG iterations,
+    the final damping, and the last factor (pass it back as ``factor=`` to a later call on the same
+    mask)."""
     energies: List[float] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
     solves: int = 0
     factorizations: int = 0
+    pcg_iterations: int = 0
     damping: float = 0.0
+    factor: object = None
+
+
+def _same_pattern(F, pattern) -> bool:
+    fp = getattr(F, "_depth_pattern", None)
+    if fp is None:
+        return False
+    if fp.indptr is pattern.indptr and fp.indices is pattern.indices:
+        return True
+    xp = pattern.xp
+    return (fp.indptr.shape == pattern.indptr.shape and fp.indices.shape == pattern.indices.shape
+            and bool(xp.array_equal(fp.indptr, pattern.indptr)) and bool(xp.array_equal(fp.indices, pattern.indices)))
 
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
-                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False):
+                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
+                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20):
     """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -433,10 +561,20 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
                + l3 ||grad g - l4 grad d||^2
 
     with ``L`` the 5-point Laplacian, ``grad`` forward differences and ``g`` the grey image (channel
-    mean). Each step linearises the shading through the normals (analytic Jacobian), solves the
-    sparse normal equations ``(J^T J + C + mu diag) delta = -grad E / 2`` with
-    :func:`geomfit.backend.factorize_spd`, and accepts the step only if the energy falls
-    (Marquardt's damping adapted).
+    mean). Each step linearises the shading through the normals (analytic Jacobian) and solves the
+    sparse normal equations ``(J^T J + C + mu diag) delta = -grad E / 2``; the step is accepted
+    only if the energy falls (Marquardt's damping adapted).
+
+    The normal equations are solved inexactly where that is cheaper (a truncated Newton /
+    inexact Levenberg-Marquardt method): the matrix is assembled on one fixed sparsity pattern,
+    factored with :func:`geomfit.backend.factorize_spd` when no usable factor exists, and later
+    steps run preconditioned conjugate gradients (:func:`geomfit.backend.pcg`, relative residual
+    ``pcg_tol``, at most ``pcg_maxiter`` iterations) with the last factor as preconditioner. A PCG
+    step that does not lower the energy is redone with a fresh factor before the damping grows; a
+    PCG run that does not reach ``pcg_tol`` marks the factor stale, so the next step refactors
+    (numerically only: the symbolic analysis is kept). With ``pcg_maxiter=0`` every step is an
+    exact factor solve. On the GPU without cholespy the "factor" is itself iterative, and every
+    step is solved by it directly.
 
     Parameters
     ----------
@@ -465,9 +603,17 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     data_weight : float
         Weight of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
     gradient_scale : float
-        Scale of the grey image in the gradient term (1: intensities in [0, 1]).
+        Scale of the grey image in the gradient term.
     return_info : bool
         Also return a :class:`DepthInfo`.
+    factor : SPDFactor, optional
+        ``info.factor`` of an earlier call with the same ``mask`` and ``data_mask``: its symbolic
+        analysis is reused and, with ``reuse_factor``, it preconditions the first steps.
+    reuse_factor : bool
+        Use ``factor`` as a preconditioner (True) or only its symbolic analysis (False: the first
+        step refactors, e.g. when the weights ``lam`` changed).
+    pcg_tol, pcg_maxiter : float, int
+        Forcing tolerance and iteration cap of the inexact steps.
 
     Returns
     -------
@@ -476,7 +622,8 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
 
     References
     ----------
-    Jin et al. 2021 (seed 004), Sec. 3.4, Eq. 9 and Sec. 4.1 (weights).
+    Jin et al. 2021 (seed 004), Sec. 3.4, Eq. 9 and Sec. 4.1 (weights); Dembo, Eisenstat and
+    Steihaug, "Inexact Newton methods", SIAM J. Numer. Anal. 19 (1982) (the truncated steps).
     """
     t0 = time.perf_counter()
     xp = get_array_module(image, depth)
@@ -492,28 +639,47 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     if len(lam) != 4:
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale)
-    spm = sparse_module(xp)
+    prob._pattern_like = getattr(factor, "_depth_pattern", None)
+    pat = prob.pattern
     u = prob.u_init
     E = prob.energy(u)
     info = DepthInfo(energies=[E], times=[time.perf_counter() - t0])
     mu = float(damping)
+    F = factor if (factor is not None and _same_pattern(factor, pat)) else None
+    stale = F is None or not reuse_factor  # True: the next solve must (re)factor the current matrix
+
+    def refactor(A):
+        nonlocal F
+        if F is None:
+            F = factorize_spd(A)
+        else:
+            F.refactor(A)
+        F._depth_pattern = pat
+        info.factorizations += 1
+
     for _ in range(int(iterations)):
-        rab = prob.data_derivatives(u)
-        Jd = prob.data_jacobian(rab)
-        Hm = (Jd.T @ Jd + prob.Cst).tocsr()
-        g = Jd.T @ rab[0].T.ravel() + prob.gradient_const(u)
-        dg = Hm.diagonal()
+        vals, g = prob.gauss_newton(u)
         accepted = False
         for _try in range(10):
-            A = Hm + spm.diags(mu * dg)
-            F = factorize_spd(A.tocsc() if xp is np else A)
-            info.factorizations += 1
-            step = F.solve(-g)
-            info.solves += 1
+            A = pat.matrix(vals, mu)
+            inexact = not stale and F.exact and pcg_maxiter > 0
+            if inexact:
+                step, k, ok = pcg(A, -g, F.solve, tol=pcg_tol, maxiter=pcg_maxiter)
+                info.pcg_iterations += k
+                info.solves += k + 1
+                stale = not ok
+            else:
+                refactor(A)
+                step = F.solve(-g)
+                info.solves += 1
+                stale = False
             E_new = prob.energy(u + step)
             if np.isfinite(E_new) and E_new < E:
                 accepted = True
                 break
+            if inexact:
+                stale = True  # retry this damping with an exact solve
+                continue
             mu = max(mu * 4.0, 1e-6)
         if not accepted:
             break
@@ -526,6 +692,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         if dE < tol * E:
             break
     info.damping = mu
+    info.factor = F
     out = xp.ascontiguousarray(d).copy()
     out.reshape(-1)[xp.asarray(prob.cols)] = u
     return (out, info) if return_info else out
@@ -645,13 +812,14 @@ class FineResult:
     energy: Dict[str, List[float]]
     timings: Dict[str, float]
     data_mask: object
+    depth_stats: Dict[str, int] = field(default_factory=dict)
 
 
 def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                phases: Sequence[Sequence[float]] = (PHASE1, PHASE2), lam_skin=0.3, lam_rtv=2.5,
                lam_spec=0.5, specular=True, shared_light=False, init_rounds=2, outer_iterations=2,
                depth_iterations=3, rtv_iterations=3, saturation=0.995, min_pixels=64, data_weight=DATA_WEIGHT,
-               gradient_scale=1.0, albedo_data_weight=None):
+               gradient_scale=1.0, albedo_data_weight=None, inexact_depth=True):
     """Seed 004's fine stage: lighting, albedo, specular, then phased depth shape from shading.
 
     Steps (seed 004, Sec. 3.4 and 4.1):
@@ -707,6 +875,11 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
         Scale of the grey image in Eq. 9's gradient term.
     albedo_data_weight : float, optional
         Override ``data_weight`` in Eq. 6 only.
+    inexact_depth : bool
+        Let the depth solves take truncated PCG steps preconditioned by an earlier factor
+        (:func:`solve_depth`; one symbolic analysis and a few numeric factorisations for the whole
+        stage). False: every Levenberg-Marquardt step is an exact solve (as on the GPU without
+        cholespy, so CPU and GPU results agree to solver tolerance).
 
     Returns
     -------
@@ -776,6 +949,8 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     # 4: depth phases
     d = d_in
     energy: Dict[str, List[float]] = {}
+    factor = None  # one factor object for all depth solves: symbolic analysis once, PCG preconditioner
+    stats = {"factorizations": 0, "pcg_iterations": 0}
     for k, lam in enumerate(phases):
         name = f"phase{k + 1}"
         hist: List[float] = []
@@ -785,7 +960,11 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
                 beta = solve_specular(I, gamma * S, beta0, dm, lam_spec)
             d, info = solve_depth(I, d, m, gamma, sh, beta, depth0=d_in, lam=lam, iterations=depth_iterations,
                                   data_mask=dm, data_weight=data_weight, gradient_scale=gradient_scale,
-                                  return_info=True)
+                                  return_info=True, factor=factor, reuse_factor=bool(hist),
+                                  pcg_maxiter=20 if inexact_depth else 0)
+            factor = info.factor
+            stats["factorizations"] += info.factorizations
+            stats["pcg_iterations"] += info.pcg_iterations
             hist.extend(info.energies if not hist else info.energies[1:])
             n = _depth_normals(d, m)
             S = _as_hwc(shade(n, sh), H, W, 3, xp, "shading")
@@ -800,7 +979,8 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
         if not bool(xp.isfinite(arr).all()):
             raise FloatingPointError(f"fine_stage produced non-finite {name} (please report this input)")
     return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=beta,
-                      regions=reg_np, albedo_avg=avg, energy=energy, timings=timings, data_mask=dm)
+                      regions=reg_np, albedo_avg=avg, energy=energy, timings=timings, data_mask=dm,
+                      depth_stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,3 +86,48 @@ def test_cupy_factor_matches_cpu():
     f = backend.factorize_spd(csp.csr_matrix(A))
     x = f.solve(cp.asarray(b))
     np.testing.assert_allclose(cp.asnumpy(x), spla.spsolve(A, b), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["superlu"] + (["cholmod"] if backend.has_cholmod() else []))
+def test_refactor_equals_fresh_factor(method):
+    # same pattern, new values: the symbolic analysis is kept, the answer is that of a new factor
+    A = _spd(seed=4)
+    A2 = A.copy()
+    A2.data = A2.data * np.random.default_rng(5).uniform(0.5, 1.5, A2.nnz)
+    A2 = ((A2 + A2.T) * 0.5 + sp.identity(A.shape[0]) * 2.0).tocsc()
+    f = backend.factorize_spd(A + sp.identity(A.shape[0]) * 2.0, method=method)
+    f.refactor(A2)
+    b = np.random.default_rng(6).normal(size=A.shape[0])
+    np.testing.assert_allclose(f.solve(b), spla.spsolve(A2, b), rtol=1e-10, atol=1e-12)
+    if method == "cholmod":  # SuperLU factors indefinite matrices too; only CHOLMOD tests definiteness
+        with pytest.raises(np.linalg.LinAlgError):
+            f.refactor((A2 - sp.identity(A.shape[0]) * 100.0).tocsc())
+    with pytest.raises(ValueError, match="shape"):
+        f.refactor(A2[:10, :10])
+
+
+def test_pcg_against_direct_solve():
+    A = _spd(n=200, seed=7)
+    b = np.random.default_rng(8).normal(size=A.shape[0])
+    ref = spla.spsolve(A, b)
+    d = A.diagonal()
+    x, k, ok = backend.pcg(A, b, lambda r: r / d, tol=1e-10, maxiter=500)
+    assert ok and 0 < k < 500
+    np.testing.assert_allclose(x, ref, rtol=1e-8, atol=1e-10)
+    assert np.linalg.norm(b - A @ x) <= 1e-10 * np.linalg.norm(b)
+    # the exact inverse as preconditioner: one iteration
+    f = backend.factorize_spd(A)
+    x, k, ok = backend.pcg(A, b, f.solve, tol=1e-10)
+    assert ok and k == 1
+    np.testing.assert_allclose(x, ref, rtol=1e-9, atol=1e-12)
+    # a factor of a nearby matrix: a few iterations, far fewer than Jacobi
+    fn = backend.factorize_spd((A + sp.identity(A.shape[0]) * 0.05).tocsc())
+    x, k_near, ok = backend.pcg(A, b, fn.solve, tol=1e-10, maxiter=500)
+    _, k_jac, _ = backend.pcg(A, b, lambda r: r / d, tol=1e-10, maxiter=500)
+    assert ok and k_near < k_jac / 2
+    # truncation: not converged, but still a descent direction of x^T A x / 2 - b^T x
+    x, k, ok = backend.pcg(A, b, lambda r: r / d, tol=1e-12, maxiter=3)
+    assert not ok and k == 3
+    assert 0.5 * x @ (A @ x) - b @ x < 0.0
+    x, k, ok = backend.pcg(A, np.zeros_like(b), f.solve)
+    assert ok and k == 0 and not x.any()

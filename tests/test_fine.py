@@ -69,6 +69,50 @@ def test_depth_jacobian_matches_finite_differences():
         np.testing.assert_allclose(g, J.T @ R, atol=1e-9 * np.abs(J.T @ R).max())
 
 
+def test_gauss_newton_pattern_equals_sparse_products():
+    # the fixed-pattern assembly of J^T J + C against SciPy sparse products of the Jacobian
+    s = synthetic_scene(20, n_blotches=1, seed=3)
+    rng = np.random.default_rng(4)
+    spec = 0.05 * rng.uniform(size=s["image"].shape)
+    prob = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"], s["depth_blur"],
+                         PHASE1, None, data_weight=300.0)
+    u = prob.u_init + 0.2 * rng.standard_normal(prob.n)
+    rab = prob.data_derivatives(u)
+    Jd = prob.data_jacobian(rab)
+    ref = (Jd.T @ Jd + prob.Cst).toarray()
+    vals, g = prob.gauss_newton(u)
+    np.testing.assert_allclose(prob.pattern.matrix(vals).toarray(), ref, rtol=1e-12, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_allclose(g, Jd.T @ rab[0].T.ravel() + prob.gradient_const(u), rtol=1e-12, atol=1e-9)
+    damped = prob.pattern.matrix(vals, 0.5).toarray()
+    np.testing.assert_allclose(damped, ref + 0.5 * np.diag(np.diag(ref)), rtol=1e-12, atol=1e-9 * np.abs(ref).max())
+    # a problem on the same pixels with other weights reuses the structure, recomputes the constant part
+    p2 = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"], s["depth_blur"],
+                       PHASE2, None, data_weight=300.0)
+    p2._pattern_like = prob.pattern
+    assert p2.pattern.M is prob.pattern.M
+    rab2 = p2.data_derivatives(u)
+    J2 = p2.data_jacobian(rab2)
+    ref2 = (J2.T @ J2 + p2.Cst).toarray()
+    np.testing.assert_allclose(p2.pattern.matrix(p2.gauss_newton(u)[0]).toarray(), ref2, rtol=1e-12,
+                               atol=1e-9 * np.abs(ref2).max())
+
+
+def test_inexact_depth_steps_match_exact_energy(scene):
+    # truncated PCG steps (the default) reach the energy of exact steps with fewer factorisations
+    s = scene
+    kw = dict(depth0=s["depth_blur"], lam=PHASE1, iterations=8, tol=1e-9, return_info=True)
+    d_e, ie = solve_depth(s["image"], s["depth_blur"], s["mask"], s["albedo"], s["sh"], pcg_maxiter=0, **kw)
+    d_i, ii = solve_depth(s["image"], s["depth_blur"], s["mask"], s["albedo"], s["sh"], **kw)
+    assert ie.pcg_iterations == 0 and ie.factorizations >= len(ie.energies) - 1
+    assert ii.pcg_iterations > 0 and ii.factorizations < ie.factorizations
+    assert all(b <= a for a, b in zip(ii.energies, ii.energies[1:]))
+    assert ii.energies[-1] <= ie.energies[-1] * 1.02
+    # a later call on the same mask reuses the factor (no symbolic analysis, PCG from the start)
+    _, i2 = solve_depth(s["image"], d_i, s["mask"], s["albedo"], s["sh"], factor=ii.factor, **kw)
+    assert i2.factor is ii.factor
+    assert i2.energies[-1] <= i2.energies[0]
+
+
 def test_depth_step_solves_normal_equations_exactly():
     # one undamped step from a quadratic problem (data term off -> Eq. 9 is quadratic): exact minimiser
     s = synthetic_scene(16, n_blotches=0)
@@ -311,7 +355,7 @@ def test_fine_stage_partial_saturation_and_nan_outside_mask(scene):
 def test_fine_stage_cupy_matches_numpy(scene):
     cp = pytest.importorskip("cupy")
     s = scene
-    kw = dict(phases=(PHASE1,), outer_iterations=1, depth_iterations=2)
+    kw = dict(phases=(PHASE1,), outer_iterations=1, depth_iterations=2, inexact_depth=False)
     r = fine_stage(s["image"], s["depth_blur"], s["mask"], **kw)
     rg = fine_stage(cp.asarray(s["image"]), cp.asarray(s["depth_blur"]), cp.asarray(s["mask"]), **kw)
     np.testing.assert_allclose(cp.asnumpy(rg.depth), r.depth, atol=1e-4)
