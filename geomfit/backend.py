@@ -271,6 +271,11 @@ class SPDFactor:
         self._lastfast = {"q": q, "pos_last": pos[self.last] - (n - m)}
         self._extract_trailing()
 
+    def _rows_in_last(self, C) -> bool:
+        is_last = np.zeros(self.shape[0], dtype=bool)
+        is_last[self.last] = True
+        return bool(is_last[sp.coo_matrix(C).row].all())
+
     def _extract_trailing(self):
         """Dense trailing ``m x m`` block of the current CHOLMOD factor ``L`` (of ``L L^T``).
 
@@ -279,7 +284,9 @@ class SPDFactor:
         """
         n, m = self.shape[0], self.last.size
         Lc = self._f.L().tocsc()[:, n - m:].tocsr()[n - m:]
-        self._lastfast["L_last"] = np.ascontiguousarray(Lc.toarray())
+        U = np.ascontiguousarray(Lc.toarray().T)  # U = L_HH^T, upper, rows contiguous
+        self._lastfast["U"] = U  # trailing factor of the current A
+        self._lastfast["U0"] = U  # trailing block of CHOLMOD's factor (differs after dense updates)
 
     def _factor_superlu(self, A):
         try:
@@ -330,6 +337,27 @@ class SPDFactor:
         if b.shape[0] != self.shape[0]:
             raise ValueError(f"SPDFactor.solve: right-hand side has {b.shape[0]} rows, matrix has {self.shape[0]}")
         b = b.astype(xp.float64, copy=False)
+        if self.method == "cholmod" and self._lastfast is not None:  # A[q][:, q] = L L^T
+            lf = self._lastfast
+            q = lf["q"]
+            if lf["U"] is lf["U0"]:
+                z = self._f.solve_A(b[self._f_perm])  # the factor is of A[p][:, p]
+                x = np.empty_like(z)
+                x[self._f_perm] = z
+                return x
+            # CHOLMOD's L_II and L_HI are current, its L_HH is not: forward solve, then correct the
+            # trailing part (y_H = L_HH^{-1} L_HH0 y0_H), backward through U and U0, CHOLMOD backward
+            n, m = self.shape[0], self.last.size
+            kern = _dense_kernels()
+            y = np.asfortranarray(self._f.solve_L(b[q].reshape(n, -1), use_LDLt_decomposition=False))
+            t = kern["matvec_t"](lf["U0"], np.ascontiguousarray(y[n - m:]))
+            kern["fwd"](lf["U"], t)
+            kern["bwd"](lf["U"], t)
+            y[n - m:] = kern["matvec"](lf["U0"], t)
+            z = self._f.solve_Lt(y, use_LDLt_decomposition=False)
+            x = np.empty_like(z)
+            x[q] = z
+            return x.reshape(b.shape)
         if self.method == "cholmod" and self._f_perm is not None:  # factor of A[p][:, p]
             x = np.empty_like(b)
             x[self._f_perm] = self._f(b[self._f_perm])
@@ -386,7 +414,11 @@ class SPDFactor:
         cols = bl.reshape(m, -1)
         y_last = np.empty_like(cols)
         y_last[lf["pos_last"]] = cols
-        _forward_dense_lower(lf["L_last"], y_last)
+        kern = _dense_kernels()
+        kern["fwd"](lf["U"], y_last)  # y_H = L_HH^{-1} b_H
+        if lf["U"] is not lf["U0"]:  # L_HH was updated densely: z_H = L_HH^{-T} y_H, fed as U0 z_H
+            kern["bwd"](lf["U"], y_last)
+            y_last = kern["matvec"](lf["U0"], y_last)
         y = np.zeros((n, cols.shape[1]), order="F")
         y[n - m:] = y_last
         z = self._f.solve_Lt(y, use_LDLt_decomposition=False)
@@ -404,10 +436,20 @@ class SPDFactor:
         if self.xp is np:
             C = sp.csc_matrix(C, dtype=np.float64)
             self.A = (self.A + sign * (C @ C.T)).tocsc()
-            if self.method == "cholmod" and self._f_perm is not None:  # factor of A[p][:, p]
-                self._f.update_inplace(C.tocsr()[self._f_perm].tocsc(), subtract=subtract)
-                if self._lastfast is not None:
-                    self._extract_trailing()
+            if self.method == "cholmod" and self._lastfast is not None and self._rows_in_last(C):
+                # only L_HH changes: dense rank-1 up/downdates of U = L_HH^T, CHOLMOD's factor kept
+                lf = self._lastfast
+                n, m = self.shape[0], self.last.size
+                Cd = np.asarray(C.tocsr()[lf["q"][n - m:]].toarray())  # rows in trailing order
+                U = lf["U"].copy() if lf["U"] is lf["U0"] else lf["U"]
+                kern = _dense_kernels()
+                for j in range(Cd.shape[1]):
+                    if not kern["rank1"](U, Cd[:, j].copy(), -1.0 if subtract else 1.0):
+                        raise np.linalg.LinAlgError("SPDFactor.update: the downdate makes A indefinite")
+                lf["U"] = U
+            elif self.method == "cholmod" and self._f_perm is not None:  # refactor, same layout
+                self._lastfast = None
+                self._factor_cholmod_last(self.A)
             elif self.method == "cholmod" and hasattr(self._f, "update_inplace"):  # scikit-sparse 0.4
                 self._f.update_inplace(C, subtract=subtract)
             elif self.method == "cholmod":
@@ -464,36 +506,99 @@ def factorize_spd(A, method: Optional[str] = None, tol: float = 1e-10, maxiter: 
     return SPDFactor(A, method=method, tol=tol, maxiter=maxiter, ordering=ordering, last=last)
 
 
-_FORWARD = None
+_KERNELS: dict = {}
 
 
-def _forward_dense_lower(Ld, y):
-    """In place ``y <- Ld^{-1} y`` for a dense lower-triangular ``Ld`` (m, m) and ``y`` (m, k).
+def _dense_kernels() -> dict:
+    """Numba kernels on the dense trailing factor ``U = L_HH^T`` (upper, C order), compiled once.
 
-    A Numba loop (no BLAS threads: a threaded ``trsm`` of this size is slower on a busy machine);
-    SciPy's ``solve_triangular`` when Numba is missing.
+    ``fwd(U, y)``: ``y <- U^{-T} y``; ``bwd(U, y)``: ``y <- U^{-1} y``; ``matvec(U, y)``: ``U y``;
+    ``matvec_t(U, y)``: ``U^T y``;
+    ``rank1(U, x, sign)``: ``U^T U + sign x x^T = U'^T U'`` in place, ``False`` when a downdate loses
+    positive definiteness. Plain loops rather than BLAS: a threaded ``trsm`` of this size is slower
+    on a busy machine than one core. SciPy/NumPy versions when Numba is missing.
     """
-    global _FORWARD
-    if _FORWARD is None:
-        try:
-            import numba
+    if _KERNELS:
+        return _KERNELS
+    try:
+        import numba
 
-            @numba.njit(cache=True, nogil=True)
-            def fwd(Ld, y):  # pragma: no cover - compiled
-                m, k = y.shape
-                for i in range(m):
-                    for c in range(k):
-                        acc = y[i, c]
-                        for j in range(i):
-                            acc -= Ld[i, j] * y[j, c]
-                        y[i, c] = acc / Ld[i, i]
+        jit = numba.njit(cache=True, nogil=True)
+    except ImportError:  # pragma: no cover - numba is a dependency
+        jit = None
 
-            _FORWARD = fwd
-        except ImportError:  # pragma: no cover - numba is a dependency
-            import scipy.linalg as sla
+    def fwd(U, y):  # pragma: no cover - compiled
+        m, k = y.shape
+        for i in range(m):
+            for c in range(k):
+                y[i, c] /= U[i, i]
+            for j in range(i + 1, m):
+                u = U[i, j]
+                for c in range(k):
+                    y[j, c] -= u * y[i, c]
 
-            def fwd(Ld, y):
-                y[...] = sla.solve_triangular(Ld, y, lower=True, check_finite=False)
+    def bwd(U, y):  # pragma: no cover - compiled
+        m, k = y.shape
+        for i in range(m - 1, -1, -1):
+            for c in range(k):
+                acc = y[i, c]
+                for j in range(i + 1, m):
+                    acc -= U[i, j] * y[j, c]
+                y[i, c] = acc / U[i, i]
 
-            _FORWARD = fwd
-    _FORWARD(Ld, y)
+    def matvec(U, y):  # pragma: no cover - compiled
+        m, k = y.shape
+        out = np.zeros((m, k))
+        for i in range(m):
+            for j in range(i, m):
+                u = U[i, j]
+                for c in range(k):
+                    out[i, c] += u * y[j, c]
+        return out
+
+    def matvec_t(U, y):  # pragma: no cover - compiled
+        m, k = y.shape
+        out = np.zeros((m, k))
+        for i in range(m):
+            for j in range(i, m):
+                u = U[i, j]
+                for c in range(k):
+                    out[j, c] += u * y[i, c]
+        return out
+
+    def rank1(U, x, sign):  # pragma: no cover - compiled
+        m = x.shape[0]
+        for i in range(m):
+            d = U[i, i]
+            r2 = d * d + sign * x[i] * x[i]
+            if not r2 > 0.0:
+                return False
+            r = np.sqrt(r2)
+            c = r / d
+            s = x[i] / d
+            U[i, i] = r
+            for j in range(i + 1, m):
+                U[i, j] = (U[i, j] + sign * s * x[j]) / c
+                x[j] = c * x[j] - s * U[i, j]
+        return True
+
+    if jit is None:  # pragma: no cover
+        import scipy.linalg as sla
+
+        def fwd(U, y):  # noqa: F811
+            y[...] = sla.solve_triangular(U, y, trans="T", lower=False, check_finite=False)
+
+        def bwd(U, y):  # noqa: F811
+            y[...] = sla.solve_triangular(U, y, lower=False, check_finite=False)
+
+        def matvec(U, y):  # noqa: F811
+            return U @ y
+
+        def matvec_t(U, y):  # noqa: F811
+            return U.T @ y
+
+        _KERNELS.update(fwd=fwd, bwd=bwd, matvec=matvec, matvec_t=matvec_t, rank1=rank1)
+    else:
+        _KERNELS.update(fwd=jit(fwd), bwd=jit(bwd), matvec=jit(matvec), matvec_t=jit(matvec_t),
+                        rank1=jit(rank1))
+    return _KERNELS

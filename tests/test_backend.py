@@ -162,3 +162,24 @@ def test_solve_last_without_cholmod_falls_back(monkeypatch):
     b = np.zeros(40)
     b[last] = [1.0, -2.0, 0.5]
     np.testing.assert_allclose(f.solve_last(b[last]), spla.spsolve(A, b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not backend.has_cholmod(), reason="needs scikit-sparse")
+def test_solve_last_mixed_update_sequence():
+    """Dense trailing updates, then one outside `last` (refactor), then a downdate: still exact."""
+    A = _spd(n=60, seed=12)
+    rng = np.random.default_rng(13)
+    last = rng.choice(60, 8, replace=False)
+    other = np.setdiff1d(np.arange(60), last)
+    f = backend.factorize_spd(A, method="cholmod", last=last)
+    A2 = A.copy()
+    for rows, sub in ((last[[1, 2]], False), (last[[3]], False), (other[[5, 9]], False), (last[[1]], True)):
+        C = sp.csc_matrix((np.full(rows.size, 0.1), (rows, np.arange(rows.size))), shape=(60, rows.size))
+        f.update(C, subtract=sub)
+        A2 = A2 - C @ C.T if sub else A2 + C @ C.T
+        bl = rng.normal(size=(8, 3))
+        b = np.zeros((60, 3))
+        b[last] = bl
+        np.testing.assert_allclose(f.solve_last(bl), spla.spsolve(A2.tocsc(), b), rtol=1e-9, atol=1e-12)
+        b2 = rng.normal(size=60)
+        np.testing.assert_allclose(f.solve(b2), spla.spsolve(A2.tocsc(), b2), rtol=1e-9, atol=1e-12)
