@@ -229,12 +229,15 @@ class LaplacianDeformer:
     ordering : {None, "amd", "metis", "nesdis", "colamd"}, optional
         CHOLMOD fill-reducing ordering (of the non-handle vertices when ``handles_last``), forwarded
         to :func:`~geomfit.backend.factorize_spd`; ``None`` is CHOLMOD's default (AMD).
-    handles_last : bool, default True
-        Eliminate the handle vertices last (``factorize_spd(..., last=handle_indices)``). The
-        right-hand side of :meth:`deform` is zero outside the handle rows, so its forward solve then
-        only touches the dense trailing ``M x M`` block of the factor and each :meth:`deform` costs one
-        CHOLMOD backward solve instead of a forward and a backward one (the factor has somewhat more
-        fill). ``False`` factors ``A`` with the plain ordering and solves the full right-hand side.
+    handles_last : bool, default False
+        Eliminate the handle vertices last (``factorize_spd(..., last=handle_indices)``), for many
+        :meth:`deform` calls on one deformer. The right-hand side of :meth:`deform` is zero outside the
+        handle rows, so its forward solve then only touches the dense trailing ``M x M`` block of the
+        factor and each :meth:`deform` costs one CHOLMOD backward solve instead of a forward and a
+        backward one. The price is a slower set-up (more fill, and the trailing block is copied out):
+        on the 51,840-vertex benchmark with 1,000 handles about 0.2-0.4 s more set-up for about 5-6 ms
+        less per deform (``benchmarks/results/laplacian.json``), so it pays after a few dozen deforms.
+        ``False`` (default) factors ``A`` with CHOLMOD's ordering and solves the full right-hand side.
 
     Attributes
     ----------
@@ -267,7 +270,7 @@ class LaplacianDeformer:
     """
 
     def __init__(self, vertices, faces, handle_indices, handle_weights=0.6, weights: str = "uniform",
-                 method: Optional[str] = None, ordering: Optional[str] = None, handles_last: bool = True):
+                 method: Optional[str] = None, ordering: Optional[str] = None, handles_last: bool = False):
         xp = get_array_module(vertices)
         self.xp = xp
         v, f = _check_mesh(vertices, faces)
