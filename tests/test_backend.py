@@ -131,3 +131,106 @@ def test_pcg_against_direct_solve():
     assert 0.5 * x @ (A @ x) - b @ x < 0.0
     x, k, ok = backend.pcg(A, np.zeros_like(b), f.solve)
     assert ok and k == 0 and not x.any()
+
+
+_CPU_METHODS = ["superlu"] + (["cholmod"] if backend.has_cholmod() else [])
+
+
+@pytest.mark.parametrize("method", _CPU_METHODS)
+@pytest.mark.parametrize("ordering", [None, "amd", "metis", "nesdis", "colamd"])
+def test_ordering_option_matches_spsolve(method, ordering):
+    A = _spd(n=80, seed=4)
+    b = np.random.default_rng(5).normal(size=(80, 3))
+    f = backend.factorize_spd(A, method=method, ordering=ordering)
+    np.testing.assert_allclose(f.solve(b), spla.spsolve(A, b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", _CPU_METHODS)
+@pytest.mark.parametrize("ordering", [None, "metis"])
+@pytest.mark.parametrize("shape", [(), (1,), (4,)])
+def test_solve_last_matches_spsolve(method, ordering, shape):
+    """b is zero outside `last`: solve_last(b[last]) == spsolve(A, b), any order of `last`."""
+    A = _spd(n=90, seed=6)
+    rng = np.random.default_rng(7)
+    last = rng.choice(90, 12, replace=False)  # unsorted on purpose
+    bl = rng.normal(size=(12,) + shape)
+    b = np.zeros((90,) + shape)
+    b[last] = bl
+    f = backend.factorize_spd(A, method=method, ordering=ordering, last=last)
+    if method == "cholmod" and hasattr(backend._cholmod(), "cholesky"):
+        assert f._lastfast is not None  # the constrained-ordering fast path is taken
+    x = f.solve_last(bl)
+    assert x.shape == b.shape
+    np.testing.assert_allclose(x, spla.spsolve(A, b).reshape(b.shape), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(f.solve(b), x, rtol=1e-10, atol=1e-12)  # plain solve still right
+    # refactor keeps the layout: new values, same answers as a direct solve of the new matrix
+    A2 = (A + sp.identity(90) * 0.7).tocsc()
+    f.refactor(A2)
+    ref2 = spla.spsolve(A2, b).reshape(b.shape)
+    np.testing.assert_allclose(f.solve_last(bl), ref2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(f.solve(b), ref2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", _CPU_METHODS)
+@pytest.mark.parametrize("subtract", [False, True])
+@pytest.mark.parametrize("rows", ["last", "other"])
+def test_solve_last_after_update_equals_refactor(method, subtract, rows):
+    A = _spd(n=70, seed=8)
+    rng = np.random.default_rng(9)
+    last = rng.choice(70, 9, replace=False)
+    idx = last[[0, 4, 7]] if rows == "last" else np.setdiff1d(np.arange(70), last)[[2, 30, 50]]
+    C = sp.csc_matrix((np.sqrt([0.02, 0.03, 0.01]), (idx, np.arange(3))), shape=(70, 3))
+    f = backend.factorize_spd(A, method=method, last=last)
+    f.update(C, subtract=subtract)
+    A2 = (A - C @ C.T if subtract else A + C @ C.T).tocsc()
+    bl = rng.normal(size=(9, 2))
+    b = np.zeros((70, 2))
+    b[last] = bl
+    np.testing.assert_allclose(f.solve_last(bl), spla.spsolve(A2, b), rtol=1e-9, atol=1e-12)
+    b2 = rng.normal(size=(70, 2))
+    np.testing.assert_allclose(f.solve(b2), spla.spsolve(A2, b2), rtol=1e-9, atol=1e-12)
+
+
+def test_solve_last_checks():
+    A = _spd(n=30)
+    with pytest.raises(ValueError, match="without last"):
+        backend.factorize_spd(A).solve_last(np.zeros(3))
+    f = backend.factorize_spd(A, last=[1, 5, 9])
+    with pytest.raises(ValueError, match="rows"):
+        f.solve_last(np.zeros(4))
+    for bad in ([1, 1], [-1], [30], []):
+        with pytest.raises(ValueError, match="distinct"):
+            backend.factorize_spd(A, last=bad)
+
+
+def test_solve_last_without_cholmod_falls_back(monkeypatch):
+    """With scikit-sparse missing, last= still works through SuperLU."""
+    monkeypatch.setattr(backend, "_CHOLMOD", None)
+    A = _spd(n=40, seed=10)
+    last = np.array([3, 30, 7])
+    f = backend.factorize_spd(A, last=last)
+    assert f.method == "superlu"
+    b = np.zeros(40)
+    b[last] = [1.0, -2.0, 0.5]
+    np.testing.assert_allclose(f.solve_last(b[last]), spla.spsolve(A, b), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not backend.has_cholmod(), reason="needs scikit-sparse")
+def test_solve_last_mixed_update_sequence():
+    """Dense trailing updates, then one outside `last` (refactor), then a downdate: still exact."""
+    A = _spd(n=60, seed=12)
+    rng = np.random.default_rng(13)
+    last = rng.choice(60, 8, replace=False)
+    other = np.setdiff1d(np.arange(60), last)
+    f = backend.factorize_spd(A, method="cholmod", last=last)
+    A2 = A.copy()
+    for rows, sub in ((last[[1, 2]], False), (last[[3]], False), (other[[5, 9]], False), (last[[1]], True)):
+        C = sp.csc_matrix((np.full(rows.size, 0.1), (rows, np.arange(rows.size))), shape=(60, rows.size))
+        f.update(C, subtract=sub)
+        A2 = A2 - C @ C.T if sub else A2 + C @ C.T
+        bl = rng.normal(size=(8, 3))
+        b = np.zeros((60, 3))
+        b[last] = bl
+        np.testing.assert_allclose(f.solve_last(bl), spla.spsolve(A2.tocsc(), b), rtol=1e-9, atol=1e-12)
+        b2 = rng.normal(size=60)
+        np.testing.assert_allclose(f.solve(b2), spla.spsolve(A2.tocsc(), b2), rtol=1e-9, atol=1e-12)
