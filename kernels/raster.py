@@ -187,16 +187,17 @@ def _raster_cpu(verts, faces, H, W, depth, tid, bary, vidx):
             A0 = e0 * (py - c0)
             A1 = e1 * (py - c1)
             A2 = e2 * (py - c2)
-            # covered span [lo, hi] of this row (empty: lo > hi)
+            # covered span [lo, hi] of this row (empty: lo > hi): first covered column and count
+            # (the covered columns are contiguous). Written so that LLVM does not vectorise it: the
+            # vector set-up costs more than it saves on rows of a few pixels.
             lo = j1 + 1
-            hi = j0 - 1
+            cnt = 0
             for j in range(j0, j1 + 1):
                 px = j + 0.5
                 ins = (A0 - f0 * (px - a0) >= th0) & (A1 - f1 * (px - a1) >= th1) & (A2 - f2 * (px - a2) >= th2)
-                jl = j if ins else j1 + 1
-                jh = j if ins else j0 - 1
-                lo = lo if lo < jl else jl
-                hi = hi if hi > jh else jh
+                lo = j if (ins & (cnt == 0)) else lo
+                cnt += ins
+            hi = lo + cnt - 1
             base = r * W
             for j in range(lo, hi + 1):
                 px = j + 0.5
