@@ -217,6 +217,10 @@ class _Prep:
         self.k_mean = np.ascontiguousarray(mean)
         self.k_C = np.ascontiguousarray(basis[:, :, 1:])
         self.k_G = np.ascontiguousarray(G)
+        # packed upper triangles (row-major) of G_00, G_11, G_22, G_01 + G_10, G_02 + G_20, G_12 + G_21
+        iu = np.triu_indices(self.P)
+        self.k_Gp = np.ascontiguousarray(np.stack([G[0, 0][iu], G[1, 1][iu], G[2, 2][iu], (G[0, 1] + G[1, 0])[iu],
+                                                   (G[0, 2] + G[2, 0])[iu], (G[1, 2] + G[2, 1])[iu]]))
 
 
 def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
@@ -662,7 +666,7 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     reg_init = np.ascontiguousarray(reg_init, dtype=np.float64)
 
     def run(a, b):  # images a..b-1; the kernel releases the GIL
-        kf.fit_batch(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
+        kf.fit_batch(p.k_mean, p.k_C, p.k_Gp, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
                      max_iter, ftol, xtol, gtol, 1e-3, two_phase, R[a:b], t[a:b], coef[a:b], hist0[a:b],
                      hist1[a:b], sel[a:b], s[a:b], cost[a:b], conv[a:b], it0[a:b], it1[a:b], rss[a:b])
 
