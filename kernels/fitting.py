@@ -267,8 +267,9 @@ def _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, w, reg, A, Hp, H, g, sh
 
 @njit(cache=True, fastmath=_FM)
 def _potrf_loops(A):
-    """In-place lower Cholesky factor of the row-major SPD matrix A (dot-product form); False when A
-    is not numerically positive definite."""
+    """In-place Cholesky factor of the row-major SPD matrix A: ``A = U^T U`` with U in the upper
+    triangle (dot-product form on the lower triangle, then mirrored); False when A is not
+    numerically positive definite."""
     n = A.shape[0]
     for i in range(n):
         ai = A[i]
@@ -283,6 +284,9 @@ def _potrf_loops(A):
                 ai[i] = math.sqrt(sm)
             else:
                 ai[j] = sm / aj[j]
+    for i in range(n):
+        for j in range(i):
+            A[j, i] = A[i, j]
     return True
 
 
@@ -292,12 +296,15 @@ try:  # LAPACK dpotrf through Numba's own binding (the one np.linalg.cholesky us
 
     ensure_lapack()
     _xxpotrf = _LAPACK().numba_xxpotrf(_nbtypes.float64)
-    _KIND, _UPLO = ord("d"), ord("U")
+    # 'L' on the column-major view = U in the upper triangle of our row-major array; measured
+    # 10-20 % faster than 'U' for n = 69..75 (OpenBLAS 0.3.31)
+    _KIND, _UPLO = ord("d"), ord("L")
 
     @njit(cache=True)
     def _potrf(A):
-        """In-place lower Cholesky factor of the row-major SPD matrix A (LAPACK dpotrf on the
-        column-major view, upper triangle = our lower one); False when not positive definite."""
+        """In-place Cholesky factor of the row-major SPD matrix A: ``A = U^T U`` with U in the
+        upper triangle (LAPACK dpotrf 'L' on the column-major view); False when not positive
+        definite."""
         n = A.shape[0]
         return _xxpotrf(_KIND, _UPLO, n, A.ctypes, n) == 0
 except Exception:  # pragma: no cover - older/newer Numba without this binding
@@ -306,22 +313,27 @@ except Exception:  # pragma: no cover - older/newer Numba without this binding
 
 @njit(cache=True, fastmath=_FM)
 def _cholesky_solve(A, b, x):
-    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor, lower
-    triangle). Returns False (x untouched) when A is not numerically positive definite."""
+    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor
+    ``A = U^T U``, U in the upper triangle). Returns False (x untouched) when A is not numerically
+    positive definite."""
     n = A.shape[0]
     if not _potrf(A):
         return False
+    # U^T y = b, column by column; then U x = y by rows (both over contiguous rows of U)
+    for i in range(n):
+        x[i] = b[i]
     for i in range(n):
         ai = A[i]
-        sm = b[i]
-        for k in range(i):
-            sm -= ai[k] * x[k]
-        x[i] = sm / ai[i]
+        xi = x[i] / ai[i]
+        x[i] = xi
+        for k in range(i + 1, n):
+            x[k] -= xi * ai[k]
     for i in range(n - 1, -1, -1):
+        ai = A[i]
         sm = x[i]
         for k in range(i + 1, n):
-            sm -= A[k, i] * x[k]
-        x[i] = sm / A[i, i]
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
     return True
 
 
@@ -356,23 +368,24 @@ def _solve_damped(H, g, lam, d, work, rhs):
     _lu_solve(work, rhs, d)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _solve_spd(A, b, x, work):
     """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to pivoted LU;
     a non-finite one gives NaN."""
     n = A.shape[0]
-    finite = True
+    acc = 0.0
     for i in range(n):
-        if not math.isfinite(b[i]):
-            finite = False
+        acc += b[i] * 0.0
+        ai = A[i]
+        wi = work[i]
         for j in range(n):
-            if not math.isfinite(A[i, j]):
-                finite = False
-    if not finite:
+            v = ai[j]
+            wi[j] = v
+            acc += v * 0.0  # NaN for an inf or NaN entry
+    if not acc == 0.0:
         for i in range(n):
             x[i] = np.nan
         return
-    work[:, :] = A
     if _cholesky_solve(work, b, x):
         return
     work[:, :] = A
