@@ -674,8 +674,9 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     with np.errstate(all="ignore"):
         if nthr == 1:  # small batches stay on the calling thread
             run(0, B)
-        else:  # one contiguous chunk per thread
-            edges = np.linspace(0, B, nthr + 1).astype(int)
+        else:  # contiguous chunks, a few per thread: a thread that gets less CPU takes fewer chunks
+            nchunk = max(nthr, min(4 * nthr, B // 32))
+            edges = np.linspace(0, B, nchunk + 1).astype(int)
             list(_executor(nthr).map(run, edges[:-1], edges[1:]))
     hist = _trim_hist(hist1, it1)
     if two_phase:
@@ -768,8 +769,10 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
     engine : {'auto', 'numba', 'xp', 'cuda'}
         ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``); batches of 16 or
-        more are split into one chunk per thread (``numba.get_num_threads()``); ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
-        array operations; the reference the kernel is tested against). ``'auto'`` (default):
+        more are split into contiguous chunks (up to four per thread) run on
+        ``numba.get_num_threads()`` threads; ``'xp'``: the vectorised array path (all images
+        advance together in NumPy or CuPy array operations; the reference the kernel is tested
+        against). ``'auto'`` (default):
         the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
         kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU
         or under ``NUMBA_ENABLE_CUDASIM=1``.
