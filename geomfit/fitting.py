@@ -217,6 +217,10 @@ class _Prep:
         self.k_mean = np.ascontiguousarray(mean)
         self.k_C = np.ascontiguousarray(basis[:, :, 1:])
         self.k_G = np.ascontiguousarray(G)
+        # packed upper triangles (row-major) of G_00, G_11, G_22, G_01 + G_10, G_02 + G_20, G_12 + G_21
+        iu = np.triu_indices(self.P)
+        self.k_Gp = np.ascontiguousarray(np.stack([G[0, 0][iu], G[1, 1][iu], G[2, 2][iu], (G[0, 1] + G[1, 0])[iu],
+                                                   (G[0, 2] + G[2, 0])[iu], (G[1, 2] + G[2, 1])[iu]]))
 
 
 def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
@@ -662,7 +666,7 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     reg_init = np.ascontiguousarray(reg_init, dtype=np.float64)
 
     def run(a, b):  # images a..b-1; the kernel releases the GIL
-        kf.fit_batch(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
+        kf.fit_batch(p.k_mean, p.k_C, p.k_Gp, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln[a:b], w[a:b], reg, reg_init, n_alt,
                      max_iter, ftol, xtol, gtol, 1e-3, two_phase, R[a:b], t[a:b], coef[a:b], hist0[a:b],
                      hist1[a:b], sel[a:b], s[a:b], cost[a:b], conv[a:b], it0[a:b], it1[a:b], rss[a:b])
 
@@ -670,8 +674,9 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     with np.errstate(all="ignore"):
         if nthr == 1:  # small batches stay on the calling thread
             run(0, B)
-        else:  # one contiguous chunk per thread
-            edges = np.linspace(0, B, nthr + 1).astype(int)
+        else:  # contiguous chunks, a few per thread: a thread that gets less CPU takes fewer chunks
+            nchunk = max(nthr, min(4 * nthr, B // 32))
+            edges = np.linspace(0, B, nchunk + 1).astype(int)
             list(_executor(nthr).map(run, edges[:-1], edges[1:]))
     hist = _trim_hist(hist1, it1)
     if two_phase:
@@ -764,8 +769,10 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
     engine : {'auto', 'numba', 'xp', 'cuda'}
         ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``); batches of 16 or
-        more are split into one chunk per thread (``numba.get_num_threads()``); ``'xp'``: the vectorised array path (all images advance together in NumPy or CuPy
-        array operations; the reference the kernel is tested against). ``'auto'`` (default):
+        more are split into contiguous chunks (up to four per thread) run on
+        ``numba.get_num_threads()`` threads; ``'xp'``: the vectorised array path (all images
+        advance together in NumPy or CuPy array operations; the reference the kernel is tested
+        against). ``'auto'`` (default):
         the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
         kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU
         or under ``NUMBA_ENABLE_CUDASIM=1``.

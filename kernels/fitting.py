@@ -18,6 +18,8 @@ contour candidates; ``P`` = identity + expression coefficients):
 - ``mean`` (S, 3), ``C`` (S, 3, P): mean and basis rows of every slot;
 - ``G`` (3, 3, P, P): ``G[i, j] = sum_k C[k, i]^T C[k, j]`` over the fixed slots, so that the
   shape block of ``J^T J`` for the fixed landmarks is ``s^2 sum_ij (I - r3 r3^T)_ij G[i, j]``.
+  The CPU kernel takes them as ``Gp`` (6, P (P + 1) / 2): packed upper triangles (row-major) of
+  ``G_00, G_11, G_22, G_01 + G_10, G_02 + G_20, G_12 + G_21``; the CUDA kernel takes ``G``.
 
 Per image, landmarks ``L`` (M, 2) are in the normalised, y-up frame of the wrapper, in residual
 order (fixed, right jaw, left jaw); ``w`` (M,) their weights (0 = unused).
@@ -94,17 +96,20 @@ def _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, 
 
 
 @njit(cache=True, fastmath=_FM)
-def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, shape_only):
+def _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, w, reg, A, Hp, H, g, shape_only):
     """Gauss-Newton system: H (6+P, 6+P) = J^T J + diag(0, reg), g = J^T r + diag(0, reg) coef.
 
-    Scratch: ``A`` (M, 2, P) receives the coefficient rows of J (rotated, scaled basis rows of the
-    chosen slots), ``JT`` (6+P, 2M) the transposed Jacobian (pose rows first). ``shape_only``
-    fills only the coefficient block ``H[6:, 6:]`` and ``g[6:]``. Sums run as dot products over
-    Jacobian rows (contiguous, vectorised) except for the fixed landmarks' coefficient block,
-    which comes from the precomputed Gram tables ``G``."""
+    The coefficient block is accumulated in ``Hp`` (packed upper triangle, row-major, P (P + 1) / 2)
+    and unpacked into ``H`` at the end: the fixed landmarks (weight 1) through the packed Gram
+    tables ``Gp`` (6, P (P + 1) / 2) as ``s^2 sum_ab (I - r3 r3^T)_ab G_ab`` (one long contiguous
+    loop), the contour landmarks as a rank update with their Jacobian rows. Scratch ``A``
+    (M, 2, P) receives the coefficient rows of J (rotated, scaled basis rows of the chosen slots);
+    the pose rows and the pose-coefficient cross terms are accumulated landmark by landmark
+    (axpy over the coefficients, skipping the structural zeros of the pose rows).
+    ``shape_only`` fills only the coefficient block ``H[6:, 6:]`` and ``g[6:]``."""
     P = C.shape[2]
     M = r.shape[0]
-    M2 = 2 * M
+    NP = Hp.shape[0]
     s2 = s * s
     used = False  # any contour landmark in use (not during the start-up alternation)
     for k in range(Mf, M):
@@ -121,42 +126,53 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
                 ak = A[k, c]
                 for p in range(P):
                     ak[p] = a0 * cm0[p] + a1 * cm1[p] + a2 * cm2[p]
-        for p in range(P):
-            jt = JT[6 + p]
-            for k in range(M):
-                jt[2 * k] = A[k, 0, p]
-                jt[2 * k + 1] = A[k, 1, p]
-    # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ij (I - r3 r3^T)_ij G_ij
+    # fixed landmarks (weight 1) through the Gram tables: s^2 sum_ab (I - r3 r3^T)_ab G_ab
     a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
     a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
     a22 = s2 * (1.0 - R[2, 2] * R[2, 2])
     a01 = -s2 * R[2, 0] * R[2, 1]
     a02 = -s2 * R[2, 0] * R[2, 2]
     a12 = -s2 * R[2, 1] * R[2, 2]
-    for p in range(P):
-        h = H[6 + p, 6:]
-        if Mf > 0:
-            g00, g11, g22 = G[0, 0, p], G[1, 1, p], G[2, 2, p]
-            g01, g10, g02, g20, g12, g21 = G[0, 1, p], G[1, 0, p], G[0, 2, p], G[2, 0, p], G[1, 2, p], G[2, 1, p]
-            for q in range(p, P):
-                h[q] = (a00 * g00[q] + a11 * g11[q] + a22 * g22[q] + a01 * (g01[q] + g10[q])
-                        + a02 * (g02[q] + g20[q]) + a12 * (g12[q] + g21[q]))
-        else:
-            for q in range(p, P):
-                h[q] = 0.0
-    # contour rows: dot products over their Jacobian rows
-    # (1-D row views: Numba vectorises these reductions, not the 2-D indexed ones)
-    c0 = 2 * Mf
+    if Mf > 0:
+        t00, t11, t22, t01, t02, t12 = Gp[0], Gp[1], Gp[2], Gp[3], Gp[4], Gp[5]
+        for i in range(NP):
+            Hp[i] = (a00 * t00[i] + a11 * t11[i] + a22 * t22[i] + a01 * t01[i] + a02 * t02[i]
+                     + a12 * t12[i])
+    else:
+        for i in range(NP):
+            Hp[i] = 0.0
+    # contour rows: rank update of the packed upper triangle, two landmarks (four rows) per pass
     if used:
-        for p in range(P):
-            a = JT[6 + p, c0:M2]
-            h = H[6 + p, 6:]
-            for q in range(p, P):
-                b = JT[6 + q, c0:M2]
-                acc = 0.0
-                for j in range(M2 - c0):
-                    acc += a[j] * b[j]
-                h[q] += acc
+        k = Mf
+        while k < M:
+            while k < M and w[k] == 0.0:
+                k += 1
+            if k >= M:
+                break
+            k2 = k + 1
+            while k2 < M and w[k2] == 0.0:
+                k2 += 1
+            x0, y0 = A[k, 0], A[k, 1]
+            if k2 < M:
+                x1, y1 = A[k2, 0], A[k2, 1]
+                off = 0
+                for p in range(P):
+                    b0, b1, b2, b3 = x0[p], y0[p], x1[p], y1[p]
+                    hrow = Hp[off: off + P - p]
+                    xs0, ys0, xs1, ys1 = x0[p:], y0[p:], x1[p:], y1[p:]
+                    for q in range(P - p):
+                        hrow[q] += b0 * xs0[q] + b1 * ys0[q] + b2 * xs1[q] + b3 * ys1[q]
+                    off += P - p
+            else:
+                off = 0
+                for p in range(P):
+                    b0, b1 = x0[p], y0[p]
+                    hrow = Hp[off: off + P - p]
+                    xs0, ys0 = x0[p:], y0[p:]
+                    for q in range(P - p):
+                        hrow[q] += b0 * xs0[q] + b1 * ys0[q]
+                    off += P - p
+            k = k2 + 1
     # fixed landmarks whose weight is not 1 (missing ones): correct the Gram term
     for k in range(Mf):
         wk = w[k]
@@ -165,28 +181,27 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
             f = s2 * (wk * wk - 1.0)
             for c in range(2):
                 a0, a1, a2 = R[c, 0], R[c, 1], R[c, 2]
+                off = 0
                 for p in range(P):
                     ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
                     for q in range(p, P):
-                        H[6 + p, 6 + q] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+                        Hp[off + q - p] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+                    off += P - p
+    off = 0
     for p in range(P):
-        H[6 + p, 6 + p] += reg[p]
-        for q in range(p + 1, P):
-            H[6 + q, 6 + p] = H[6 + p, 6 + q]
-    # gradient of the coefficients
-    rf = r.reshape(M2)
-    if need_j:
-        for p in range(P):
-            a = JT[6 + p]
-            acc = 0.0
-            for j in range(M2):
-                acc += a[j] * rf[j]
-            g[6 + p] = acc + reg[p] * coef[p]
-    else:
+        hp = Hp[off: off + P - p]
+        h = H[6 + p]
+        h[6 + p] = hp[0] + reg[p]
+        for q in range(1, P - p):
+            v = hp[q]
+            h[6 + p + q] = v
+            H[6 + p + q, 6 + p] = v
+        off += P - p
+    gs = g[6:]
+    for p in range(P):
+        gs[p] = reg[p] * coef[p]
+    if shape_only and not need_j:
         # g = sum_k C_k^T (s w_k R2^T r_k): no Jacobian rows needed
-        gs = g[6:]
-        for p in range(P):
-            gs[p] = reg[p] * coef[p]
         for k in range(M):
             sw = s * w[k]
             if sw == 0.0:
@@ -198,48 +213,63 @@ def _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, sha
             cm0, cm1, cm2 = C[m, 0], C[m, 1], C[m, 2]
             for p in range(P):
                 gs[p] += v0 * cm0[p] + v1 * cm1[p] + v2 * cm2[p]
+        return
     if shape_only:
+        for k in range(M):
+            if w[k] == 0.0:
+                continue
+            ax, ay = A[k, 0], A[k, 1]
+            r0, r1 = r[k, 0], r[k, 1]
+            for p in range(P):
+                gs[p] += r0 * ax[p] + r1 * ay[p]
         return
     # pose rows (omega, log s, t), rotation increment on the left of R:
-    # row x: (0, u2, -u1, u0, w, 0); row y: (-u2, 0, u0, u1, 0, w) with u = s w (R v)
+    # row x: (0, u2, -u1, u0, w, 0); row y: (-u2, 0, u0, u1, 0, w) with u = s w (R v);
+    # pose block, pose gradient and the pose-coefficient cross terms H[0:6, 6:], with g[6:]
+    for i in range(6):
+        g[i] = 0.0
+        for j in range(6 + P):
+            H[i, j] = 0.0
+    h0, h1, h2, h3, h4, h5 = H[0, 6:], H[1, 6:], H[2, 6:], H[3, 6:], H[4, 6:], H[5, 6:]
+    jx = np.empty(6)
+    jy = np.empty(6)
     for k in range(M):
         wk = w[k]
+        if wk == 0.0:
+            continue
         sw = s * wk
         u0, u1, u2 = sw * Us[k, 0], sw * Us[k, 1], sw * Us[k, 2]
-        jx = 2 * k
-        jy = 2 * k + 1
-        JT[0, jx] = 0.0
-        JT[1, jx] = u2
-        JT[2, jx] = -u1
-        JT[3, jx] = u0
-        JT[4, jx] = wk
-        JT[5, jx] = 0.0
-        JT[0, jy] = -u2
-        JT[1, jy] = 0.0
-        JT[2, jy] = u0
-        JT[3, jy] = u1
-        JT[4, jy] = 0.0
-        JT[5, jy] = wk
-    n = 6 + P
+        r0, r1 = r[k, 0], r[k, 1]
+        jx[0], jx[1], jx[2], jx[3], jx[4], jx[5] = 0.0, u2, -u1, u0, wk, 0.0
+        jy[0], jy[1], jy[2], jy[3], jy[4], jy[5] = -u2, 0.0, u0, u1, 0.0, wk
+        for i in range(6):
+            g[i] += jx[i] * r0 + jy[i] * r1
+            for j in range(i, 6):
+                H[i, j] += jx[i] * jx[j] + jy[i] * jy[j]
+        ax, ay = A[k, 0], A[k, 1]
+        mu1 = -u1
+        for p in range(P):
+            x = ax[p]
+            y = ay[p]
+            h0[p] -= u2 * y
+            h1[p] += u2 * x
+            h2[p] += mu1 * x + u0 * y
+            h3[p] += u0 * x + u1 * y
+            h4[p] += wk * x
+            h5[p] += wk * y
+            gs[p] += r0 * x + r1 * y
     for i in range(6):
-        a = JT[i]
-        acc = 0.0
-        for l in range(M2):
-            acc += a[l] * rf[l]
-        g[i] = acc
-        for j in range(i, n):
-            b = JT[j]
-            acc = 0.0
-            for l in range(M2):
-                acc += a[l] * b[l]
-            H[i, j] = acc
-            H[j, i] = acc
+        for j in range(i + 1, 6):
+            H[j, i] = H[i, j]
+        for p in range(P):
+            H[6 + p, i] = H[i, 6 + p]
 
 
 @njit(cache=True, fastmath=_FM)
 def _potrf_loops(A):
-    """In-place lower Cholesky factor of the row-major SPD matrix A (dot-product form); False when A
-    is not numerically positive definite."""
+    """In-place Cholesky factor of the row-major SPD matrix A: ``A = U^T U`` with U in the upper
+    triangle (dot-product form on the lower triangle, then mirrored); False when A is not
+    numerically positive definite."""
     n = A.shape[0]
     for i in range(n):
         ai = A[i]
@@ -254,6 +284,9 @@ def _potrf_loops(A):
                 ai[i] = math.sqrt(sm)
             else:
                 ai[j] = sm / aj[j]
+    for i in range(n):
+        for j in range(i):
+            A[j, i] = A[i, j]
     return True
 
 
@@ -263,12 +296,15 @@ try:  # LAPACK dpotrf through Numba's own binding (the one np.linalg.cholesky us
 
     ensure_lapack()
     _xxpotrf = _LAPACK().numba_xxpotrf(_nbtypes.float64)
-    _KIND, _UPLO = ord("d"), ord("U")
+    # 'L' on the column-major view = U in the upper triangle of our row-major array; measured
+    # 10-20 % faster than 'U' for n = 69..75 (OpenBLAS 0.3.31)
+    _KIND, _UPLO = ord("d"), ord("L")
 
     @njit(cache=True)
     def _potrf(A):
-        """In-place lower Cholesky factor of the row-major SPD matrix A (LAPACK dpotrf on the
-        column-major view, upper triangle = our lower one); False when not positive definite."""
+        """In-place Cholesky factor of the row-major SPD matrix A: ``A = U^T U`` with U in the
+        upper triangle (LAPACK dpotrf 'L' on the column-major view); False when not positive
+        definite."""
         n = A.shape[0]
         return _xxpotrf(_KIND, _UPLO, n, A.ctypes, n) == 0
 except Exception:  # pragma: no cover - older/newer Numba without this binding
@@ -277,22 +313,27 @@ except Exception:  # pragma: no cover - older/newer Numba without this binding
 
 @njit(cache=True, fastmath=_FM)
 def _cholesky_solve(A, b, x):
-    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor, lower
-    triangle). Returns False (x untouched) when A is not numerically positive definite."""
+    """Solve A x = b for symmetric positive definite A (overwritten by its Cholesky factor
+    ``A = U^T U``, U in the upper triangle). Returns False (x untouched) when A is not numerically
+    positive definite."""
     n = A.shape[0]
     if not _potrf(A):
         return False
+    # U^T y = b, column by column; then U x = y by rows (both over contiguous rows of U)
+    for i in range(n):
+        x[i] = b[i]
     for i in range(n):
         ai = A[i]
-        sm = b[i]
-        for k in range(i):
-            sm -= ai[k] * x[k]
-        x[i] = sm / ai[i]
+        xi = x[i] / ai[i]
+        x[i] = xi
+        for k in range(i + 1, n):
+            x[k] -= xi * ai[k]
     for i in range(n - 1, -1, -1):
+        ai = A[i]
         sm = x[i]
         for k in range(i + 1, n):
-            sm -= A[k, i] * x[k]
-        x[i] = sm / A[i, i]
+            sm -= ai[k] * x[k]
+        x[i] = sm / ai[i]
     return True
 
 
@@ -327,23 +368,24 @@ def _solve_damped(H, g, lam, d, work, rhs):
     _lu_solve(work, rhs, d)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _solve_spd(A, b, x, work):
     """x = A^{-1} b: Cholesky; a system that is not positive definite falls back to pivoted LU;
     a non-finite one gives NaN."""
     n = A.shape[0]
-    finite = True
+    acc = 0.0
     for i in range(n):
-        if not math.isfinite(b[i]):
-            finite = False
+        acc += b[i] * 0.0
+        ai = A[i]
+        wi = work[i]
         for j in range(n):
-            if not math.isfinite(A[i, j]):
-                finite = False
-    if not finite:
+            v = ai[j]
+            wi[j] = v
+            acc += v * 0.0  # NaN for an inf or NaN entry
+    if not acc == 0.0:
         for i in range(n):
             x[i] = np.nan
         return
-    work[:, :] = A
     if _cholesky_solve(work, b, x):
         return
     work[:, :] = A
@@ -532,14 +574,14 @@ def _affine_pose(X, L, w, R, t):
 
 
 @njit(cache=True, fastmath=_FM)
-def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
-        V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
+def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
+        V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
     """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
     place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs."""
     P = C.shape[2]
     n = 6 + P
     cost = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
-    _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+    _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, w, reg, A, Hp, H, g, False)
     hist[0] = cost
     lam = lam0
     nu = 2.0
@@ -599,7 +641,7 @@ def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol
                 Us[k, 2] = Usn[k, 2]
             stop = rel_dec or small_step or cost <= _TINY
             if not stop:  # the system at the answer is only needed to go on (or for the gradient test)
-                _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, A, JT, H, g, False)
+                _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, w, reg, A, Hp, H, g, False)
                 stop = _absmax(g) <= gtol
         else:
             lam_new = lam * nu
@@ -616,7 +658,7 @@ def _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol
 
 
 @njit(cache=True)
-def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
             two_phase, R, t, coef, hist0, hist1, sel):
     """Whole fit of one image. Fills R (3, 3), t (2,), coef (P,), hist0/hist1 (max_iter + 1,:
     costs of the start-up and the final LM phase), sel (M,). Returns (s, cost, converged, it0, it1,
@@ -630,7 +672,7 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
     r = np.empty((M, 2))
     Us = np.empty((M, 3))
     A = np.empty((M, 2, P))
-    JT = np.empty((n, 2 * M))
+    Hp = np.empty(P * (P + 1) // 2)
     H = np.empty((n, n))
     g = np.empty(n)
     # 1. affine camera from the mean shape's fixed landmarks
@@ -649,7 +691,7 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
     for _ in range(n_alt):
         if P > 0:
             _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
-            _normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, JT, H, g, True)
+            _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, Hp, H, g, True)
             for p in range(P):
                 for q in range(P):
                     Hs[p, q] = H[6 + p, 6 + q]
@@ -674,11 +716,11 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
     d = np.empty(n)
     it0 = 0
     if two_phase:
-        s, _, _, it0 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
-                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln,
+        s, _, _, it0 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
+                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln,
                            rn, Usn, Aw, d, work)
-    s, cost, conv, it1 = _lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
-                             gtol, lam0, hist1, V, U, sel, r, Us, A, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
+    s, cost, conv, it1 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
+                             gtol, lam0, hist1, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
                              work)
     # final correspondences and unregularised residual
     zero = np.zeros(P)
@@ -687,13 +729,13 @@ def fit_one(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter
 
 
 @njit(cache=True, nogil=True)
-def fit_batch(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
+def fit_batch(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
                      lam0, two_phase, R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss):
     """:func:`fit_one` for every image of a batch (or of a chunk of one: the wrapper runs chunks
     on several threads; the GIL is released)."""
     for b in range(L.shape[0]):
         s[b], cost[b], conv[b], it0[b], it1[b], rss[b] = fit_one(
-            mean, C, G, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            mean, C, Gp, Mf, Mr, Ml, nr, nl, L[b], w[b], reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
             two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
 
 
