@@ -44,6 +44,8 @@ setup(
         "numba>=0.57",
         "trimesh>=3.20",
         "opencv-python-headless>=4.6",
+        # one BLAS thread around sparse triangular solves (geomfit.backend.one_blas_thread)
+        "threadpoolctl>=3",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["geomfit=geomfit.cli:main"]},

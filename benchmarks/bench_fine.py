@@ -152,14 +152,32 @@ def bench_stage_and_adam():
     w = synthetic_scene(64)
     fine_stage(w["image"], w["depth_blur"], w["mask"], phases=(PHASE1,), outer_iterations=1,
                depth_iterations=1)  # warm-up (imports, JIT)
-    t = time.perf_counter()
-    r = fine_stage(img, d0, m)
-    out["fine_stage_s"] = time.perf_counter() - t
+    # the default (inexact depth steps) and exact depth steps, alternating, 3 runs each
+    runs = {"inexact": [], "exact": []}
+    for _ in range(3):
+        for name, inexact in (("inexact", True), ("exact", False)):
+            t, c = time.perf_counter(), time.process_time()
+            rr = fine_stage(img, d0, m, inexact_depth=inexact)
+            runs[name].append({"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                               "timings": rr.timings, "depth_stats": rr.depth_stats,
+                               "final_energy": {k: v[-1] for k, v in rr.energy.items()}, "result": rr})
+    def summary(lst):
+        k = int(np.argsort([x["wall_s"] for x in lst])[len(lst) // 2])  # the median run
+        med = dict(lst[k])
+        med.pop("result")
+        med["wall_s_all"] = [x["wall_s"] for x in lst]
+        med["cpu_s_all"] = [x["cpu_s"] for x in lst]
+        return med, lst[k]["result"]
+    out["fine_stage_inexact"], r = summary(runs["inexact"])
+    out["fine_stage_exact"], r_exact = summary(runs["exact"])
+    out["fine_stage_s"] = out["fine_stage_inexact"]["wall_s"]
     out["fine_stage_timings"] = r.timings
+    out["speedup_inexact_vs_exact"] = out["fine_stage_exact"]["wall_s"] / out["fine_stage_inexact"]["wall_s"]
     mi = m.copy()
     def ang(n):
         return float(np.degrees(np.arccos(np.clip((n * s["normals"]).sum(-1), -1, 1)))[mi].mean())
-    out["normal_error_deg"] = {"start": ang(_depth_normals(d0, m)), "fine_stage": ang(r.normals)}
+    out["normal_error_deg"] = {"start": ang(_depth_normals(d0, m)), "fine_stage": ang(r.normals),
+                               "fine_stage_exact_depth_steps": ang(r_exact.normals)}
 
     # depth phases with fixed albedo / light / specular (from a geomfit initialisation)
     init = fine_stage(img, d0, m, phases=())
@@ -189,13 +207,21 @@ def bench_stage_and_adam():
             "adam_final_energy": target, "adam_best_energy": best, "adam_time_s": trace_adam[-1][0],
             "adam_time_per_step_s": trace_adam[-1][0] / ADAM_STEPS,
             "lm_final_energy": info.energies[-1], "lm_time_s": t_lm, "lm_steps": len(info.energies) - 1,
-            "lm_factorizations": info.factorizations,
+            "lm_factorizations": info.factorizations, "lm_pcg_iterations": info.pcg_iterations,
             "lm_time_to_adam_final_s": time_to_reach(trace_lm, target),
             "lm_time_to_adam_best_s": time_to_reach(trace_lm, best),
         }
         tt = phases[name]["lm_time_to_adam_final_s"]
         if tt is not None:
             phases[name]["speedup_to_adam_final"] = trace_adam[-1][0] / tt
+        # the same with exact steps (a factorisation each), for reference
+        t = time.perf_counter()
+        _, info_e = solve_depth(img, d_start, m, init.albedo, init.sh, beta, depth0=d0, lam=lam, iterations=15,
+                                tol=1e-7, return_info=True, pcg_maxiter=0)
+        trace_e = list(zip(info_e.times, info_e.energies))
+        phases[name].update({"lm_exact_final_energy": info_e.energies[-1], "lm_exact_time_s": time.perf_counter() - t,
+                             "lm_exact_steps": len(info_e.energies) - 1,
+                             "lm_exact_time_to_adam_final_s": time_to_reach(trace_e, target)})
         d_start = d_lm
     out["depth_phases"] = phases
     return out

@@ -569,10 +569,10 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     inexact Levenberg-Marquardt method): the matrix is assembled on one fixed sparsity pattern,
     factored with :func:`geomfit.backend.factorize_spd` when no usable factor exists, and later
     steps run preconditioned conjugate gradients (:func:`geomfit.backend.pcg`, relative residual
-    ``pcg_tol``, at most ``pcg_maxiter`` iterations) with the last factor as preconditioner. A PCG
-    step that does not lower the energy is redone with a fresh factor before the damping grows; a
-    PCG run that does not reach ``pcg_tol`` marks the factor stale, so the next step refactors
-    (numerically only: the symbolic analysis is kept). With ``pcg_maxiter=0`` every step is an
+    ``pcg_tol``, at most ``pcg_maxiter`` iterations) with the last factor as preconditioner. When a
+    PCG step does not lower the energy, the damping grows and the next try is solved with a fresh
+    factor; a PCG run that does not reach ``pcg_tol`` marks the factor stale, so the next step
+    refactors (numerically only: the symbolic analysis is kept). With ``pcg_maxiter=0`` every step is an
     exact factor solve. On the GPU without cholespy the "factor" is itself iterative, and every
     step is solved by it directly.
 
@@ -677,9 +677,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
             if np.isfinite(E_new) and E_new < E:
                 accepted = True
                 break
-            if inexact:
-                stale = True  # retry this damping with an exact solve
-                continue
+            stale = stale or inexact  # after a rejected truncated step, the next try solves exactly
             mu = max(mu * 4.0, 1e-6)
         if not accepted:
             break

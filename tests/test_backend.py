@@ -234,3 +234,13 @@ def test_solve_last_mixed_update_sequence():
         np.testing.assert_allclose(f.solve_last(bl), spla.spsolve(A2.tocsc(), b), rtol=1e-9, atol=1e-12)
         b2 = rng.normal(size=60)
         np.testing.assert_allclose(f.solve(b2), spla.spsolve(A2.tocsc(), b2), rtol=1e-9, atol=1e-12)
+
+
+def test_one_blas_thread_limits_and_restores():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    with backend.one_blas_thread():
+        inside = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert inside and all(n == 1 for n in inside)
+    assert after == before
