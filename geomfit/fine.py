@@ -311,41 +311,60 @@ def _row_pairs(X, Y):
     return rx[ex], X.indices[ex], Y.indices[ey], X.data[ex] * Y.data[ey]
 
 
-class _GaussNewtonPattern:
-    """Fixed-pattern assembly of the Gauss-Newton matrix of Eq. 9's data term plus a constant part.
+class _DepthGrid:
+    """Everything of Eq. 9 that depends only on the grid, the mask and the data mask.
 
-    The data Jacobian of channel ``c`` is ``diag(a_c) Gx + diag(b_c) Gy``, so
-    ``J^T J = Gx^T diag(waa) Gx + Gx^T diag(wab) Gy + Gy^T diag(wab) Gx + Gy^T diag(wbb) Gy`` with
-    ``waa = sum_c a_c^2``, ``wab = sum_c a_c b_c``, ``wbb = sum_c b_c^2``. The values of ``J^T J + C``
-    on one fixed sparsity pattern are ``M @ [waa; wab; wbb] + c`` with a sparse ``M`` built once:
-    every step is one sparse mat-vec (no sparse-sparse products), and the pattern never changes, so
-    CHOLMOD's symbolic analysis is done once (:meth:`geomfit.backend.SPDFactor.refactor`).
+    The restricted difference operators (``Gx, Gy`` central differences on the data rows, ``L`` the
+    5-point Laplacian on the interior rows, ``D`` forward differences on the edges inside the mask),
+    ``L^T L`` and ``D^T D``, and the fixed sparsity pattern of the Gauss-Newton matrix: the data
+    Jacobian of channel ``c`` is ``diag(a_c) Gx + diag(b_c) Gy``, so ``J^T J = Gx^T diag(waa) Gx +
+    Gx^T diag(wab) Gy + Gy^T diag(wab) Gx + Gy^T diag(wbb) Gy`` with ``waa = sum_c a_c^2``,
+    ``wab = sum_c a_c b_c``, ``wbb = sum_c b_c^2``, and the values of ``J^T J + C`` on the pattern are
+    ``M @ [waa; wab; wbb] + l1 vI + l2 vL + l3 l4^2 vD`` with a sparse ``M`` and the pattern images
+    ``vI, vL, vD`` of ``I, L^T L, D^T D`` built once. Every Gauss-Newton assembly is then one sparse
+    mat-vec (no sparse-sparse products), the pattern never changes (whatever the weights), and
+    CHOLMOD's symbolic analysis is done once (:meth:`geomfit.backend.SPDFactor.refactor`). Depth
+    solves on the same mask share one grid (:func:`solve_depth` passes it on with the factor).
     """
 
-    def __init__(self, Gx, Gy, Cst, xp, key=None, like=None):
-        self.key = key
-        if like is not None and like.key is not None and key is not None and like.xp is xp and all(
-                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(like.key, key)):
-            # same grid, mask and data rows: only the constant part (the weights lam) differs
-            self.indptr, self.indices, self.M, self.diag_pos, self.n, self.xp = (
-                like.indptr, like.indices, like.M, like.diag_pos, like.n, xp)
-            self._keys = like._keys
-            Cc = Cst.tocoo()
-            cst = np.bincount(np.searchsorted(self._keys, Cc.row.astype(np.int64) * self.n + Cc.col),
-                              weights=Cc.data, minlength=self._keys.size)
-            self.cst = cst if xp is np else xp.asarray(cst)
-            return
-        n = Gx.shape[1]
-        nd = Gx.shape[0]
+    def __init__(self, shape, mask, data_mask, xp):
+        H, W = shape
+        m = asnumpy(mask).astype(bool)
+        inner = interior_mask(m)
+        data = inner & (asnumpy(data_mask).astype(bool) if data_mask is not None else True)
+        if inner.sum() < 1 or data.sum() < 1:
+            raise ValueError("the mask has no interior pixels (all four neighbours inside): it is too thin")
+        self.shape, self.xp = (H, W), xp
+        self.mask, self.data = m, data
+        self.cols = cols = np.flatnonzero(m.ravel())
+        self.rows_data = rows_d = np.flatnonzero(data.ravel())
+        self.rows_inner = rows_i = np.flatnonzero(inner.ravel())
+        Gx, Gy = central_gradient_operators((H, W))
+        Gx, Gy = Gx[rows_d][:, cols].tocsr(), Gy[rows_d][:, cols].tocsr()
+        L = laplacian_operator((H, W))[rows_i][:, cols].tocsr()
+        Dx, Dy = forward_difference_operators((H, W))
+        ex, ey = edge_masks(m)
+        self.edges = (ex, ey)
+        self.Dx_e, self.Dy_e = Dx[ex.ravel()].tocsr(), Dy[ey.ravel()].tocsr()  # on the full grid (image term)
+        D = sp.vstack([self.Dx_e[:, cols], self.Dy_e[:, cols]]).tocsr()
+        n, nd = cols.size, rows_d.size
+        self.n = n
+        LtL, DtD = (L.T @ L).tocsr(), (D.T @ D).tocsr()
+        eye = sp.identity(n, format="csr")
+        # the pattern: every entry any weights can produce
         aG = abs(Gx) + abs(Gy)
-        P = (aG.T @ aG + abs(Cst) + sp.identity(n, format="csr")).tocsr()
+        P = (aG.T @ aG + abs(LtL) + abs(DtD) + eye).tocsr()
         P.sort_indices()
-        self.indptr, self.indices = P.indptr.astype(np.int64), P.indices.astype(np.int64)
-        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.indptr))
-        keys = rows * n + self.indices  # sorted (CSR with sorted indices)
+        indptr, indices = P.indptr.astype(np.int64), P.indices.astype(np.int64)
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+        keys = rows * n + indices  # sorted (CSR with sorted indices)
 
         def pos(r, c):
             return np.searchsorted(keys, np.asarray(r, np.int64) * n + c)
+
+        def image(A):  # values of a sparse matrix on the pattern
+            Ac = A.tocoo()
+            return np.bincount(pos(Ac.row, Ac.col), weights=Ac.data, minlength=keys.size)
 
         parts_pos, parts_col, parts_val = [], [], []
         for X, Y, w in ((Gx, Gx, 0), (Gx, Gy, 1), (Gy, Gx, 1), (Gy, Gy, 2)):
@@ -355,23 +374,36 @@ class _GaussNewtonPattern:
             parts_val.append(coef)
         M = sp.csr_matrix((np.concatenate(parts_val), (np.concatenate(parts_pos), np.concatenate(parts_col))),
                           shape=(keys.size, 3 * nd))
-        Cc = Cst.tocoo()
-        cst = np.bincount(pos(Cc.row, Cc.col), weights=Cc.data, minlength=keys.size)
-        self.diag_pos = pos(np.arange(n), np.arange(n))
-        self.n, self.xp, self._keys = n, xp, keys
-        if xp is np:
-            self.M, self.cst = M, cst
-        else:
-            spm = sparse_module(xp)
-            self.M, self.cst = spm.csr_matrix(M), xp.asarray(cst)
-            self.indptr, self.indices = xp.asarray(self.indptr), xp.asarray(self.indices)
-            self.diag_pos = xp.asarray(self.diag_pos)
+        vI, vL, vD = image(eye), image(LtL), image(DtD)
+        diag_pos = pos(np.arange(n), np.arange(n))
+        spm = sparse_module(xp)
+        dev = (lambda A: A) if xp is np else (lambda A: spm.csr_matrix(A))  # noqa: E731
+        self.Gx, self.Gy, self.L, self.D = dev(Gx), dev(Gy), dev(L), dev(D)
+        self.LtL, self.DtD = dev(LtL), dev(DtD)
+        self.M = dev(M)
+        self.indptr, self.indices, self.diag_pos, self.vI, self.vL, self.vD = (
+            xp.asarray(a) for a in (indptr, indices, diag_pos, vI, vL, vD))
 
-    def values(self, a, b):
+    def matches(self, shape, mask, data_mask, xp) -> bool:
+        """Whether this grid serves a problem on ``shape``, ``mask`` and ``data_mask`` (on ``xp``)."""
+        if xp is not self.xp or tuple(shape) != self.shape:
+            return False
+        m = asnumpy(mask).astype(bool)
+        if not np.array_equal(m, self.mask):
+            return False
+        data = interior_mask(m) & (asnumpy(data_mask).astype(bool) if data_mask is not None else True)
+        return bool(np.array_equal(data, self.data))
+
+    def constant(self, lam):
+        """``l1 I + l2 L^T L + l3 l4^2 D^T D`` on the pattern."""
+        l1, l2, l3, l4 = lam
+        return l1 * self.vI + l2 * self.vL + (l3 * l4 * l4) * self.vD
+
+    def values(self, a, b, cst):
         """Entries of ``J^T J + C`` on the pattern, from the data derivatives ``a, b`` (n_data, C)."""
         xp = self.xp
         w = xp.concatenate([(a * a).sum(1), (a * b).sum(1), (b * b).sum(1)])
-        return self.M @ w + self.cst
+        return self.M @ w + cst
 
     def matrix(self, values, damping=0.0):
         """The matrix with ``values`` plus ``damping * diag`` (Marquardt), CSC on the CPU (symmetric,
@@ -391,50 +423,31 @@ class _DepthProblem:
     ``E(u) = ||R(u)||^2`` with ``R = [data (n_data * C); sqrt(l1)(u - u0); sqrt(l2) L u;
     sqrt(l3)(l4 D u - D g)]``: data rows on pixels whose 4 neighbours are in the mask (so every
     stencil reads unknowns only), Laplacian rows on the same pixels, gradient rows on the edges
-    inside the mask, ``g`` the grey image (channel mean).
+    inside the mask, ``g`` the grey image (channel mean). ``grid``: a :class:`_DepthGrid` of an
+    earlier problem, reused when it matches the mask and data mask.
     """
 
     def __init__(self, image, mask, albedo, sh, specular, depth, depth0, lam, data_mask=None, data_weight=1.0,
-                 gradient_scale=1.0):
+                 gradient_scale=1.0, grid=None):
         xp = get_array_module(image, depth)
         self.xp = xp
         H, W, C = image.shape
         self.shape = (H, W)
-        m = asnumpy(mask).astype(bool)
-        inner = interior_mask(m)
-        data = inner & (asnumpy(data_mask).astype(bool) if data_mask is not None else True)
-        if inner.sum() < 1 or data.sum() < 1:
-            raise ValueError("the mask has no interior pixels (all four neighbours inside): it is too thin")
-        self.cols = np.flatnonzero(m.ravel())
-        rows_d = np.flatnonzero(data.ravel())
-        rows_i = np.flatnonzero(inner.ravel())
-        self.rows_data, self.rows_inner = rows_d, rows_i
-        Gx, Gy = central_gradient_operators((H, W))
-        Gx = Gx[rows_d][:, self.cols]
-        Gy = Gy[rows_d][:, self.cols]
-        L = laplacian_operator((H, W))[rows_i][:, self.cols]
-        Dx, Dy = forward_difference_operators((H, W))
-        ex, ey = edge_masks(m)
-        self.edges = (ex, ey)
-        Dx, Dy = Dx[ex.ravel()], Dy[ey.ravel()]
+        if grid is None or not grid.matches((H, W), mask, data_mask, xp):
+            grid = _DepthGrid((H, W), mask, data_mask, xp)
+        self.grid = g = grid
+        self.cols, self.rows_data, self.rows_inner, self.edges = g.cols, g.rows_data, g.rows_inner, g.edges
+        self.Gx, self.Gy, self.L, self.D = g.Gx, g.Gy, g.L, g.D
         gray = asnumpy(image).mean(-1).ravel()
-        Dg = float(gradient_scale) * np.concatenate([Dx @ gray, Dy @ gray])
-        D = sp.vstack([Dx[:, self.cols], Dy[:, self.cols]]).tocsr()
+        Dg = float(gradient_scale) * np.concatenate([g.Dx_e @ gray, g.Dy_e @ gray])
         l1, l2, l3, l4 = (float(v) for v in lam)
         if min(l1, l2, l3, l4) < 0 or l1 + l2 + l3 * l4 * l4 <= 0:
             raise ValueError(f"depth weights must be >= 0 and not all zero, got {lam}")
         self.lam = (l1, l2, l3, l4)
-        n = self.cols.size
-        self.n = n
-        Cst = l1 * sp.identity(n, format="csr") + l2 * (L.T @ L) + (l3 * l4 * l4) * (D.T @ D)
-        spm = sparse_module(xp)
-        self._gx_np, self._gy_np, self._cst_np = Gx.tocsr(), Gy.tocsr(), Cst.tocsr()
-        self._pattern = None
-        self._pattern_like = None  # a pattern of an earlier problem on the same pixels, to reuse
-        cv = lambda A: A.tocsr() if xp is np else spm.csr_matrix(A.tocsr())  # noqa: E731
-        self.Gx, self.Gy, self.L, self.D, self.Cst = cv(Gx), cv(Gy), cv(L), cv(D), cv(Cst.tocsr())
+        self.n = g.n
+        self.cst = g.constant(self.lam)
         self.Dg = xp.asarray(Dg)
-        ridx = xp.asarray(rows_d)
+        ridx = xp.asarray(self.rows_data)
         self.I = image.reshape(-1, C)[ridx]
         self.gamma = albedo.reshape(-1, C)[ridx]
         self.beta = 0.0 if specular is None else specular.reshape(-1, C)[ridx]
@@ -446,6 +459,13 @@ class _DepthProblem:
         if not data_weight > 0:
             raise ValueError(f"data_weight must be > 0, got {data_weight}")
         self.sw = float(np.sqrt(data_weight))
+
+    @property
+    def Cst(self):
+        """The constant part ``l1 I + l2 L^T L + l3 l4^2 D^T D`` as a sparse matrix (for tests)."""
+        spm = sparse_module(self.xp)
+        l1, l2, l3, l4 = self.lam
+        return (l1 * spm.identity(self.n, format="csr") + l2 * self.grid.LtL + (l3 * l4 * l4) * self.grid.DtD).tocsr()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _normals(self, u):
@@ -493,22 +513,13 @@ class _DepthProblem:
         blocks = [spm.diags(a[:, c]) @ self.Gx + spm.diags(b[:, c]) @ self.Gy for c in range(self.C)]
         return spm.vstack(blocks).tocsr()
 
-    @property
-    def pattern(self) -> _GaussNewtonPattern:
-        """The fixed-pattern Gauss-Newton assembly (built on first use)."""
-        if self._pattern is None:
-            self._pattern = _GaussNewtonPattern(self._gx_np, self._gy_np, self._cst_np, self.xp,
-                                                key=(self.cols, self.rows_data, self.rows_inner),
-                                                like=self._pattern_like)
-        return self._pattern
-
     def gauss_newton(self, u):
-        """Residual-derivative triple, the Gauss-Newton values ``J^T J + C`` on :attr:`pattern`, and
-        the half gradient ``J^T R`` of :meth:`energy` at ``u``."""
+        """The Gauss-Newton values ``J^T J + C`` on the grid's pattern and the half gradient
+        ``J^T R`` of :meth:`energy` at ``u``."""
         rab = self.data_derivatives(u)
         r, a, b = rab
         g = (self.Gx.T @ (a * r).sum(1) + self.Gy.T @ (b * r).sum(1)) + self.gradient_const(u)
-        return self.pattern.values(a, b), g
+        return self.grid.values(a, b, self.cst), g
 
     def jacobian(self, u):
         """Stacked sparse Jacobian of :meth:`residuals` (for tests)."""
@@ -537,17 +548,6 @@ class DepthInfo:
     pcg_iterations: int = 0
     damping: float = 0.0
     factor: object = None
-
-
-def _same_pattern(F, pattern) -> bool:
-    fp = getattr(F, "_depth_pattern", None)
-    if fp is None:
-        return False
-    if fp.indptr is pattern.indptr and fp.indices is pattern.indices:
-        return True
-    xp = pattern.xp
-    return (fp.indptr.shape == pattern.indptr.shape and fp.indices.shape == pattern.indices.shape
-            and bool(xp.array_equal(fp.indptr, pattern.indptr)) and bool(xp.array_equal(fp.indices, pattern.indices)))
 
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
@@ -638,14 +638,14 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     spec = None if specular is None else xp.ascontiguousarray(_as_hwc(specular, H, W, C, xp, "specular"))
     if len(lam) != 4:
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
-    prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale)
-    prob._pattern_like = getattr(factor, "_depth_pattern", None)
-    pat = prob.pattern
+    prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
+                         grid=getattr(factor, "_depth_grid", None))
+    pat = prob.grid
     u = prob.u_init
     E = prob.energy(u)
     info = DepthInfo(energies=[E], times=[time.perf_counter() - t0])
     mu = float(damping)
-    F = factor if (factor is not None and _same_pattern(factor, pat)) else None
+    F = factor if (factor is not None and getattr(factor, "_depth_grid", None) is pat) else None
     stale = F is None or not reuse_factor  # True: the next solve must (re)factor the current matrix
 
     def refactor(A):
@@ -654,7 +654,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
             F = factorize_spd(A)
         else:
             F.refactor(A)
-        F._depth_pattern = pat
+        F._depth_grid = pat
         info.factorizations += 1
 
     for _ in range(int(iterations)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -543,13 +544,28 @@ def prolong_p(Pw, x, ec):
 
 PARALLEL_MIN_PIXELS = 1 << 16
 
+
+def _serial_twin(kernel):
+    """Single-threaded twin of the ``parallel=True`` kernel ``kernel`` (``prange`` runs as ``range``).
+
+    Compiled from a copy of the Python function under its own name (``<name>_serial``): a twin of
+    the same function object would share the parallel kernel's on-disk cache entry (Numba keys the
+    cache by qualified name, line and signature, not by the parallel flag), and whichever was
+    compiled last would be loaded for both, silently making the parallel kernels single-threaded.
+    """
+    f = kernel.py_func
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__module__ = f.__module__
+    return njit(cache=True)(g)
+
 _PAR = {}
 _SER = {}
 for _name in ("diagonal", "matvec_dot", "residual", "rb_sweep", "restrict_sum", "prolong_add", "axpy2_dot",
               "dot_rows", "xpby", "stencil_from_5pt", "interpolation", "galerkin", "residual9",
               "restrict_p", "prolong_p"):
     _PAR[_name] = globals()[_name]
-    _SER[_name] = njit(cache=True)(globals()[_name].py_func)
+    _SER[_name] = _serial_twin(globals()[_name])
 _SER["coarsen"] = _PAR["coarsen"] = coarsen
 
 
@@ -785,7 +801,7 @@ def cols9_f(S, ccp, cinv, x, b, parity, nblk):
 for _name in ("line_factors5", "line_factors9", "rows5_f", "cols5_f", "rows9_f", "cols9_f", "dense_cholesky",
               "dense_cho_solve"):
     _PAR[_name] = globals()[_name]
-    _SER[_name] = njit(cache=True)(globals()[_name].py_func) if _name.startswith(("line", "rows", "cols")) \
+    _SER[_name] = _serial_twin(globals()[_name]) if _name.startswith(("line", "rows", "cols")) \
         else globals()[_name]
 
 
@@ -813,7 +829,7 @@ def dot2_rows(z, r, q, part_rz, part_qz):
 
 
 _PAR["dot2_rows"] = dot2_rows
-_SER["dot2_rows"] = njit(cache=True)(dot2_rows.py_func)
+_SER["dot2_rows"] = _serial_twin(dot2_rows)
 
 
 @njit(cache=True, parallel=True)
@@ -932,7 +948,7 @@ def galerkin5(dA, wx, wy, Pw, Sc):
 
 for _name in ("interpolation5", "galerkin5"):
     _PAR[_name] = globals()[_name]
-    _SER[_name] = njit(cache=True)(globals()[_name].py_func)
+    _SER[_name] = _serial_twin(globals()[_name])
 
 
 @njit(cache=True, parallel=True)
@@ -985,4 +1001,4 @@ def residual9_z(S, x, b, r, zero_parity):
 
 for _name in ("residual5_z", "residual9_z"):
     _PAR[_name] = globals()[_name]
-    _SER[_name] = njit(cache=True)(globals()[_name].py_func)
+    _SER[_name] = _serial_twin(globals()[_name])

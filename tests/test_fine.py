@@ -81,20 +81,26 @@ def test_gauss_newton_pattern_equals_sparse_products():
     Jd = prob.data_jacobian(rab)
     ref = (Jd.T @ Jd + prob.Cst).toarray()
     vals, g = prob.gauss_newton(u)
-    np.testing.assert_allclose(prob.pattern.matrix(vals).toarray(), ref, rtol=1e-12, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_allclose(prob.grid.matrix(vals).toarray(), ref, rtol=1e-12, atol=1e-9 * np.abs(ref).max())
     np.testing.assert_allclose(g, Jd.T @ rab[0].T.ravel() + prob.gradient_const(u), rtol=1e-12, atol=1e-9)
-    damped = prob.pattern.matrix(vals, 0.5).toarray()
+    damped = prob.grid.matrix(vals, 0.5).toarray()
     np.testing.assert_allclose(damped, ref + 0.5 * np.diag(np.diag(ref)), rtol=1e-12, atol=1e-9 * np.abs(ref).max())
-    # a problem on the same pixels with other weights reuses the structure, recomputes the constant part
-    p2 = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"], s["depth_blur"],
-                       PHASE2, None, data_weight=300.0)
-    p2._pattern_like = prob.pattern
-    assert p2.pattern.M is prob.pattern.M
-    rab2 = p2.data_derivatives(u)
-    J2 = p2.data_jacobian(rab2)
-    ref2 = (J2.T @ J2 + p2.Cst).toarray()
-    np.testing.assert_allclose(p2.pattern.matrix(p2.gauss_newton(u)[0]).toarray(), ref2, rtol=1e-12,
-                               atol=1e-9 * np.abs(ref2).max())
+    # a problem on the same pixels with other weights (one of them 0) reuses the grid
+    for lam in (PHASE2, (0.01, 0.0, 0.0, 0.0)):
+        p2 = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"], s["depth_blur"],
+                           lam, None, data_weight=300.0, grid=prob.grid)
+        assert p2.grid is prob.grid
+        rab2 = p2.data_derivatives(u)
+        J2 = p2.data_jacobian(rab2)
+        ref2 = (J2.T @ J2 + p2.Cst).toarray()
+        np.testing.assert_allclose(p2.grid.matrix(p2.gauss_newton(u)[0]).toarray(), ref2, rtol=1e-12,
+                                   atol=1e-9 * np.abs(ref2).max())
+    # another data mask: a grid of its own
+    dm = s["mask"].copy()
+    dm[8:11, 8:11] = False
+    p3 = _DepthProblem(s["image"], s["mask"], s["albedo"], s["sh"], spec, s["depth_blur"], s["depth_blur"],
+                       PHASE1, dm, data_weight=300.0, grid=prob.grid)
+    assert p3.grid is not prob.grid and p3.rows_data.size < prob.rows_data.size
 
 
 def test_inexact_depth_steps_match_exact_energy(scene):

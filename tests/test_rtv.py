@@ -498,3 +498,16 @@ def test_single_precision_cycle_reaches_double_precision_tolerance():
     np.testing.assert_allclose(x32, ref, atol=1e-10)
     mg = rtv.BoxMultigrid(D, 0.01 * wx, 0.01 * wy, 3)
     assert mg.levels[0].x.dtype == np.float32
+
+
+def test_serial_twins_have_their_own_cache_entries():
+    # Numba keys its on-disk cache by qualified name and line: a serial twin compiled from the
+    # parallel kernel's own function would overwrite (and be loaded as) the parallel kernel
+    from geomfit.kernels import grid as g
+
+    for name, par in g._PAR.items():
+        ser = g._SER[name]
+        if ser is par:
+            continue
+        assert ser.py_func.__qualname__ != par.py_func.__qualname__, name
+        assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel"), name
