@@ -244,3 +244,28 @@ def test_one_blas_thread_limits_and_restores():
     after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     assert inside and all(n == 1 for n in inside)
     assert after == before
+
+
+def test_dense_trailing_kernels_against_scipy():
+    import scipy.linalg as sla
+    from geomfit.kernels import dense
+
+    rng = np.random.default_rng(11)
+    B = rng.normal(size=(30, 30))
+    S = B @ B.T + 30 * np.eye(30)
+    U = np.ascontiguousarray(sla.cholesky(S))  # upper, S = U^T U
+    y = rng.normal(size=(30, 3))
+    z = y.copy()
+    dense.fwd(U, z)
+    np.testing.assert_allclose(z, sla.solve_triangular(U, y, trans="T"), rtol=1e-12, atol=1e-12)
+    z = y.copy()
+    dense.bwd(U, z)
+    np.testing.assert_allclose(z, sla.solve_triangular(U, y), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense.matvec(U, y), U @ y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense.matvec_t(U, y), U.T @ y, rtol=1e-12, atol=1e-12)
+    x = rng.normal(size=30)
+    for sign in (1.0, -1.0):
+        U2 = U.copy()
+        assert dense.rank1(U2, x.copy(), sign)
+        np.testing.assert_allclose(U2.T @ U2, S + sign * np.outer(x, x), rtol=1e-10, atol=1e-9)
+    assert not dense.rank1(U.copy(), 100 * x, -1.0)  # downdate past positive definiteness
