@@ -640,12 +640,12 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
                          grid=getattr(factor, "_depth_grid", None))
-    pat = prob.grid
+    grid = prob.grid
     u = prob.u_init
     E = prob.energy(u)
     info = DepthInfo(energies=[E], times=[time.perf_counter() - t0])
     mu = float(damping)
-    F = factor if (factor is not None and getattr(factor, "_depth_grid", None) is pat) else None
+    F = factor if (factor is not None and getattr(factor, "_depth_grid", None) is grid) else None
     stale = F is None or not reuse_factor  # True: the next solve must (re)factor the current matrix
 
     def refactor(A):
@@ -654,14 +654,14 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
             F = factorize_spd(A)
         else:
             F.refactor(A)
-        F._depth_grid = pat
+        F._depth_grid = grid
         info.factorizations += 1
 
     for _ in range(int(iterations)):
         vals, g = prob.gauss_newton(u)
         accepted = False
         for _try in range(10):
-            A = pat.matrix(vals, mu)
+            A = grid.matrix(vals, mu)
             inexact = not stale and F.exact and pcg_maxiter > 0
             if inexact:
                 step, k, ok = pcg(A, -g, F.solve, tol=pcg_tol, maxiter=pcg_maxiter)
