@@ -383,7 +383,7 @@ class SPDFactor:
             n, m = self.shape[0], self.last.size
             kern = _dense_kernels()
             y = np.asfortranarray(self._f.solve_L(b[q].reshape(n, -1), use_LDLt_decomposition=False))
-            t = kern["matvec_t"](lf["U0"], np.ascontiguousarray(y[n - m:]))
+            t = kern["matvec"](lf["U0"], np.ascontiguousarray(y[n - m:]), True)
             kern["fwd"](lf["U"], t)
             kern["bwd"](lf["U"], t)
             y[n - m:] = kern["matvec"](lf["U0"], t)
@@ -653,5 +653,4 @@ def _dense_kernels() -> dict:
     """The dense trailing-block kernels of the ``last=`` layout (``geomfit.kernels.dense``)."""
     from .kernels import dense
 
-    return {"fwd": dense.fwd, "bwd": dense.bwd, "matvec": dense.matvec, "matvec_t": dense.matvec_t,
-            "rank1": dense.rank1}
+    return {"fwd": dense.fwd, "bwd": dense.bwd, "matvec": dense.matvec, "rank1": dense.rank1}

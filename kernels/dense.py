@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["fwd", "bwd", "matvec", "matvec_t", "rank1"]
+__all__ = ["fwd", "bwd", "matvec", "rank1"]
 
 
 @njit(cache=True, nogil=True)
@@ -42,28 +42,19 @@ def bwd(U, y):
 
 
 @njit(cache=True, nogil=True)
-def matvec(U, y):
-    """``U y`` for upper triangular ``U``."""
+def matvec(U, y, trans=False):
+    """``U y`` (``trans``: ``U^T y``) for upper triangular ``U``."""
     m, k = y.shape
     out = np.zeros((m, k))
     for i in range(m):
         for j in range(i, m):
             u = U[i, j]
-            for c in range(k):
-                out[i, c] += u * y[j, c]
-    return out
-
-
-@njit(cache=True, nogil=True)
-def matvec_t(U, y):
-    """``U^T y`` for upper triangular ``U``."""
-    m, k = y.shape
-    out = np.zeros((m, k))
-    for i in range(m):
-        for j in range(i, m):
-            u = U[i, j]
-            for c in range(k):
-                out[j, c] += u * y[i, c]
+            if trans:
+                for c in range(k):
+                    out[j, c] += u * y[i, c]
+            else:
+                for c in range(k):
+                    out[i, c] += u * y[j, c]
     return out
 
 

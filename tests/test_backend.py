@@ -262,7 +262,7 @@ def test_dense_trailing_kernels_against_scipy():
     dense.bwd(U, z)
     np.testing.assert_allclose(z, sla.solve_triangular(U, y), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dense.matvec(U, y), U @ y, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dense.matvec_t(U, y), U.T @ y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dense.matvec(U, y, True), U.T @ y, rtol=1e-12, atol=1e-12)
     x = rng.normal(size=30)
     for sign in (1.0, -1.0):
         U2 = U.copy()
