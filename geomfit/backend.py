@@ -515,40 +515,34 @@ class SPDFactor:
         factor; other methods refactor. Returns ``self``.
         """
         sign = -1.0 if subtract else 1.0
-        if self.xp is np:
-            C = sp.csc_matrix(C, dtype=np.float64)
-            self.A = (self.A + sign * (C @ C.T)).tocsc()
-            if self.method == "cholmod" and self._lastfast is not None and self._rows_in_last(C):
-                # only L_HH changes: dense rank-1 up/downdates of U = L_HH^T, CHOLMOD's factor kept
-                lf = self._lastfast
-                n, m = self.shape[0], self.last.size
-                Cd = np.asarray(C.tocsr()[lf["q"][n - m:]].toarray())  # rows in trailing order
-                U = lf["U"].copy() if lf["U"] is lf["U0"] else lf["U"]
-                kern = _dense_kernels()
-                for j in range(Cd.shape[1]):
-                    if not kern["rank1"](U, Cd[:, j].copy(), -1.0 if subtract else 1.0):
-                        raise np.linalg.LinAlgError("SPDFactor.update: the downdate makes A indefinite")
-                lf["U"] = U
-            elif self.method == "cholmod" and self._f_perm is not None:  # refactor, same layout
-                self._lastfast = None
-                self._factor_cholmod_last(self.A)
-            elif self.method == "cholmod" and hasattr(self._f, "update_inplace"):  # scikit-sparse 0.4
-                self._f.update_inplace(C, subtract=subtract)
-            elif self.method == "cholmod":
-                try:  # scikit-sparse 0.5's CholeskyFactor.update
-                    self._f.update(sp.csc_array(C), update=not subtract)
-                except (AttributeError, TypeError):
-                    self._factor_cholmod(self.A)
-            else:
-                self._factor_superlu(self.A)
-        else:
-            sparse = sparse_module(self.xp)
-            C = sparse.csr_matrix(C)
-            self.A = (self.A + sign * (C @ C.T)).tocsr()
-            if self.method == "cholespy":
-                self._factor_cholespy(self.A)
-            else:
-                self._inv_diag = 1.0 / self.A.diagonal()
+        if self.xp is not np:  # cholespy and the CG fallback have no update: refactor
+            C = sparse_module(self.xp).csr_matrix(C)
+            return self.refactor((self.A + sign * (C @ C.T)).tocsr())
+        C = sp.csc_matrix(C, dtype=np.float64)
+        A = (self.A + sign * (C @ C.T)).tocsc()
+        if self.method == "cholmod" and self._lastfast is not None and self._rows_in_last(C):
+            # only L_HH changes: dense rank-1 up/downdates of U = L_HH^T, CHOLMOD's factor kept
+            lf = self._lastfast
+            n, m = self.shape[0], self.last.size
+            Cd = np.asarray(C.tocsr()[lf["q"][n - m:]].toarray())  # rows in trailing order
+            U = lf["U"].copy() if lf["U"] is lf["U0"] else lf["U"]
+            kern = _dense_kernels()
+            for j in range(Cd.shape[1]):
+                if not kern["rank1"](U, Cd[:, j].copy(), -1.0 if subtract else 1.0):
+                    raise np.linalg.LinAlgError("SPDFactor.update: the downdate makes A indefinite")
+            lf["U"] = U
+            self.A = A
+        elif self.method == "cholmod" and self._f_perm is None and hasattr(self._f, "update_inplace"):
+            self._f.update_inplace(C, subtract=subtract)  # scikit-sparse 0.4
+            self.A = A
+        elif self.method == "cholmod" and self._f_perm is None and hasattr(self._f, "update"):
+            try:  # scikit-sparse 0.5's CholeskyFactor.update
+                self._f.update(sp.csc_array(C), update=not subtract)
+                self.A = A
+            except (AttributeError, TypeError):
+                self.refactor(A)
+        else:  # SuperLU, or the ``last`` layout with rows outside it: refactor (same layout)
+            self.refactor(A)
         return self
 
 

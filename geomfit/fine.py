@@ -666,7 +666,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
             if inexact:
                 step, k, ok = pcg(A, -g, F.solve, tol=pcg_tol, maxiter=pcg_maxiter)
                 info.pcg_iterations += k
-                info.solves += k + 1
+                info.solves += k if ok else k + 1  # preconditioner applications inside pcg
                 stale = not ok
             else:
                 refactor(A)

@@ -559,6 +559,7 @@ def _serial_twin(kernel):
     g.__module__ = f.__module__
     return njit(cache=True)(g)
 
+
 _PAR = {}
 _SER = {}
 for _name in ("diagonal", "matvec_dot", "residual", "rb_sweep", "restrict_sum", "prolong_add", "axpy2_dot",
