@@ -143,6 +143,7 @@ def _cholmod():
 
 
 _BLAS_CTL: Any = False  # False = not probed yet, None = threadpoolctl unavailable
+_BLAS_CTL_MODULES = -1  # len(sys.modules) when the controller was built
 
 
 def one_blas_thread():
@@ -152,13 +153,19 @@ def one_blas_thread():
     calls; with a multi-threaded OpenBLAS beside Numba's worker threads they were measured here
     to take 25 ms or, at random, 90-130 ms (the same CHOLMOD solve of a 136k-unknown factor), and
     always 25 ms with one BLAS thread. Factorisations keep all threads.
+
+    The controller (which lists the loaded BLAS libraries, about 1 ms) is cached and rebuilt when
+    new modules have been imported since, so a BLAS loaded later is limited too.
     """
-    global _BLAS_CTL
-    if _BLAS_CTL is False:
+    global _BLAS_CTL, _BLAS_CTL_MODULES
+    import sys
+
+    if _BLAS_CTL is not None and len(sys.modules) != _BLAS_CTL_MODULES:
         try:
             from threadpoolctl import ThreadpoolController
 
             _BLAS_CTL = ThreadpoolController()
+            _BLAS_CTL_MODULES = len(sys.modules)
         except Exception:  # ImportError, or a platform threadpoolctl cannot inspect
             _BLAS_CTL = None
     if _BLAS_CTL is None:
