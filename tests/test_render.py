@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import trimesh
 
 from geomfit.backend import cuda_available
 from geomfit.camera import ScaledOrthographic, euler_to_matrix
@@ -108,6 +107,7 @@ def test_plane_depth_exact_and_normals():
 
 
 def test_sphere_depth_and_normals():
+    trimesh = pytest.importorskip("trimesh")
     rad, s, H = 1.0, 40.0, 100
     m = trimesh.creation.icosphere(subdivisions=5, radius=rad)
     cam = ScaledOrthographic(s, euler_to_matrix(0.4, 0.2, -0.3), [50.0, 50.0])  # a sphere is pose-free

@@ -1,0 +1,326 @@
+"""GPU benchmark: the issues' GPU targets in one short run, each against the CPU path in the same run.
+
+One script for a session that is lent a GPU (the device machine has CuPy, Numba and numba-cuda but no
+CHOLMOD, trimesh or data folder), so every input is synthetic and built here:
+
+==========  ==========================================================  =============================
+section     what is timed (GPU = CuPy arrays in, CuPy arrays out)        issue target on a GPU
+==========  ==========================================================  =============================
+sh          ``fit_sh_lighting``, 1024 x 1024 x 3                         (#5: tens of ms on CPU)
+rtv         ``rtv_smooth`` of a 1024 x 1024 colour image, 4 iterations   #5: under 0.1 s per megapixel
+fine        ``fine_stage`` on ``synthetic_scene(512)``, exact LM steps    #5: well under a second
+laplacian   ``LaplacianDeformer`` on a 228 x 228 grid (51,984 vertices), #4: further solve under 1 ms
+            1,000 handles: set-up + first solve, further solves, batch
+raster      ``rasterize`` of a 49,298-triangle grid mesh at 512 x 512     (#2: CPU target 5 ms)
+fitting     ``fit_landmarks`` on a batch of 10,000 landmark sets of a     #3: 100k fits per second
+            random model of the Surrey model's size (3,448 vertices,
+            63 identity, 6 expression components)
+==========  ==========================================================  =============================
+
+Each section records medians (after a warm-up call that compiles the kernels), the CPU time of the
+same call on the same machine where that is cheap, and the largest CPU/GPU difference; a section
+that fails records its error and the others still run. Results go to ``--out`` (default
+benchmarks/results/gpu.json).
+
+Run on the GPU machine:  ``bash scripts/gpu_check.sh`` (tests, then this script).
+Dry run of the same code on NumPy (what the test suite does): ``python benchmarks/bench_gpu.py --xp numpy --quick``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from geomfit.fine import _depth_normals, fine_stage, synthetic_scene  # noqa: E402
+from geomfit.fitting import fit_landmarks, project  # noqa: E402
+from geomfit.laplacian import LaplacianDeformer  # noqa: E402
+from geomfit.model import MorphableModel  # noqa: E402
+from geomfit.render import rasterize  # noqa: E402
+from geomfit.rtv import rtv_smooth  # noqa: E402
+from geomfit.sh import fit_sh_lighting  # noqa: E402
+
+
+class Device:
+    """The array module under test, with a synchronise and host/device copies."""
+
+    def __init__(self, name):
+        if name == "cupy":
+            import cupy as cp
+
+            self.xp, self.name = cp, "cupy"
+            self.sync = cp.cuda.Device().synchronize
+            self.to = cp.asarray
+            self.host = cp.asnumpy
+        else:
+            self.xp, self.name = np, "numpy"
+            self.sync = lambda: None
+            self.to = np.asarray
+            self.host = np.asarray
+
+    def time(self, fn, repeats):
+        """Median and minimum wall seconds of ``fn()`` over ``repeats`` synchronised calls; last result."""
+        ts, out = [], None
+        for _ in range(max(int(repeats), 1)):
+            self.sync()
+            t = time.perf_counter()
+            out = fn()
+            self.sync()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts)), float(np.min(ts)), out
+
+
+def cpu_time(fn, repeats=1):
+    ts, out = [], None
+    for _ in range(max(int(repeats), 1)):
+        t = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), out
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def sphere_scene(n, seed=0):
+    """An image of a lit sphere with a mildly textured albedo: image, normals, albedo, mask."""
+    from geomfit.sh import shade
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n]
+    u, v = (xx - (n - 1) / 2) / (0.48 * n), (yy - (n - 1) / 2) / (0.48 * n)
+    mask = u * u + v * v < 0.95
+    depth = np.sqrt(np.clip(1 - u * u - v * v, 0, None)) * 0.48 * n
+    normals = _depth_normals(depth)
+    sh = np.zeros((9, 3))
+    sh[0], sh[1], sh[2], sh[3] = 1.2, 0.2, 0.4, -0.3
+    sh[4:] = 0.05 * rng.standard_normal((5, 3))
+    albedo = np.clip(0.6 + 0.05 * rng.standard_normal((n, n, 3)), 0.3, 0.9)
+    image = np.clip(albedo * shade(normals, sh), 0, 1)
+    return image, normals, albedo, mask
+
+
+def grid_mesh(k, size=1.0, seed=0):
+    """A k x k vertex height-field patch with a face-like bump, 2 triangles per cell."""
+    x, y = np.meshgrid(np.linspace(-size, size, k), np.linspace(-size, size, k))
+    z = 0.5 * size * np.exp(-(x ** 2 + y ** 2) / size ** 2)
+    z = z + 0.01 * size * np.random.default_rng(seed).standard_normal(x.shape)
+    v = np.stack([x.ravel(), y.ravel(), z.ravel()], 1)
+    idx = np.arange(k * k).reshape(k, k)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    f = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
+    return v, f
+
+
+def random_model(n=3448, K=63, E=6, seed=0):
+    """A random morphable model with the Surrey model's dimensions and 68 iBUG landmarks (16 sliding)."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=(n, 3)) * np.array([30.0, 35.0, 20.0])
+    perm = rng.permutation(n)
+    lm = {k: int(perm[i]) for i, k in enumerate(k for k in range(9, 69) if k not in (61, 65))}
+    cont = {"right": [int(v) for v in perm[60:76]], "left": [int(v) for v in perm[76:92]]}
+    return MorphableModel(mean=mean, id_basis=rng.normal(size=(n, 3, K)) * 2.0,
+                          exp_basis=rng.normal(size=(n, 3, E)) * 1.5, faces=rng.integers(0, n, size=(10, 3)),
+                          landmarks=lm, contours=cont, name="random-sfm-size")
+
+
+def landmark_batch(model, B, size, seed=1):
+    """Landmarks of random instances and poses (contours on every other candidate)."""
+    from geomfit.fitting import _rodrigues
+
+    rng = np.random.default_rng(seed)
+    al = rng.normal(size=(B, model.n_id)) * 0.7
+    be = rng.uniform(0, 0.8, size=(B, model.n_exp))
+    ang = np.deg2rad(np.c_[rng.uniform(-15, 15, B), rng.uniform(-40, 40, B), rng.uniform(-10, 10, B)])
+    R = _rodrigues(ang, np)
+    s = rng.uniform(1.5, 3.0, B)
+    t = np.c_[rng.uniform(0.4, 0.6, B), rng.uniform(0.4, 0.6, B)] * np.array(size)[::-1]
+    P = project(model.shape(al, be), R, s, t, size)
+    L = np.full((B, 68, 2), np.nan)
+    for k, v in model.landmarks.items():
+        L[:, k - 1] = P[:, v]
+    for j, i in enumerate(range(1, 9)):
+        L[:, i - 1] = P[:, model.contours["right"][2 * j]]
+    for j, i in enumerate(range(10, 18)):
+        L[:, i - 1] = P[:, model.contours["left"][2 * j]]
+    return L
+
+
+# ---------------------------------------------------------------------------------------- sections
+def bench_sh(dev, a):
+    n = a.size_img
+    image, normals, albedo, mask = sphere_scene(n)
+    gi, gn, ga, gm = (dev.to(x) for x in (image, normals, albedo, mask))
+    fit_sh_lighting(gi, gn, ga, gm)
+    med, mn, sh_g = dev.time(lambda: fit_sh_lighting(gi, gn, ga, gm), a.repeats)
+    t_cpu, sh_c = cpu_time(lambda: fit_sh_lighting(image, normals, albedo, mask), a.repeats)
+    return {"pixels": int(n * n), "median_s": med, "min_s": mn, "cpu_median_s": t_cpu,
+            "cpu_over_device": t_cpu / med, "max_abs_diff_vs_cpu": float(np.abs(dev.host(sh_g) - sh_c).max())}
+
+
+def bench_rtv(dev, a):
+    n = a.size_img
+    image, _, _, _ = sphere_scene(n, seed=3)
+    gi = dev.to(image)
+    rtv_smooth(gi, iterations=1)
+    med, mn, out_g = dev.time(lambda: rtv_smooth(gi, iterations=4), a.repeats)
+    res = {"pixels": int(n * n), "iterations": 4, "median_s": med, "min_s": mn,
+           "median_s_per_megapixel": med / (n * n / 1e6)}
+    if a.cpu_peers:
+        t_cpu, out_c = cpu_time(lambda: rtv_smooth(image, iterations=4))
+        res.update(cpu_s=t_cpu, cpu_over_device=t_cpu / med,
+                   max_abs_diff_vs_cpu=float(np.abs(dev.host(out_g) - out_c).max()))
+    return res
+
+
+def bench_fine(dev, a):
+    small = synthetic_scene(96)
+    # exact Levenberg-Marquardt steps on both sides (the GPU path without cholespy solves every step
+    # to its CG tolerance), so the CPU/GPU difference measures the device, not the step rule
+    fine_stage(dev.to(small["image"]), dev.to(small["depth_blur"]), dev.to(small["mask"]), inexact_depth=False)
+    s = synthetic_scene(a.size_fine)
+    args = (dev.to(s["image"]), dev.to(s["depth_blur"]), dev.to(s["mask"]))
+    med, mn, r = dev.time(lambda: fine_stage(*args, inexact_depth=False), max(a.repeats // 2, 1))
+    m = s["mask"]
+    n = dev.host(r.normals)
+
+    def err(nn):
+        return float(np.degrees(np.arccos(np.clip((nn * s["normals"]).sum(-1), -1, 1)))[m].mean())
+
+    res = {"size": a.size_fine, "mask_pixels": int(m.sum()), "median_s": med, "min_s": mn,
+           "timings": {k: float(v) for k, v in r.timings.items()}, "depth_stats": dict(r.depth_stats),
+           "normal_error_deg": {"start": err(_depth_normals(s["depth_blur"])), "after": err(n)}}
+    if a.cpu_peers:
+        t_cpu, rc = cpu_time(lambda: fine_stage(s["image"], s["depth_blur"], s["mask"], inexact_depth=False))
+        res.update(cpu_s_exact_steps=t_cpu, cpu_over_device=t_cpu / med,
+                   max_abs_depth_diff_vs_cpu=float(np.abs(dev.host(r.depth) - rc.depth)[m].max()))
+    return res
+
+
+def bench_laplacian(dev, a):
+    import scipy.sparse.linalg as spla
+
+    v, f = grid_mesh(a.grid_k)
+    rng = np.random.default_rng(0)
+    h = np.sort(rng.choice(len(v), a.handles, replace=False))
+    w = np.full(a.handles, 0.6)
+    targets = [v[h] + 0.05 * rng.standard_normal((a.handles, 3)) for _ in range(a.repeats + 1)]
+    gv = dev.to(v)
+    LaplacianDeformer(dev.to(grid_mesh(12)[0]), grid_mesh(12)[1], [0, 5, 77], 0.6).deform(
+        dev.to(grid_mesh(12)[0][[0, 5, 77]]))  # compile/warm the solver path
+    t_setup, _, out = dev.time(lambda: LaplacianDeformer(gv, f, h, w).deform(dev.to(targets[0])), 1)
+    D = LaplacianDeformer(gv, f, h, w)
+    D.deform(dev.to(targets[0]))
+    gts = [dev.to(t) for t in targets[1:]]
+    ts = []
+    for t in gts:
+        dev.sync()
+        t0 = time.perf_counter()
+        D.deform(t)
+        dev.sync()
+        ts.append(time.perf_counter() - t0)
+    batch = dev.to(np.stack([targets[0]] * 16))
+    med_b, _, _ = dev.time(lambda: D.deform(batch), max(a.repeats // 4, 1))
+    # the SciPy peer on this machine's CPU: SuperLU of the same matrix
+    A = D.factor.A
+    A_cpu = A.get() if hasattr(A, "get") else A
+    t0 = time.perf_counter()
+    solve = spla.factorized(A_cpu.tocsc())
+    rhs = np.zeros((len(v), 3))
+    rhs[h] = w[:, None] * (targets[0] - v[h])
+    x = np.stack([solve(rhs[:, c]) for c in range(3)], 1)
+    t_scipy_setup = time.perf_counter() - t0
+    t_scipy_solve, _ = cpu_time(lambda: np.stack([solve(rhs[:, c]) for c in range(3)], 1), 3)
+    ref = v + x
+    return {"vertices": int(len(v)), "handles": int(a.handles), "factor_method": D.factor.method,
+            "setup_plus_first_solve_s": t_setup, "further_solve_median_s": float(np.median(ts)),
+            "further_solve_min_s": float(np.min(ts)), "batch16_per_target_s": med_b / 16,
+            "scipy_setup_plus_first_s": t_scipy_setup, "scipy_further_solve_s": t_scipy_solve,
+            "further_solve_vs_scipy_further": t_scipy_solve / float(np.median(ts)),
+            "rel_diff_vs_scipy": float(np.abs(dev.host(out) - ref).max() / np.abs(ref).max())}
+
+
+def bench_raster(dev, a):
+    from geomfit.kernels import raster as K
+
+    v, f = grid_mesh(a.raster_k, size=1.0)
+    S = a.size_raster
+    vp = np.c_[(v[:, 0] * 0.45 + 0.5) * S, (0.5 - v[:, 1] * 0.45) * S, v[:, 2] * 100.0]
+    gv, gf = dev.to(vp), dev.to(f)
+    rasterize(gv, gf, S, S)
+    med, mn, r = dev.time(lambda: rasterize(gv, gf, S, S), a.repeats * 4)
+    K.rasterize_cpu(vp, f, S, S)
+    t_cpu, rc = cpu_time(lambda: rasterize(vp, f, S, S), a.repeats * 4)
+    same = float((dev.host(r.triangle_id) == rc.triangle_id).mean())
+    return {"triangles": int(len(f)), "size": S, "median_s": med, "min_s": mn, "cpu_median_s": t_cpu,
+            "cpu_over_device": t_cpu / med, "triangle_id_agreement": same}
+
+
+def bench_fitting(dev, a):
+    model = random_model(n=a.model_n)
+    size = (1000, 1000)
+    L = landmark_batch(model, a.batch, size)
+    gL = dev.to(L)
+    fit_landmarks(model, gL[:64], size)
+    med, mn, r = dev.time(lambda: fit_landmarks(model, gL, size), a.repeats)
+    t_cpu, rc = cpu_time(lambda: fit_landmarks(model, L, size))
+    rm_g, rm_c = dev.host(r.rmse_px), np.asarray(rc.rmse_px)
+    return {"batch": int(a.batch), "model_vertices": int(a.model_n), "median_s": med, "min_s": mn,
+            "fits_per_s": a.batch / med, "cpu_s": t_cpu, "cpu_fits_per_s": a.batch / t_cpu,
+            "rmse_px_median": float(np.median(rm_g)), "cpu_rmse_px_median": float(np.median(rm_c))}
+
+
+SECTIONS = {"sh": bench_sh, "rtv": bench_rtv, "fine": bench_fine, "laplacian": bench_laplacian,
+            "raster": bench_raster, "fitting": bench_fitting}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--xp", choices=["cupy", "numpy"], default="cupy", help="array module under test")
+    p.add_argument("--quick", action="store_true", help="small inputs (a dry run of the script)")
+    p.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    p.add_argument("--no-cpu-peers", dest="cpu_peers", action="store_false",
+                   help="skip the expensive CPU runs (RTV, fine stage)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    a = p.parse_args(argv)
+    q = a.quick
+    a.size_img, a.size_fine, a.size_raster = (64, 96, 128) if q else (1024, 512, 512)
+    a.grid_k, a.handles, a.raster_k = (30, 40, 20) if q else (228, 1000, 158)
+    a.batch, a.model_n, a.repeats = (32, 400, 2) if q else (10000, 3448, 8)
+    try:
+        dev = Device(a.xp)
+    except Exception as e:  # no CuPy or no GPU: say so, write nothing
+        sys.exit(f"bench_gpu: cannot use {a.xp} ({type(e).__name__}: {e}); run with --xp numpy for a dry run")
+    res = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
+                       "cpu_count": os.cpu_count(), "xp": dev.name, "quick": q}}
+    if dev.name == "cupy":
+        cp = dev.xp
+        props = cp.cuda.runtime.getDeviceProperties(0)
+        res["machine"].update(gpu=props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
+                              cupy=cp.__version__)
+    for name in a.only or SECTIONS:
+        t = time.perf_counter()
+        try:
+            res[name] = SECTIONS[name](dev, a)
+        except Exception as e:  # one section's failure is a result too; the others still run
+            res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        res[name]["section_wall_s"] = time.perf_counter() - t
+        print(name, json.dumps(res[name], indent=1, default=float), flush=True)
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=float) + "\n")
+    tmp.replace(out)
+    print("wrote", out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
