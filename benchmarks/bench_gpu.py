@@ -277,8 +277,9 @@ def bench_fitting(dev, a):
             "rmse_px_median": float(np.median(rm_g)), "cpu_rmse_px_median": float(np.median(rm_c))}
 
 
-SECTIONS = {"sh": bench_sh, "rtv": bench_rtv, "fine": bench_fine, "laplacian": bench_laplacian,
-            "raster": bench_raster, "fitting": bench_fitting}
+#: run order: quick sections first, the fine stage (many CG solves on the GPU) last
+SECTIONS = {"sh": bench_sh, "raster": bench_raster, "fitting": bench_fitting, "laplacian": bench_laplacian,
+            "rtv": bench_rtv, "fine": bench_fine}
 
 
 def main(argv=None):
@@ -305,7 +306,15 @@ def main(argv=None):
         props = cp.cuda.runtime.getDeviceProperties(0)
         res["machine"].update(gpu=props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
                               cupy=cp.__version__)
-    for name in a.only or SECTIONS:
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section, so a run cut off by its time limit keeps what it measured
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=float) + "\n")
+        tmp.replace(out)
+
+    for name in [s for s in SECTIONS if s in (a.only or SECTIONS)]:
         t = time.perf_counter()
         try:
             res[name] = SECTIONS[name](dev, a)
@@ -313,11 +322,7 @@ def main(argv=None):
             res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
         res[name]["section_wall_s"] = time.perf_counter() - t
         print(name, json.dumps(res[name], indent=1, default=float), flush=True)
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float) + "\n")
-    tmp.replace(out)
+        save()
     print("wrote", out)
     return res
 
