@@ -1,7 +1,7 @@
 """GPU benchmark: the issues' GPU targets in one short run, each against the CPU path in the same run.
 
 One script for a session that is lent a GPU (the device machine has CuPy, Numba and numba-cuda but no
-CHOLMOD, trimesh or data folder), so every input is synthetic and built here:
+CHOLMOD, trimesh or data folder), so every input is synthetic (built here or by the tests' helpers):
 
 ==========  ==========================================================  =============================
 section     what is timed (GPU = CuPy arrays in, CuPy arrays out)        issue target on a GPU
@@ -40,14 +40,15 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the tests' synthetic meshes and models
 
 from geomfit.fine import _depth_normals, fine_stage, synthetic_scene  # noqa: E402
-from geomfit.fitting import fit_landmarks, project  # noqa: E402
+from geomfit.fitting import fit_landmarks  # noqa: E402
 from geomfit.laplacian import LaplacianDeformer  # noqa: E402
-from geomfit.model import MorphableModel  # noqa: E402
 from geomfit.render import rasterize  # noqa: E402
 from geomfit.rtv import rtv_smooth  # noqa: E402
 from geomfit.sh import fit_sh_lighting  # noqa: E402
+from test_laplacian import grid_mesh  # noqa: E402  (k x k height-field patch, 2 triangles per cell)
 
 
 class Device:
@@ -105,52 +106,6 @@ def sphere_scene(n, seed=0):
     albedo = np.clip(0.6 + 0.05 * rng.standard_normal((n, n, 3)), 0.3, 0.9)
     image = np.clip(albedo * shade(normals, sh), 0, 1)
     return image, normals, albedo, mask
-
-
-def grid_mesh(k, size=1.0, seed=0):
-    """A k x k vertex height-field patch with a face-like bump, 2 triangles per cell."""
-    x, y = np.meshgrid(np.linspace(-size, size, k), np.linspace(-size, size, k))
-    z = 0.5 * size * np.exp(-(x ** 2 + y ** 2) / size ** 2)
-    z = z + 0.01 * size * np.random.default_rng(seed).standard_normal(x.shape)
-    v = np.stack([x.ravel(), y.ravel(), z.ravel()], 1)
-    idx = np.arange(k * k).reshape(k, k)
-    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
-    f = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
-    return v, f
-
-
-def random_model(n=3448, K=63, E=6, seed=0):
-    """A random morphable model with the Surrey model's dimensions and 68 iBUG landmarks (16 sliding)."""
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=(n, 3)) * np.array([30.0, 35.0, 20.0])
-    perm = rng.permutation(n)
-    lm = {k: int(perm[i]) for i, k in enumerate(k for k in range(9, 69) if k not in (61, 65))}
-    cont = {"right": [int(v) for v in perm[60:76]], "left": [int(v) for v in perm[76:92]]}
-    return MorphableModel(mean=mean, id_basis=rng.normal(size=(n, 3, K)) * 2.0,
-                          exp_basis=rng.normal(size=(n, 3, E)) * 1.5, faces=rng.integers(0, n, size=(10, 3)),
-                          landmarks=lm, contours=cont, name="random-sfm-size")
-
-
-def landmark_batch(model, B, size, seed=1):
-    """Landmarks of random instances and poses (contours on every other candidate)."""
-    from geomfit.fitting import _rodrigues
-
-    rng = np.random.default_rng(seed)
-    al = rng.normal(size=(B, model.n_id)) * 0.7
-    be = rng.uniform(0, 0.8, size=(B, model.n_exp))
-    ang = np.deg2rad(np.c_[rng.uniform(-15, 15, B), rng.uniform(-40, 40, B), rng.uniform(-10, 10, B)])
-    R = _rodrigues(ang, np)
-    s = rng.uniform(1.5, 3.0, B)
-    t = np.c_[rng.uniform(0.4, 0.6, B), rng.uniform(0.4, 0.6, B)] * np.array(size)[::-1]
-    P = project(model.shape(al, be), R, s, t, size)
-    L = np.full((B, 68, 2), np.nan)
-    for k, v in model.landmarks.items():
-        L[:, k - 1] = P[:, v]
-    for j, i in enumerate(range(1, 9)):
-        L[:, i - 1] = P[:, model.contours["right"][2 * j]]
-    for j, i in enumerate(range(10, 18)):
-        L[:, i - 1] = P[:, model.contours["left"][2 * j]]
-    return L
 
 
 # ---------------------------------------------------------------------------------------- sections
@@ -213,8 +168,8 @@ def bench_laplacian(dev, a):
     w = np.full(a.handles, 0.6)
     targets = [v[h] + 0.05 * rng.standard_normal((a.handles, 3)) for _ in range(a.repeats + 1)]
     gv = dev.to(v)
-    LaplacianDeformer(dev.to(grid_mesh(12)[0]), grid_mesh(12)[1], [0, 5, 77], 0.6).deform(
-        dev.to(grid_mesh(12)[0][[0, 5, 77]]))  # compile/warm the solver path
+    vs, fs = grid_mesh(12)
+    LaplacianDeformer(dev.to(vs), fs, [0, 5, 77], 0.6).deform(dev.to(vs[[0, 5, 77]]))  # warm the solver path
     t_setup, _, out = dev.time(lambda: LaplacianDeformer(gv, f, h, w).deform(dev.to(targets[0])), 1)
     D = LaplacianDeformer(gv, f, h, w)
     D.deform(dev.to(targets[0]))
@@ -250,7 +205,7 @@ def bench_laplacian(dev, a):
 def bench_raster(dev, a):
     from geomfit.kernels import raster as K
 
-    v, f = grid_mesh(a.raster_k, size=1.0)
+    v, f = grid_mesh(a.raster_k)
     S = a.size_raster
     vp = np.c_[(v[:, 0] * 0.45 + 0.5) * S, (0.5 - v[:, 1] * 0.45) * S, v[:, 2] * 100.0]
     gv, gf = dev.to(vp), dev.to(f)
@@ -264,9 +219,12 @@ def bench_raster(dev, a):
 
 
 def bench_fitting(dev, a):
-    model = random_model(n=a.model_n)
-    size = (1000, 1000)
-    L = landmark_batch(model, a.batch, size)
+    # the fitting tests' random model (here with the Surrey model's size) and posed random instances
+    from test_fitting import HW, random_model, synth
+
+    model = random_model(n=a.model_n, K=63, E=6)
+    size = tuple(int(x) for x in HW)
+    L = synth(model, a.batch)[0]
     gL = dev.to(L)
     fit_landmarks(model, gL[:64], size)
     med, mn, r = dev.time(lambda: fit_landmarks(model, gL, size), a.repeats)
@@ -274,7 +232,8 @@ def bench_fitting(dev, a):
     rm_g, rm_c = dev.host(r.rmse_px), np.asarray(rc.rmse_px)
     return {"batch": int(a.batch), "model_vertices": int(a.model_n), "median_s": med, "min_s": mn,
             "fits_per_s": a.batch / med, "cpu_s": t_cpu, "cpu_fits_per_s": a.batch / t_cpu,
-            "rmse_px_median": float(np.median(rm_g)), "cpu_rmse_px_median": float(np.median(rm_c))}
+            "rmse_px_median": float(np.median(rm_g)), "cpu_rmse_px_median": float(np.median(rm_c)),
+            "iterations_median": float(np.median(dev.host(r.iterations)))}
 
 
 #: run order: quick sections first, the fine stage (many CG solves on the GPU) last
