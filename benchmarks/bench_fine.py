@@ -290,12 +290,11 @@ def bench_albedo_sensitivity():
         "albedo_gradient_0.1": dict(n_blotches=0, albedo_gradient=0.1),
     }
 
-    def depth_phases(s, albedo, sh, beta=None, d=None, rounds=2):
-        d = s["depth_blur"] if d is None else d
+    def depth_phases(s, albedo, sh):
+        d = s["depth_blur"]
         for lam in (PHASE1, PHASE2):
-            for _ in range(rounds):
-                d = solve_depth(s["image"], d, s["mask"], albedo, sh, beta, depth0=s["depth_blur"], lam=lam,
-                                iterations=3)
+            for _ in range(2):
+                d = solve_depth(s["image"], d, s["mask"], albedo, sh, depth0=s["depth_blur"], lam=lam, iterations=3)
         return d
 
     def alternation(s, true_light, true_albedo):

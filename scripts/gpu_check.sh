@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared device check for a session that is lent a GPU (one `run` call, about 6-8 minutes on an
-# H200 including kernel compilation): the CuPy/CUDA tests on the real GPU, then benchmarks/bench_gpu.py.
+# The prepared device check for a session that is lent a GPU (one `run` call; its run time has not been
+# measured yet): the CuPy/CUDA tests on the real GPU, then benchmarks/bench_gpu.py.
 # The device image has CuPy, Numba, numba-cuda, SciPy and pytest but no CHOLMOD, trimesh or data folder;
 # geomfit runs from the source tree (PYTHONPATH), nothing is installed. Logs and results go to $OUT
 # (the device tool's folder) or benchmarks/results.
