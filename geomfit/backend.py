@@ -5,6 +5,18 @@ Every solver takes arrays and calls :func:`get_array_module` on them: NumPy arra
 kernels).  Nothing else in geomfit branches on the backend; solvers written as ``xp = get_array_module(x)``
 followed by array code serve both.
 
+Where an algorithm has a compiled CPU implementation and a CUDA one, the pair is registered under
+one name in :data:`KERNELS` (or with :func:`register_kernel`) and the solver calls
+``kernel(name, *arrays)``, which returns the implementation for the arrays' target
+(:func:`target`: ``"cuda"`` for CuPy input, else ``"cpu"``). ``with force("cuda"):`` runs every
+dispatch inside the block on the CUDA implementation, NumPy arrays included (copied to the device
+and back): on a GPU, or on the CPU under Numba's simulator (``NUMBA_ENABLE_CUDASIM=1``); this is
+how the tests compare the two implementations.
+
+CUDA kernels are defined one way: a kernel module writes ``def _define_cuda(cuda): ...`` returning
+a namespace of ``@cuda.jit`` kernels and keeps ``CUDA = LazyCuda(_define_cuda)``; the kernels are
+compiled on first use, never at import.
+
 Sparse symmetric positive-definite systems go through :func:`factorize_spd`, which returns a
 factor-once / solve-many object:
 
@@ -15,11 +27,13 @@ factor-once / solve-many object:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
-import os
+import threading
 import warnings
-from types import ModuleType
-from typing import Any, Optional
+from types import ModuleType, SimpleNamespace
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,6 +49,16 @@ __all__ = [
     "cuda_available",
     "numba_cuda",
     "sparse_module",
+    "ndimage_module",
+    "sparse_to_device",
+    "target",
+    "force",
+    "kernel",
+    "register_kernel",
+    "KERNELS",
+    "LazyCuda",
+    "cuda_view",
+    "cuda_result",
     "factorize_spd",
     "SPDFactor",
     "pcg",
@@ -96,6 +120,21 @@ def sparse_module(xp: ModuleType) -> ModuleType:
     return importlib.import_module("cupyx.scipy.sparse")
 
 
+def ndimage_module(xp: ModuleType) -> ModuleType:
+    """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
+    if xp is np:
+        return importlib.import_module("scipy.ndimage")
+    return importlib.import_module("cupyx.scipy.ndimage")
+
+
+def sparse_to_device(A, xp: ModuleType):
+    """A SciPy sparse matrix as CSR on the device of ``xp`` (SciPy for NumPy, cupyx for CuPy)."""
+    A = A.tocsr()
+    if xp is np:
+        return A
+    return sparse_module(xp).csr_matrix(A)
+
+
 def cuda_available() -> bool:
     """True when Numba CUDA kernels can run: a real GPU, or the simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
     cuda = numba_cuda()
@@ -118,9 +157,183 @@ def numba_cuda() -> Optional[ModuleType]:
         return None
 
 
-def cudasim_enabled() -> bool:
-    """True when Numba's CUDA simulator is on (kernels run on the CPU, slowly)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+# ----------------------------------------------------------------------------------------------
+# Targets, the test switch and the kernel registry
+# ----------------------------------------------------------------------------------------------
+
+TARGETS = ("cpu", "cuda")
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("geomfit_forced_target", default=None)
+
+
+def target(*arrays: Any) -> str:
+    """The target the arrays run on: ``"cuda"`` if any is a CuPy array, else ``"cpu"``.
+
+    Inside ``with force(t):`` the answer is ``t`` whatever the arrays.
+    """
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
+    return "cuda" if any(is_cupy(a) for a in arrays) else "cpu"
+
+
+@contextlib.contextmanager
+def force(name: str):
+    """Context manager: every :func:`kernel` dispatch in the block uses target ``name``.
+
+    ``force("cuda")`` runs the CUDA implementations on NumPy input too (arrays are copied to the
+    device and results copied back): on a GPU, or on the CPU under ``NUMBA_ENABLE_CUDASIM=1``.
+    The tests use it to compare each CUDA implementation with its CPU twin. ``force("cpu")`` runs
+    the CPU implementations (CuPy input is then not accepted by most of them).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not ``"cpu"`` or ``"cuda"``.
+    RuntimeError
+        ``"cuda"`` while Numba CUDA can run neither on a GPU nor in the simulator.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from geomfit import backend
+    >>> with backend.force("cpu"):
+    ...     backend.target(np.zeros(3))
+    'cpu'
+    """
+    if name not in TARGETS:
+        raise ValueError(f"force: target must be one of {TARGETS}, got {name!r}")
+    if name == "cuda" and not cuda_available():
+        raise RuntimeError("force('cuda'): Numba CUDA has no GPU here; set NUMBA_ENABLE_CUDASIM=1 to run the "
+                           "CUDA kernels in Numba's simulator")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+#: Built-in kernels: name -> (CPU implementation, CUDA implementation), each ``"module:attribute"``
+#: (an attribute path may be dotted), imported on first use. Both implementations of a name take
+#: the same arguments and give the same results (tested against each other under the simulator).
+KERNELS: Dict[str, Tuple[Optional[str], Optional[str]]] = {
+    # triangle rasterisation, flat buffers (geomfit.render.rasterize validates and packs)
+    "rasterize": ("geomfit.kernels.raster:rasterize_cpu", "geomfit.kernels.raster:rasterize_cuda"),
+    # the coarse landmark fit of a batch, one image per thread (geomfit.fitting.fit_landmarks)
+    "landmark_fit": ("geomfit.fitting:_fit_kernel", "geomfit.fitting:_fit_cuda"),
+    # screened-Poisson solve on an image grid (geomfit.multigrid.solve_screened_poisson)
+    "screened_poisson": ("geomfit.multigrid:_solve_cpu", "geomfit.multigrid:_solve_cuda"),
+    # the stencil kernels of the aggregation multigrid (geomfit.multigrid.GridMultigrid)
+    "aggregation_mg": ("geomfit.kernels.multigrid:AGGREGATION_CPU", "geomfit.kernels.multigrid:AGGREGATION_CUDA"),
+}
+
+_RESOLVED: Dict[Tuple[str, str], Any] = {}
+_LOCK = threading.Lock()
+
+
+def register_kernel(name: str, cpu=None, cuda=None) -> None:
+    """Register (or replace) kernel ``name``: a CPU and a CUDA implementation with one signature.
+
+    Each of ``cpu`` and ``cuda`` is a callable (or any object, e.g. a namespace of kernels), a
+    ``"module:attribute"`` string imported on first use, or ``None`` (no implementation for that
+    target). Solvers then call ``kernel(name, *arrays)``.
+    """
+    with _LOCK:
+        KERNELS[name] = (cpu, cuda)
+        for t in TARGETS:
+            _RESOLVED.pop((name, t), None)
+
+
+def _resolve(ref):
+    if not isinstance(ref, str):
+        return ref
+    mod, _, attr = ref.partition(":")
+    obj = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def kernel(name: str, *arrays: Any, on: Optional[str] = None):
+    """The implementation of kernel ``name`` for the target of ``arrays`` (see :func:`target`).
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`KERNELS` (or a name given to :func:`register_kernel`).
+    *arrays
+        The arrays the kernel will run on; their device picks the target.
+    on : {None, "cpu", "cuda"}
+        Ask for a target explicitly instead.
+
+    Raises
+    ------
+    KeyError
+        Unknown kernel name.
+    RuntimeError
+        No implementation for the target, or the CUDA one cannot run here (no GPU, no simulator).
+    """
+    t = on if on is not None else target(*arrays)
+    if t not in TARGETS:
+        raise ValueError(f"kernel: target must be one of {TARGETS}, got {t!r}")
+    key = (name, t)
+    impl = _RESOLVED.get(key)
+    if impl is not None:
+        return impl
+    if name not in KERNELS:
+        raise KeyError(f"unknown kernel {name!r}; known: {sorted(KERNELS)}")
+    ref = KERNELS[name][TARGETS.index(t)]
+    if ref is None:
+        raise RuntimeError(f"kernel {name!r} has no {t} implementation")
+    if t == "cuda" and not cuda_available():
+        raise RuntimeError(f"kernel {name!r}: Numba CUDA has no GPU here (NUMBA_ENABLE_CUDASIM=1 runs it on the CPU)")
+    impl = _resolve(ref)
+    with _LOCK:
+        _RESOLVED[key] = impl
+    return impl
+
+
+def cuda_view(a):
+    """A Numba CUDA kernel argument for ``a``: a CuPy array as it is, a NumPy array copied to the device."""
+    if is_cupy(a):
+        return a
+    return numba_cuda().to_device(np.ascontiguousarray(a))
+
+
+def cuda_result(d, xp: ModuleType):
+    """A kernel's output buffer ``d`` for array module ``xp``: copied to the host for NumPy, as is for CuPy."""
+    if xp is np:
+        return d.copy_to_host()
+    return d
+
+
+class LazyCuda:
+    """The CUDA kernels of one kernel module, defined on first attribute access.
+
+    ``factory(cuda)`` receives the ``numba.cuda`` module and returns a mapping or namespace of
+    ``@cuda.jit`` kernels; it runs once. Kernel bodies must reach ``cuda.grid`` etc. through the
+    module-level global ``cuda`` of their module (Numba's simulator swaps that global in), so a
+    kernel module keeps ``cuda = numba_cuda()`` at module level.
+    """
+
+    def __init__(self, factory: Callable[[ModuleType], Any]):
+        self._factory = factory
+        self._ns = None
+
+    def _load(self):
+        if self._ns is None:
+            with _LOCK:
+                if self._ns is None:
+                    cu = numba_cuda()
+                    if cu is None:
+                        raise RuntimeError("Numba CUDA is not importable: install numba-cuda (geomfit[gpu])")
+                    ns = self._factory(cu)
+                    self._ns = SimpleNamespace(**ns) if isinstance(ns, dict) else ns
+        return self._ns
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._load(), name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,8 +859,6 @@ def pcg(A, b, precondition, tol: float = 1e-1, maxiter: int = 20, x0=None):
         p += z
         rz = rz_new
     return x, int(maxiter), False
-
-    return SPDFactor(A, method=method, tol=tol, maxiter=maxiter, ordering=ordering, last=last)
 
 
 def _dense_kernels() -> dict:

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import asnumpy, get_array_module
 from .mesh import mean_curvature, vertex_normals
 from .render import interpolate, rasterize
 
@@ -167,7 +167,7 @@ def encode_dce(vertices, faces, camera, size, *, depth_range: Optional[Tuple[flo
     Hv = mean_curvature(vertices, faces)
     h = interpolate(ras, xp.asarray(Hv))
     if curvature_range is None:
-        c = float(np.percentile(np.abs(np.asarray(h[m] if xp is np else h[m].get())), 99))
+        c = float(np.percentile(np.abs(asnumpy(h[m])), 99))
         curvature_range = (-c, c)
     cs = _scale(xp.where(m, h, 0.0), m, curvature_range, xp)
     theta = xp.arccos(xp.clip(n[..., 2], -1.0, 1.0))

@@ -18,11 +18,12 @@ Camera convention (the same as eos's): the model's y axis points up, image y poi
 ``translation = (t_x, t_y)`` is therefore in pixels with a bottom-left origin; ``projected`` is
 in ordinary pixel coordinates (top-left origin, y down), like the iBUG ``.pts`` files.
 
-Implementations (``engine`` of :func:`fit_landmarks`; the same algorithm and results): a compiled
-Numba kernel that runs the whole fit of one image per call (``geomfit.kernels.fitting``; default
-for NumPy input, batches split over threads), a Numba CUDA kernel (one GPU thread per image), and
-the vectorised array path below in which all images of a batch advance together in NumPy or CuPy
-array operations (default for CuPy input; the reference the kernels are tested against).
+Implementations (the same algorithm and results): a compiled Numba kernel that runs the whole fit
+of one image per call (``geomfit.kernels.fitting``; NumPy input, batches split over threads), its
+Numba CUDA twin (one GPU thread per image; CuPy input), both registered as ``"landmark_fit"`` in
+:data:`geomfit.backend.KERNELS`, and the vectorised array path below in which all images of a batch
+advance together in NumPy or CuPy array operations (``fast=False``; the reference the kernels are
+tested against).
 
 Algorithm:
 
@@ -37,13 +38,16 @@ Algorithm:
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .backend import asnumpy, cuda_available, get_array_module
+from . import backend
+from .backend import asnumpy, get_array_module
 from .model import MorphableModel
 
 __all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
@@ -684,12 +688,13 @@ def _fit_kernel(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gto
     return R, s, t, coef, cost, conv, it0 + it1, hist, rss, sel
 
 
-def _fit_cuda(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase, xp):
-    kf = _kernels()
-    if kf is None or kf.CUDA_KERNEL is None or not cuda_available():
-        raise RuntimeError("engine='cuda' needs Numba CUDA with a GPU (or NUMBA_ENABLE_CUDASIM=1)")
+def _fit_cuda(p: _Prep, Ln, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, two_phase):
+    """The CUDA twin of :func:`_fit_kernel` (one GPU thread per image); results on the device of ``Ln``."""
+    from .kernels import fitting as kf
+
+    xp = get_array_module(Ln)
     outs = kf.fit_batch_cuda(p.k_mean, p.k_C, p.k_G, p.Mf, p.Mr, p.Ml, p.nr, p.nl, Ln, w, asnumpy(reg),
-                             asnumpy(reg_init), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase, xp=xp)
+                             asnumpy(reg_init), n_alt, max_iter, ftol, xtol, gtol, 1e-3, two_phase)
     R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss = outs
     hist = _trim_hist(hist1, it1)
     if two_phase:
@@ -765,17 +770,12 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         Minimum regulariser weight during the initial alternation (keeps the start point
         plausible when ``w_id``/``w_exp`` are small or 0).
     fast : bool
-        Use the structured normal equations (precomputed Gram matrices of the fixed landmark rows);
-        False forms ``J^T J`` directly (reference path, same result; implies ``engine='xp'``).
+        Use the compiled kernel of the input's target (see Notes). False runs the vectorised array
+        path and forms ``J^T J`` directly (the reference; same results).
     engine : {'auto', 'numba', 'xp', 'cuda'}
-        ``'numba'``: the compiled CPU kernel (``geomfit.kernels.fitting``); batches of 16 or
-        more are split into contiguous chunks (up to four per thread) run on
-        ``numba.get_num_threads()`` threads; ``'xp'``: the vectorised array path (all images
-        advance together in NumPy or CuPy array operations; the reference the kernel is tested
-        against). ``'auto'`` (default):
-        the kernel for NumPy input, the array path for CuPy input. ``'cuda'``: the Numba CUDA
-        kernel (one GPU thread per image; NumPy input is copied to the device and back), on a GPU
-        or under ``NUMBA_ENABLE_CUDASIM=1``.
+        Deprecated (a ``DeprecationWarning``; removed in the next release): ``'auto'`` is the only
+        non-deprecated value. ``'numba'`` is the CPU kernel, ``'cuda'`` the CUDA kernel (as inside
+        ``geomfit.backend.force('cuda')``), ``'xp'`` the vectorised array path.
 
     Returns
     -------
@@ -792,6 +792,13 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
 
     Notes
     -----
+    Implementations (the same algorithm and results): NumPy input runs a compiled Numba kernel
+    that fits one image per call (``geomfit.kernels.fitting``; batches of 16 or more are split into
+    contiguous chunks over ``numba.get_num_threads()`` threads); CuPy input runs its Numba CUDA
+    twin (one GPU thread per image); both are registered as ``"landmark_fit"`` in
+    :data:`geomfit.backend.KERNELS`. ``fast=False`` runs the vectorised array path, in which all
+    images of a batch advance together in NumPy or CuPy operations.
+
     Sliding contour: each of iBUG 1-8 (10-17) is matched to the right (left) contour candidate
     whose projection is nearest, re-chosen at every evaluation of the cost, following the
     rotation-dependent correspondences of seed 001 (its ref. [26]).
@@ -800,6 +807,26 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     ----------
     Seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
     """
+    if engine != "auto":
+        warnings.warn("fit_landmarks(engine=...) is deprecated: NumPy input runs the CPU kernel, CuPy input the "
+                      "CUDA kernel; use geomfit.backend.force('cuda') to run the CUDA kernel on NumPy input",
+                      DeprecationWarning, stacklevel=2)
+    if engine not in ("auto", "numba", "xp", "cuda"):
+        raise ValueError(f"engine must be 'auto', 'numba', 'xp' or 'cuda', got {engine!r}")
+    if engine == "numba" and backend.target(landmarks) == "cuda":
+        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' or 'cuda' path)")
+    kw = dict(visible=visible, w_id=w_id, w_exp=w_exp, n_id=n_id, n_exp=n_exp, n_alternations=n_alternations,
+              max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol, w_init=w_init, fast=fast)
+    if engine == "xp" or not fast or _kernels() is None:
+        return _fit_landmarks(model, landmarks, image_size, path="array", **kw)
+    with backend.force(engine.replace("numba", "cpu")) if engine in ("numba", "cuda") else contextlib.nullcontext():
+        return _fit_landmarks(model, landmarks, image_size, path="kernel", **kw)
+
+
+def _fit_landmarks(model, landmarks, image_size, *, path, visible, w_id, w_exp, n_id, n_exp, n_alternations,
+                   max_iter, ftol, xtol, gtol, w_init, fast):
+    """:func:`fit_landmarks` with ``path="kernel"`` (the registered ``"landmark_fit"`` kernel of the
+    target) or ``path="array"`` (the vectorised NumPy/CuPy array path, the reference)."""
     xp = get_array_module(landmarks)
     _check_reg(w_id, w_exp)
     if int(max_iter) < 0 or int(n_alternations) < 0:
@@ -809,19 +836,10 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     reg = xp.concatenate([xp.full(p.K, float(w_id)), xp.full(p.E, float(w_exp))])
     # the initial alternation is regularised at least by w_init: a start point, not the answer
     reg_init = xp.maximum(reg, float(w_init))
-    if engine not in ("auto", "numba", "xp", "cuda"):
-        raise ValueError(f"engine must be 'auto', 'numba', 'xp' or 'cuda', got {engine!r}")
-    if engine == "numba" and xp is not np:
-        raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' or 'cuda' path)")
-    if engine == "cuda":
-        out = _fit_cuda(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
-                        float(gtol), bool(xp.any(reg_init != reg)), xp)
-        R, s, t, coef, cost, conv, iters, hist, rss, sel = out
-        return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
-                       final=(rss, sel))
-    if (engine == "numba" or (engine == "auto" and xp is np)) and fast and _kernels() is not None:
-        out = _fit_kernel(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
-                          float(gtol), bool(np.any(reg_init != reg)))
+    if path == "kernel":
+        fit = backend.kernel("landmark_fit", Ln)
+        out = fit(p, Ln, w, reg, reg_init, int(n_alternations), int(max_iter), float(ftol), float(xtol),
+                  float(gtol), bool(xp.any(reg_init != reg)))
         R, s, t, coef, cost, conv, iters, hist, rss, sel = out
         return _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, single, xp,
                        final=(rss, sel))

@@ -8,17 +8,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import sparse_module
+from .backend import sparse_to_device
 
 __all__ = ["central_gradient_operators", "forward_difference_operators", "laplacian_operator",
            "interior_mask", "edge_masks"]
 
 
 def _to(xp, A):
-    A = A.tocsr()
-    if xp is np:
-        return A
-    return sparse_module(xp).csr_matrix(A)
+    return sparse_to_device(A, xp)
 
 
 def _check_shape(shape):

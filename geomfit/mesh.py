@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import asnumpy, get_array_module, sparse_module
+from .backend import asnumpy, get_array_module, sparse_module, to_device
 
 __all__ = [
     "vertex_normals",
@@ -39,7 +39,7 @@ __all__ = [
 
 def _check_faces(faces, n: Optional[int] = None, name: str = "faces"):
     xp = get_array_module(faces)
-    f = faces if xp is not np else np.asarray(faces)
+    f = xp.asarray(faces)
     if f.ndim != 2 or f.shape[1] != 3:
         raise ValueError(f"{name} must have shape (F, 3), got {tuple(f.shape)}")
     if not (f.dtype.kind in "iu"):
@@ -58,7 +58,7 @@ def _check_faces(faces, n: Optional[int] = None, name: str = "faces"):
 
 def _check_vertices(vertices, batched: bool = False, name: str = "vertices"):
     xp = get_array_module(vertices)
-    v = vertices if xp is not np else np.asarray(vertices)
+    v = xp.asarray(vertices)
     ok = (v.ndim == 2 or (batched and v.ndim == 3)) and v.shape[-1] == 3
     if not ok:
         want = "(N, 3) or (B, N, 3)" if batched else "(N, 3)"
@@ -337,7 +337,7 @@ def mean_curvature(vertices, faces, normals=None):
     if nrm.shape != v.shape:
         raise ValueError(f"normals must have shape {v.shape}, got {nrm.shape}")
     H = -0.5 * np.einsum("ij,ij->i", hn, nrm)
-    return xp.asarray(H) if xp is not np else H
+    return to_device(H, xp)
 
 
 # ----------------------------------------------------------------------------------------------

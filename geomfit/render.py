@@ -4,8 +4,9 @@ Screen coordinates (the output of :meth:`geomfit.camera.ScaledOrthographic.to_sc
 column, y = image row (pointing down), z = depth in pixel units, larger = closer to the viewer.
 Pixel (row i, column j) is sampled at its centre ``(j + 0.5, i + 0.5)``. See docs/rendering.md.
 
-Dispatch: NumPy input runs the Numba CPU kernel, CuPy input the Numba CUDA kernel (both in
-``geomfit.kernels.raster``; identical results); outputs live on the device of the input.
+Dispatch: :func:`geomfit.backend.kernel` picks the Numba CPU kernel for NumPy input and the Numba
+CUDA kernel for CuPy input (both in ``geomfit.kernels.raster``; identical results); outputs live on
+the device of the input.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module, is_cupy
+from . import backend
+from .backend import get_array_module
 
 __all__ = ["Raster", "rasterize", "interpolate", "render_depth", "depth_normals"]
 
@@ -112,12 +114,7 @@ def rasterize(vertices_px, faces, height, width) -> Raster:
     2021, Sec. 3.2).
     """
     xp, v, f, H, W = _validate(vertices_px, faces, height, width)
-    from .kernels import raster as K
-
-    if is_cupy(v):
-        tid, bary, depth, vidx = K.rasterize_cuda(v, f, H, W, xp=xp)
-    else:
-        tid, bary, depth, vidx = K.rasterize_cpu(v, f, H, W)
+    tid, bary, depth, vidx = backend.kernel("rasterize", v)(v, f, H, W)
     return _pack(tid, bary, depth, vidx, f, H, W)
 
 
@@ -125,15 +122,6 @@ def _pack(tid, bary, depth, vidx, f, H, W) -> Raster:
     tid = tid.reshape(H, W)
     return Raster(triangle_id=tid, barycentric=bary.reshape(H, W, 3), depth=depth.reshape(H, W),
                   mask=tid >= 0, vertex_index=vidx.reshape(H, W), faces=f)
-
-
-def _rasterize_cuda_host(vertices_px, faces, height, width) -> Raster:
-    """Run the CUDA kernels on NumPy input (for the simulator and GPU tests); same output as rasterize."""
-    xp, v, f, H, W = _validate(vertices_px, faces, height, width)
-    from .kernels import raster as K
-
-    tid, bary, depth, vidx = K.rasterize_cuda(v, f, H, W, xp=np)
-    return _pack(tid, bary, depth, vidx, f, H, W)
 
 
 def interpolate(raster: Raster, attributes, fill=0.0):

@@ -7,7 +7,7 @@ as the vectorised NumPy/CuPy path of :mod:`geomfit.fitting` (the reference it is
 against). :func:`fit_batch` runs a batch (or a chunk of one) with the GIL released, so that the
 wrapper can run chunks of a large batch on several threads (no ``prange``: the parallel
 compilation took another half of the serial kernel's compile time, for the same speed).
-:data:`CUDA_KERNEL` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
+:data:`CUDA` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
 thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
 
 Reference: seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
@@ -31,9 +31,9 @@ import math
 import numpy as np
 from numba import njit
 
-from geomfit.backend import numba_cuda
+from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module, numba_cuda
 
-__all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA_KERNEL"]
+__all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA"]
 
 _FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
 _TINY = 1e-26
@@ -1178,22 +1178,21 @@ def _define_cuda(cu):
         it1_out[b] = it1
         rss_out[b] = rss
 
-    return fit_batch_kernel
+    return {"fit_batch_kernel": fit_batch_kernel}
 
 
-cuda = _cuda = numba_cuda()
-CUDA_KERNEL = _define_cuda(_cuda) if _cuda is not None else None
+cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through it (the simulator swaps it)
+CUDA = LazyCuda(_define_cuda)
 
 
 def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
-                   two_phase, xp=None, threads_per_block=64):
+                   two_phase, threads_per_block=64):
     """Run the CUDA kernel (one thread per image) on a batch. ``L`` (B, M, 2) and ``w`` (B, M) are
     CuPy arrays on a GPU, or NumPy arrays (copied to the device; the simulator). Returns
-    ``(R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)`` as arrays of ``xp`` (NumPy:
-    copied back to the host)."""
-    if CUDA_KERNEL is None:
-        raise RuntimeError("Numba CUDA is not available: cannot run the CUDA landmark fit")
-    xp = np if xp is None else xp
+    ``(R, t, coef, hist0, hist1, sel, s, cost, conv, it0, it1, rss)`` as arrays of the module of
+    ``L`` (NumPy: copied back to the host)."""
+    kern = CUDA.fit_batch_kernel
+    xp = get_array_module(L)
     B, M = L.shape[0], L.shape[1]
     S, _, P = C.shape
     n = 6 + P
@@ -1201,13 +1200,10 @@ def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, m
     f8 = np.float64
 
     def dev(shape, dtype=f8, fill=None):
-        if xp is np:
-            a = np.empty(shape, dtype=dtype) if fill is None else np.full(shape, fill, dtype=dtype)
-            return cuda.to_device(a)
-        return xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype)
+        return cuda_view(xp.empty(shape, dtype=dtype) if fill is None else xp.full(shape, fill, dtype=dtype))
 
     def put(a):
-        return cuda.to_device(np.ascontiguousarray(a)) if xp is np else xp.ascontiguousarray(xp.asarray(a))
+        return cuda_view(xp.ascontiguousarray(xp.asarray(a)))
 
     outs = [dev((B, 3, 3)), dev((B, 2)), dev((B, P)), dev((B, T), fill=np.nan), dev((B, T), fill=np.nan),
             dev((B, M), np.int64), dev(B), dev(B), dev(B, np.int8), dev(B, np.int64, 0), dev(B, np.int64, 0),
@@ -1217,9 +1213,7 @@ def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, m
                dev((n, 2 * M, B)), dev((n, n, B)), dev((n, n, B)), dev((n, B)), dev((n, B)), dev((n, B)),
                dev((3, 3, B)), dev((3, 3, B)), dev((2, B)), dev((2, B)), dev((P, B)), dev((P, B))]
     blocks = (B + threads_per_block - 1) // threads_per_block
-    CUDA_KERNEL[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
-                                           put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
-                                           *outs, *scratch)
-    if xp is np:
-        return tuple(o.copy_to_host() for o in outs)
-    return tuple(outs)
+    kern[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
+                                    put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
+                                    *outs, *scratch)
+    return tuple(cuda_result(o, xp) for o in outs)

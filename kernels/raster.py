@@ -40,9 +40,9 @@ import math
 import numpy as np
 from numba import njit
 
-from geomfit.backend import numba_cuda
+from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module, numba_cuda
 
-__all__ = ["rasterize_cpu", "rasterize_cuda", "CUDA_KERNELS"]
+__all__ = ["rasterize_cpu", "rasterize_cuda", "CUDA"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,95 +239,88 @@ def rasterize_cpu(verts, faces, H, W):
 # CUDA
 # ------------------------------------------------------------------------------------------------
 
-cuda = numba_cuda()
-CUDA_KERNELS = None
-
-if cuda is not None:
-    try:
-        _setup_d = cuda.jit(device=True)(_edge_setup_py)
-        _eval_d = cuda.jit(device=True)(_edge_eval_py)
-        _sample_d = cuda.jit(device=True)(_sample_py)
-        _bbox_d = cuda.jit(device=True)(_bbox)
-
-        @cuda.jit
-        def _k_depth(verts, faces, H, W, zbuf, tid, phase):
-            """phase 0: atomic max of depth; phase 1: atomic max of triangle id at equal depth."""
-            t = cuda.grid(1)
-            if t >= faces.shape[0]:
-                return
-            i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
-            x0, y0, z0 = verts[i0, 0], verts[i0, 1], verts[i0, 2]
-            x1, y1, z1 = verts[i1, 0], verts[i1, 1], verts[i1, 2]
-            x2, y2, z2 = verts[i2, 0], verts[i2, 1], verts[i2, 2]
-            r0, r1, j0, j1 = _bbox_d(x0, y0, x1, y1, x2, y2, H, W)
-            for r in range(r0, r1 + 1):
-                for j in range(j0, j1 + 1):
-                    inside, b0, b1, b2, z = _sample_d(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2,
-                                                      j + 0.5, r + 0.5)
-                    if inside:
-                        p = r * W + j
-                        if phase == 0:
-                            cuda.atomic.max(zbuf, p, z)
-                        elif z == zbuf[p]:
-                            cuda.atomic.max(tid, p, np.int32(t))
-
-        @cuda.jit
-        def _k_resolve(verts, faces, W, tid, bary, depth, vidx):
-            p = cuda.grid(1)
-            if p >= tid.shape[0]:
-                return
-            t = tid[p]
-            if t < 0:
-                return
-            i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
-            r = p // W
-            j = p - r * W
-            inside, b0, b1, b2, z = _sample_d(i0, i1, i2, verts[i0, 0], verts[i0, 1], verts[i0, 2],
-                                              verts[i1, 0], verts[i1, 1], verts[i1, 2],
-                                              verts[i2, 0], verts[i2, 1], verts[i2, 2], j + 0.5, r + 0.5)
-            bary[p, 0] = b0
-            bary[p, 1] = b1
-            bary[p, 2] = b2
-            depth[p] = z
-            if b0 >= b1 and b0 >= b2:
-                vidx[p] = i0
-            elif b1 >= b2:
-                vidx[p] = i1
-            else:
-                vidx[p] = i2
-
-        CUDA_KERNELS = (_k_depth, _k_resolve)
-    except Exception:  # pragma: no cover - a broken CUDA toolchain must not break the CPU path
-        CUDA_KERNELS = None
+cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through it (the simulator swaps it)
 
 
-def rasterize_cuda(verts, faces, H, W, xp=None):
-    """Run the CUDA kernels on device arrays (CuPy) or, under the simulator, NumPy arrays.
+def _define_cuda(cu):
+    """The CUDA kernels (defined on first use through :class:`geomfit.backend.LazyCuda`)."""
+    global _setup_d, _eval_d, _sample_d, _bbox_d  # device functions call each other through module globals
+    _setup_d = cu.jit(device=True)(_edge_setup_py)
+    _eval_d = cu.jit(device=True)(_edge_eval_py)
+    _sample_d = cu.jit(device=True)(_sample_py)
+    _bbox_d = cu.jit(device=True)(_bbox)
 
-    ``xp`` is the array module of the outputs (``cupy`` on a GPU, ``numpy`` for the simulator).
-    Returns the same flat buffers as :func:`rasterize_cpu`.
+    @cu.jit
+    def _k_depth(verts, faces, H, W, zbuf, tid, phase):
+        """phase 0: atomic max of depth; phase 1: atomic max of triangle id at equal depth."""
+        t = cuda.grid(1)
+        if t >= faces.shape[0]:
+            return
+        i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
+        x0, y0, z0 = verts[i0, 0], verts[i0, 1], verts[i0, 2]
+        x1, y1, z1 = verts[i1, 0], verts[i1, 1], verts[i1, 2]
+        x2, y2, z2 = verts[i2, 0], verts[i2, 1], verts[i2, 2]
+        r0, r1, j0, j1 = _bbox_d(x0, y0, x1, y1, x2, y2, H, W)
+        for r in range(r0, r1 + 1):
+            for j in range(j0, j1 + 1):
+                inside, b0, b1, b2, z = _sample_d(i0, i1, i2, x0, y0, z0, x1, y1, z1, x2, y2, z2,
+                                                  j + 0.5, r + 0.5)
+                if inside:
+                    p = r * W + j
+                    if phase == 0:
+                        cuda.atomic.max(zbuf, p, z)
+                    elif z == zbuf[p]:
+                        cuda.atomic.max(tid, p, np.int32(t))
+
+    @cu.jit
+    def _k_resolve(verts, faces, W, tid, bary, depth, vidx):
+        p = cuda.grid(1)
+        if p >= tid.shape[0]:
+            return
+        t = tid[p]
+        if t < 0:
+            return
+        i0, i1, i2 = faces[t, 0], faces[t, 1], faces[t, 2]
+        r = p // W
+        j = p - r * W
+        inside, b0, b1, b2, z = _sample_d(i0, i1, i2, verts[i0, 0], verts[i0, 1], verts[i0, 2],
+                                          verts[i1, 0], verts[i1, 1], verts[i1, 2],
+                                          verts[i2, 0], verts[i2, 1], verts[i2, 2], j + 0.5, r + 0.5)
+        bary[p, 0] = b0
+        bary[p, 1] = b1
+        bary[p, 2] = b2
+        depth[p] = z
+        if b0 >= b1 and b0 >= b2:
+            vidx[p] = i0
+        elif b1 >= b2:
+            vidx[p] = i1
+        else:
+            vidx[p] = i2
+
+    return {"k_depth": _k_depth, "k_resolve": _k_resolve}
+
+
+CUDA = LazyCuda(_define_cuda)
+
+
+def rasterize_cuda(verts, faces, H, W):
+    """The CUDA twin of :func:`rasterize_cpu`: the same flat buffers, on the device of ``verts``.
+
+    CuPy input stays on the GPU; NumPy input (``backend.force("cuda")``, e.g. under the simulator)
+    is copied to the device and the buffers are copied back.
     """
-    if CUDA_KERNELS is None:
-        raise RuntimeError("Numba CUDA is not available: cannot run the CUDA rasterizer")
-    k_depth, k_resolve = CUDA_KERNELS
-    xp = np if xp is None else xp
+    xp = get_array_module(verts)
+    k_depth, k_resolve = CUDA.k_depth, CUDA.k_resolve
     n = H * W
-    zbuf = xp.full(n, -np.inf, dtype=np.float64)
-    tid = xp.full(n, -1, dtype=np.int32)
-    bary = xp.zeros((n, 3), dtype=np.float64)
-    depth = xp.full(n, np.nan, dtype=np.float64)
-    vidx = xp.full(n, -1, dtype=np.int32)
+    bufs = dict(v=verts, f=faces, z=xp.full(n, -np.inf, dtype=np.float64), t=xp.full(n, -1, dtype=np.int32),
+                b=xp.zeros((n, 3), dtype=np.float64), d=xp.full(n, np.nan, dtype=np.float64),
+                i=xp.full(n, -1, dtype=np.int32))
+    d = {k: cuda_view(a) for k, a in bufs.items()}
     F = faces.shape[0]
-    if xp is np:  # simulator (or a GPU fed host arrays): explicit transfers
-        d = {k: cuda.to_device(a) for k, a in dict(v=verts, f=faces, z=zbuf, t=tid, b=bary, d=depth, i=vidx).items()}
-    else:
-        d = dict(v=verts, f=faces, z=zbuf, t=tid, b=bary, d=depth, i=vidx)
     tpb = 128
     if F > 0:
         blocks = (F + tpb - 1) // tpb
         k_depth[blocks, tpb](d["v"], d["f"], H, W, d["z"], d["t"], 0)
         k_depth[blocks, tpb](d["v"], d["f"], H, W, d["z"], d["t"], 1)
         k_resolve[(n + tpb - 1) // tpb, tpb](d["v"], d["f"], W, d["t"], d["b"], d["d"], d["i"])
-    if xp is np:
-        return d["t"].copy_to_host(), d["b"].copy_to_host(), d["d"].copy_to_host(), d["i"].copy_to_host()
-    return tid, bary, depth, vidx
+    return tuple(cuda_result(d[k], xp) for k in "tbdi")

@@ -1,9 +1,10 @@
 """The compiled coarse-fit kernel (kernels/fitting.py) against the vectorised array path of
-geomfit.fitting (engine='xp'), an independent implementation of the same algorithm, and the kernel's
+geomfit.fitting (fast=False), an independent implementation of the same algorithm, and the kernel's
 linear-algebra pieces against NumPy/SciPy."""
 import numpy as np
 import pytest
 
+from geomfit import backend
 from geomfit import fitting as F
 from geomfit.fitting import fit_landmarks
 from geomfit.kernels import fitting as kf
@@ -11,6 +12,14 @@ from geomfit.kernels import fitting as kf
 from test_fitting import HW, random_model, synth
 
 FIELDS = ("id_coeffs", "exp_coeffs", "rotation", "scale", "translation", "rmse_px")
+
+
+def _array_path(model, L, HW, **kw):
+    """The vectorised array path with the structured normal equations (the reference)."""
+    full = dict(visible=None, w_id=1e-3, w_exp=1e-3, n_id=None, n_exp=None, n_alternations=2, max_iter=50,
+                ftol=1e-6, xtol=1e-8, gtol=1e-12, w_init=1e-3, fast=True)
+    full.update(kw)
+    return F._fit_landmarks(model, L, HW, path="array", **full)
 
 
 def _compare(a, b, atol=1e-8):
@@ -33,11 +42,11 @@ def test_kernel_equals_array_path_random(contours, w_reg):
     L[0, [10, 40]] = np.nan  # missing fixed landmarks
     L[2, 3] = np.nan  # a missing jaw landmark
     kw = dict(w_id=w_reg, w_exp=w_reg, max_iter=30)
-    a = fit_landmarks(model, L, HW, engine="numba", **kw)
-    b = fit_landmarks(model, L, HW, engine="xp", **kw)
+    a = fit_landmarks(model, L, HW, **kw)
+    b = _array_path(model, L, HW, **kw)
     _compare(a, b)
     # one image alone (serial kernel) gives the batch's answer
-    one = fit_landmarks(model, L[2], HW, engine="numba", **kw)
+    one = fit_landmarks(model, L[2], HW, **kw)
     np.testing.assert_allclose(one.id_coeffs, a.id_coeffs[2], rtol=1e-12, atol=1e-12)
     assert one.iterations == a.iterations[2]
 
@@ -52,7 +61,7 @@ def test_kernel_equals_array_path_sfm_options(sfm_dir):
     vis[1, 30:36] = False
     for kw in (dict(), dict(n_id=20, n_exp=3, n_alternations=1), dict(w_id=0.0, w_exp=1e-2, max_iter=5),
                dict(n_alternations=0, visible=vis)):
-        _compare(fit_landmarks(sfm, L, HW, engine="numba", **kw), fit_landmarks(sfm, L, HW, engine="xp", **kw))
+        _compare(fit_landmarks(sfm, L, HW, **kw), _array_path(sfm, L, HW, **kw))
 
 
 def test_kernel_cholesky_and_affine_pose():
@@ -97,11 +106,19 @@ def test_kernel_cholesky_and_affine_pose():
     np.testing.assert_allclose([s, *t], [sr[0], *tr[0]], atol=1e-12)
 
 
-def test_engine_option_checked():
+def test_engine_option_checked_and_deprecated():
     model = random_model()
     L, *_ = synth(model, 1, seed=25)
-    with pytest.raises(ValueError, match="engine"):
+    with pytest.raises(ValueError, match="engine"), pytest.warns(DeprecationWarning):
         fit_landmarks(model, L[0], HW, engine="gpu")
+    # the deprecated engines still pick the same implementations
+    kw = dict(max_iter=10)
+    with pytest.warns(DeprecationWarning, match="engine"):
+        a = fit_landmarks(model, L, HW, engine="xp", **kw)
+    _compare(a, _array_path(model, L, HW, **kw))
+    with pytest.warns(DeprecationWarning, match="engine"):
+        b = fit_landmarks(model, L, HW, engine="numba", **kw)
+    _compare(b, fit_landmarks(model, L, HW, **kw))
 
 
 def _tiny_model(seed=4):
@@ -131,6 +148,7 @@ def test_cuda_kernel_equals_cpu_kernel():
     L = L + np.random.default_rng(32).normal(size=L.shape) * 1.0
     L[1, 20] = np.nan
     kw = dict(w_id=0.0, w_exp=1e-2, max_iter=3, n_alternations=1)  # two LM phases (start-up prior, then w_id=0)
-    a = fit_landmarks(model, L, HW, engine="cuda", **kw)
-    b = fit_landmarks(model, L, HW, engine="numba", **kw)
+    with backend.force("cuda"):
+        a = fit_landmarks(model, L, HW, **kw)
+    b = fit_landmarks(model, L, HW, **kw)
     _compare(a, b)
