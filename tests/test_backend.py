@@ -269,3 +269,69 @@ def test_dense_trailing_kernels_against_scipy():
         assert dense.rank1(U2, x.copy(), sign)
         np.testing.assert_allclose(U2.T @ U2, S + sign * np.outer(x, x), rtol=1e-10, atol=1e-9)
     assert not dense.rank1(U.copy(), 100 * x, -1.0)  # downdate past positive definiteness
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: targets, the test switch, the kernel registry
+# ----------------------------------------------------------------------------------------------
+
+def test_target_and_force():
+    x = np.zeros(3)
+    assert backend.target(x) == "cpu"
+    with backend.force("cpu"):
+        assert backend.target(x) == "cpu"
+    assert backend.target(x) == "cpu"
+    with pytest.raises(ValueError, match="target"):
+        with backend.force("gpu"):
+            pass
+    if not backend.cuda_available():
+        with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM"):
+            with backend.force("cuda"):
+                pass
+
+
+def test_kernel_registry_dispatches_by_target():
+    calls = []
+    backend.register_kernel("_test_twice", cpu=lambda a: calls.append("cpu") or 2 * a,
+                            cuda=lambda a: calls.append("cuda") or 2 * a)
+    try:
+        assert backend.kernel("_test_twice", np.ones(2))(np.ones(2)).tolist() == [2.0, 2.0]
+        assert calls == ["cpu"]
+        assert backend.kernel("_test_twice", on="cpu") is backend.kernel("_test_twice", np.ones(1))
+        backend.register_kernel("_test_twice", cpu="numpy.linalg:norm", cuda=None)  # replaced, imported lazily
+        assert backend.kernel("_test_twice", np.ones(1)) is np.linalg.norm
+        with pytest.raises(RuntimeError, match="no cuda implementation"):
+            backend.kernel("_test_twice", on="cuda")
+    finally:
+        backend.KERNELS.pop("_test_twice", None)
+    with pytest.raises(KeyError, match="unknown kernel"):
+        backend.kernel("no_such_kernel", np.ones(1))
+
+
+def test_builtin_kernels_resolve_on_cpu():
+    # every registered CPU implementation imports (CUDA ones are checked under the simulator)
+    for name in backend.KERNELS:
+        assert callable(backend.kernel(name, on="cpu")) or hasattr(backend.kernel(name, on="cpu"), "matvec")
+
+
+@pytest.mark.cudasim
+def test_builtin_cuda_kernels_resolve_under_simulator():
+    if not backend.cuda_available():
+        pytest.skip("no GPU and NUMBA_ENABLE_CUDASIM is not 1")
+    for name in backend.KERNELS:
+        cpu, cuda = backend.kernel(name, on="cpu"), backend.kernel(name, on="cuda")
+        assert cuda is not cpu
+        with backend.force("cuda"):
+            assert backend.kernel(name, np.zeros(1)) is cuda
+
+
+def test_old_kernel_module_name_warns():
+    import importlib
+    import sys
+
+    sys.modules.pop("geomfit.kernels.grid", None)
+    with pytest.warns(DeprecationWarning, match="kernels.multigrid"):
+        g = importlib.import_module("geomfit.kernels.grid")
+    from geomfit.kernels import multigrid
+
+    assert g.diagonal is multigrid.diagonal
