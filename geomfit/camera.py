@@ -20,12 +20,54 @@ vertical axis, pitch nods about the horizontal axis, roll tilts in the image pla
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from .backend import get_array_module
 
-__all__ = ["ScaledOrthographic", "euler_to_matrix", "matrix_to_euler", "rodrigues", "matrix_to_rodrigues"]
+__all__ = ["ScaledOrthographic", "scaled_orthographic", "euler_to_matrix", "matrix_to_euler", "rodrigues",
+           "matrix_to_rodrigues"]
+
+
+def scaled_orthographic(vertices, rotation, scale, translation, image_height, depth: bool = True):
+    """Scaled orthographic projection to screen coordinates: geomfit's one definition.
+
+    ``u = s (R v)_x + t_x``, ``row = h - (s (R v)_y + t_y)``, ``depth = s (R v)_z`` (see the module
+    docstring); :class:`ScaledOrthographic` and :func:`geomfit.fitting.project` use it.
+
+    Parameters
+    ----------
+    vertices : array (..., N, 3)
+    rotation : array (..., 3, 3)
+    scale : float or array (...)
+    translation : array (..., 2)
+        ``(t_x, t_y)`` in pixels, y up (measured from the bottom edge).
+    image_height : float or array (...)
+        ``h`` of the y flip.
+    depth : bool
+        Also return the depth column.
+
+    Returns
+    -------
+    array (..., N, 3) ``(u, row, depth)``, or (..., N, 2) ``(u, row)`` when ``depth=False``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> scaled_orthographic(np.array([[1.0, 2.0, 3.0]]), np.eye(3), 2.0, np.array([10.0, 5.0]), 100)
+    array([[12., 91.,  6.]])
+    """
+    xp = get_array_module(vertices, rotation)
+    R = xp.asarray(rotation)
+    s = xp.asarray(scale, dtype=R.dtype)
+    t = xp.asarray(translation, dtype=R.dtype)
+    h = xp.asarray(image_height, dtype=R.dtype)
+    rows = R if depth else R[..., :2, :]
+    q = s[..., None, None] * xp.matmul(vertices, xp.swapaxes(rows, -1, -2))  # (..., N, 3 or 2)
+    q0 = q[..., 0] + t[..., None, 0]
+    q1 = h[..., None] - (q[..., 1] + t[..., None, 1])
+    return xp.stack([q0, q1, q[..., 2]] if depth else [q0, q1], axis=-1)
 
 
 def _finite(xp, a, name):
@@ -127,11 +169,9 @@ class ScaledOrthographic:
         image_height : int or float
             ``H`` in ``row = H - (s (R v)_y + t_y)``.
         """
-        s, _, t = self._params()
-        rv = self.rotate(vertices) * s
-        xp = self._xp
-        H = float(image_height)
-        return xp.stack([rv[..., 0] + t[..., 0], H - (rv[..., 1] + t[..., 1]), rv[..., 2]], axis=-1)
+        v = self._check_vertices(vertices)
+        s, R, t = self._params()
+        return scaled_orthographic(v, R, s[..., 0, 0], t[..., 0, :], float(image_height))
 
     def project(self, vertices, image_height):
         """Pixel coordinates (..., N, 2): ``(u, row)``, origin top-left, y down (.pts convention)."""
@@ -208,10 +248,25 @@ def matrix_to_euler(R) -> Tuple[Any, Any, Any]:
     return yaw, pitch, roll
 
 
+def _rodrigues_coefficients(th2):
+    """``(sin t / t, (1 - cos t) / t^2)`` for ``t^2 = th2``, by Taylor series below ``t = 1e-6``.
+
+    The scalar form of :func:`rodrigues`; the compiled kernels (``geomfit.kernels.fitting``) compile
+    this function for the CPU and as a CUDA device function.
+    """
+    th = math.sqrt(th2)
+    if th < 1e-6:
+        return 1.0 - th2 / 6.0, 0.5 - th2 / 24.0
+    return math.sin(th) / th, (1.0 - math.cos(th)) / (th * th)
+
+
 def rodrigues(axis_angle):
     """Rotation matrices from axis-angle vectors (direction = axis, norm = angle in radians).
 
-    ``R = I + sin(t) K + (1 - cos(t)) K^2`` with ``K`` the cross-product matrix of the unit axis.
+    ``R = I + a K + b K^2`` with ``K`` the cross-product matrix of the vector ``w``,
+    ``a = sin(t) / t`` and ``b = (1 - cos t) / t^2`` for ``t = |w|`` (Rodrigues' formula; Taylor
+    series below ``t = 1e-6``, so it is smooth and exact at 0). geomfit's one definition: the
+    landmark fit, rigid ICP and the compiled kernels use it (see :func:`_rodrigues_coefficients`).
 
     Parameters
     ----------
@@ -220,17 +275,25 @@ def rodrigues(axis_angle):
     Returns
     -------
     array (..., 3, 3)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> np.round(rodrigues(np.array([0.0, 0.0, np.pi / 2])), 12) + 0.0
+    array([[ 0., -1.,  0.],
+           [ 1.,  0.,  0.],
+           [ 0.,  0.,  1.]])
     """
     xp = get_array_module(axis_angle)
     w = xp.asarray(axis_angle, dtype=xp.float64)
     if w.shape[-1:] != (3,):
         raise ValueError(f"axis_angle must have shape (..., 3), got {tuple(w.shape)}")
-    th = xp.linalg.norm(w, axis=-1)
-    small = th < 1e-8
-    # sin(t)/t and (1-cos t)/t^2 with Taylor series near 0 (keeps it smooth and exact at 0)
+    th2 = (w * w).sum(-1)
+    th = xp.sqrt(th2)
+    small = th < 1e-6
     ts = xp.where(small, 1.0, th)
-    a = xp.where(small, 1.0 - th ** 2 / 6.0, xp.sin(ts) / ts)
-    b = xp.where(small, 0.5 - th ** 2 / 24.0, (1.0 - xp.cos(ts)) / ts ** 2)
+    a = xp.where(small, 1.0 - th2 / 6.0, xp.sin(ts) / ts)
+    b = xp.where(small, 0.5 - th2 / 24.0, (1.0 - xp.cos(ts)) / (ts * ts))
     x, y, z = w[..., 0], w[..., 1], w[..., 2]
     zero = xp.zeros_like(x)
     K = xp.stack([zero, -z, y, z, zero, -x, -y, x, zero], axis=-1).reshape(w.shape[:-1] + (3, 3))

@@ -48,6 +48,7 @@ import numpy as np
 
 from . import backend
 from .backend import asnumpy, get_array_module
+from .camera import rodrigues, scaled_orthographic
 from .model import MorphableModel
 
 __all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
@@ -142,7 +143,8 @@ class LandmarkFit:
 def project(vertices, rotation, scale, translation, image_size):
     """Scaled orthographic projection to pixel coordinates (top-left origin, y down).
 
-    ``x = s (R v)_x + t_x``, ``y = h - (s (R v)_y + t_y)`` with the model's y axis up.
+    ``x = s (R v)_x + t_x``, ``y = h - (s (R v)_y + t_y)`` with the model's y axis up: the first two
+    columns of :func:`geomfit.camera.scaled_orthographic`, with the height taken from ``image_size``.
 
     Parameters
     ----------
@@ -158,13 +160,8 @@ def project(vertices, rotation, scale, translation, image_size):
     ndarray, shape (..., N, 2)
     """
     xp = get_array_module(vertices, rotation)
-    rotation = xp.asarray(rotation)
-    scale = xp.asarray(scale, dtype=rotation.dtype)
-    translation = xp.asarray(translation, dtype=rotation.dtype)
-    h = xp.asarray(image_size, dtype=rotation.dtype)[..., 0]
-    u = xp.matmul(vertices, xp.swapaxes(rotation[..., :2, :], -1, -2))  # (..., N, 2)
-    q = scale[..., None, None] * u + translation[..., None, :]
-    return xp.stack([q[..., 0], h[..., None] - q[..., 1]], axis=-1)
+    h = xp.asarray(image_size, dtype=xp.asarray(rotation).dtype)[..., 0]
+    return scaled_orthographic(vertices, rotation, scale, translation, h, depth=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,16 +250,8 @@ def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
 # Small batched helpers
 # ------------------------------------------------------------------------------------------------
 def _rodrigues(w, xp):
-    """exp([w]_x) for w of shape (B, 3)."""
-    th2 = (w * w).sum(1)
-    th = xp.sqrt(th2)
-    small = th < 1e-6
-    ths = xp.where(small, 1.0, th)
-    a = xp.where(small, 1.0 - th2 / 6.0, xp.sin(ths) / ths)
-    b = xp.where(small, 0.5 - th2 / 24.0, (1.0 - xp.cos(ths)) / (ths * ths))
-    Kx = _skew(w, xp)
-    eye = xp.eye(3, dtype=w.dtype)
-    return eye + a[:, None, None] * Kx + b[:, None, None] * (Kx @ Kx)
+    """exp([w]_x) for w of shape (B, 3) (:func:`geomfit.camera.rodrigues`)."""
+    return rodrigues(w)
 
 
 def _solve(A, b, xp):
@@ -282,13 +271,6 @@ def _solve(A, b, xp):
     if bool(bad.any()):
         x = xp.where(bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim)), xp.nan, x)
     return x
-
-
-def _skew(w, xp):
-    z = xp.zeros_like(w[:, 0])
-    return xp.stack([xp.stack([z, -w[:, 2], w[:, 1]], 1),
-                     xp.stack([w[:, 2], z, -w[:, 0]], 1),
-                     xp.stack([-w[:, 1], w[:, 0], z], 1)], 1)
 
 
 def _ortho_from_affine(A, xp):

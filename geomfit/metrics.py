@@ -16,6 +16,8 @@ from typing import List, Optional, Union
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .camera import rodrigues
+
 __all__ = [
     "depth_mae",
     "landmark_nme",
@@ -202,15 +204,6 @@ def kabsch(src, dst, weights=None, scale: bool = False):
     return r, t, s
 
 
-def _rodrigues(w):
-    th = np.linalg.norm(w)
-    if th < 1e-15:
-        return np.eye(3)
-    k = w / th
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(th) * kx + (1 - np.cos(th)) * kx @ kx
-
-
 @dataclass
 class ICPResult:
     """Rigid ICP outcome: ``aligned = scale * source @ rotation.T + translation``."""
@@ -303,7 +296,7 @@ def rigid_icp(source, target, target_normals=None, method: str = "point_to_plane
             J = np.hstack([np.cross(pc, n), n])
             r = np.einsum("ij,ij->i", p - q, n)
             x = np.linalg.lstsq(J, -r, rcond=None)[0]
-            dR = _rodrigues(x[:3])
+            dR = rodrigues(x[:3])
             # p'' = dR (p - c) + c + dt
             R, t = dR @ R, dR @ (t - c) + c + x[3:]
     aligned = s * src @ R.T + t

@@ -31,10 +31,12 @@ import math
 import numpy as np
 from numba import njit
 
+from geomfit.camera import _rodrigues_coefficients
 from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module, numba_cuda
 
 __all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA"]
 
+_rodrigues_ab = njit(cache=True)(_rodrigues_coefficients)  # the one Rodrigues formula, compiled for the CPU
 _FM = {"reassoc", "contract"}  # vectorised reductions; NaN/inf semantics kept (isfinite tests work)
 _TINY = 1e-26
 
@@ -443,15 +445,8 @@ def _absmax(g):
 
 @njit(cache=True)
 def _rodrigues_left(w0, w1, w2, R, out):
-    """out = exp([w]_x) @ R."""
-    th2 = w0 * w0 + w1 * w1 + w2 * w2
-    th = math.sqrt(th2)
-    if th < 1e-6:
-        a = 1.0 - th2 / 6.0
-        b = 0.5 - th2 / 24.0
-    else:
-        a = math.sin(th) / th
-        b = (1.0 - math.cos(th)) / (th * th)
+    """out = exp([w]_x) @ R (Rodrigues' formula, :func:`geomfit.camera.rodrigues`)."""
+    a, b = _rodrigues_ab(w0 * w0 + w1 * w1 + w2 * w2)
     K = ((0.0, -w2, w1), (w2, 0.0, -w0), (-w1, w0, 0.0))
     E = np.empty((3, 3))
     for i in range(3):
@@ -748,6 +743,7 @@ def fit_batch(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_i
 def _define_cuda(cu):
     # kernels reach the module through the global name ``cuda`` (the simulator swaps it in)
     dev = cu.jit(device=True)
+    rodrigues_ab = dev(_rodrigues_coefficients)
 
     @dev
     def slot_shape(mean, C, coef, V, b):
@@ -1037,14 +1033,7 @@ def _define_cuda(cu):
             chol_solve(Aw, 0, n, negd, d, b)
             # Rn = exp([d0:3]_x) R
             w0, w1, w2 = d[0, b], d[1, b], d[2, b]
-            th2 = w0 * w0 + w1 * w1 + w2 * w2
-            th = math.sqrt(th2)
-            if th < 1e-6:
-                ra = 1.0 - th2 / 6.0
-                rb = 0.5 - th2 / 24.0
-            else:
-                ra = math.sin(th) / th
-                rb = (1.0 - math.cos(th)) / (th * th)
+            ra, rb = rodrigues_ab(w0 * w0 + w1 * w1 + w2 * w2)
             K = cuda.local.array((3, 3), dtype=np.float64)
             E = cuda.local.array((3, 3), dtype=np.float64)
             K[0, 0], K[0, 1], K[0, 2] = 0.0, -w2, w1

@@ -95,3 +95,41 @@ def test_bad_camera():
         cam.project(np.array([[np.nan, 0, 0]]), 10)
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         cam.project(np.zeros((4, 2)), 10)
+
+
+def test_one_rodrigues_for_arrays_and_kernels():
+    # the compiled scalar form (used by the landmark-fit kernels) equals the array form, across the
+    # Taylor threshold, and both match SciPy
+    from geomfit.camera import _rodrigues_coefficients
+    from geomfit.kernels import fitting as kf
+
+    rng = np.random.default_rng(5)
+    for scale in (0.0, 1e-9, 5e-7, 2e-6, 1e-3, 1.0, 3.0):
+        w = rng.normal(size=3)
+        w *= scale / max(np.linalg.norm(w), 1e-300)
+        R0 = rng.normal(size=(3, 3))
+        out = np.empty((3, 3))
+        kf._rodrigues_left(w[0], w[1], w[2], R0, out)
+        np.testing.assert_allclose(out, rodrigues(w) @ R0, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(rodrigues(w), Rotation.from_rotvec(w).as_matrix(), atol=1e-14)
+        a, b = _rodrigues_coefficients(float(w @ w))
+        th = np.linalg.norm(w)
+        if th > 1e-3:
+            np.testing.assert_allclose([a, b], [np.sin(th) / th, (1 - np.cos(th)) / th ** 2], rtol=1e-12)
+
+
+def test_one_projection():
+    # ScaledOrthographic.to_screen and fitting.project are the same formula, checked by hand here
+    from geomfit.camera import scaled_orthographic
+    from geomfit.fitting import project
+
+    rng = np.random.default_rng(6)
+    v = rng.normal(size=(2, 7, 3))
+    R = Rotation.from_rotvec(rng.normal(size=(2, 3))).as_matrix()
+    s, t, H = np.array([2.0, 0.5]), rng.normal(size=(2, 2)), 64.0
+    rv = np.einsum("bij,bnj->bni", R, v)
+    want = np.stack([s[:, None] * rv[..., 0] + t[:, None, 0], H - (s[:, None] * rv[..., 1] + t[:, None, 1]),
+                     s[:, None] * rv[..., 2]], -1)
+    np.testing.assert_allclose(scaled_orthographic(v, R, s, t, H), want, atol=1e-12)
+    np.testing.assert_allclose(ScaledOrthographic(s, R, t).to_screen(v, H), want, atol=1e-12)
+    np.testing.assert_allclose(project(v, R, s, t, np.array([[H, 50.0]] * 2)), want[..., :2], atol=1e-12)
