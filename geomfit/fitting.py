@@ -46,16 +46,17 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import backend
+from . import backend, ibug
 from .backend import asnumpy, get_array_module
 from .camera import rodrigues, scaled_orthographic
 from .model import MorphableModel
 
 __all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
 
-N_LANDMARKS = 68
-_JAW_RIGHT = tuple(range(1, 9))  # iBUG 1-8: the subject's right contour
-_JAW_LEFT = tuple(range(10, 18))  # iBUG 10-17: the left contour
+N_LANDMARKS = ibug.N_LANDMARKS
+# 1-based iBUG numbers, the keys of ``model.landmarks`` (eos's mapping files)
+_JAW_RIGHT = tuple(ibug.number(i) for i in ibug.CONTOUR_RIGHT)  # iBUG 1-8: the subject's right contour
+_JAW_LEFT = tuple(ibug.number(i) for i in ibug.CONTOUR_LEFT)  # iBUG 10-17: the left contour
 _CONTOUR_IBUG = _JAW_RIGHT + _JAW_LEFT
 
 

@@ -43,9 +43,6 @@ __all__ = [
     "fan_weights_present",
 ]
 
-# Outer eye corners (iBUG 37 and 46, 1-based): the 300-W inter-ocular normalisation.
-OUTER_EYE_CORNERS = (36, 45)
-
 FAN_WEIGHT_FILES = ("2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth")
 
 # HOG detection runs on a copy whose longest side is at most this (faster; boxes mapped back).

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from . import ibug
 from .camera import ScaledOrthographic
 from .mesh import cotangent_laplacian, uniform_laplacian
 from .backend import asnumpy, factorize_spd, get_array_module, is_cupy, sparse_module, to_device
@@ -41,14 +42,8 @@ __all__ = [
     "DEFAULT_REGION_WEIGHTS",
 ]
 
-# iBUG 68-point regions (1-based numbers, inclusive ranges).
-IBUG_REGIONS: Dict[str, range] = {
-    "jaw": range(1, 18),
-    "brows": range(18, 28),
-    "nose": range(28, 37),
-    "eyes": range(37, 49),
-    "mouth": range(49, 69),
-}
+# iBUG 68-point regions as 1-based numbers (the keys of ``model.landmarks``), from geomfit.ibug.
+IBUG_REGIONS: Dict[str, range] = {name: range(r.start + 1, r.stop + 1) for name, r in ibug.REGIONS.items()}
 #: Seed 004 section 4.1: 0.6 for eyes and nose, 0.1 for brows and mouth. The jaw/contour weight is
 #: geomfit's choice (the paper gives "lower weights for the boundary" without a number): 0.05,
 #: because the ``mu = (x, y, z')`` approximation is worst at the silhouette.

@@ -16,6 +16,7 @@ from typing import List, Optional, Union
 import numpy as np
 from scipy.spatial import cKDTree
 
+from . import ibug
 from .camera import rodrigues
 
 __all__ = [
@@ -132,9 +133,9 @@ def landmark_nme(pred, gt, normalization: Union[str, float] = "inter-ocular", pe
         p, g = p[None], g[None]
     if isinstance(normalization, str):
         if normalization == "inter-ocular":
-            d = np.linalg.norm(g[:, 36] - g[:, 45], axis=-1)
+            d = np.linalg.norm(g[:, ibug.OUTER_EYE_CORNERS[0]] - g[:, ibug.OUTER_EYE_CORNERS[1]], axis=-1)
         elif normalization == "inter-pupil":
-            d = np.linalg.norm(g[:, 36:42].mean(1) - g[:, 42:48].mean(1), axis=-1)
+            d = np.linalg.norm(g[:, ibug.RIGHT_EYE].mean(1) - g[:, ibug.LEFT_EYE].mean(1), axis=-1)
         elif normalization == "bbox":
             ext = g.max(1) - g.min(1)
             d = np.sqrt(ext[:, 0] * ext[:, 1])
