@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from .backend import asnumpy, factorize_spd, get_array_module, pcg, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
+from .photo import as_float_image
 from .render import depth_normals
 from .rtv import rtv_weights, solve_screened_poisson
 from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
@@ -67,14 +68,14 @@ def prepare_image(image, xp=None):
     """Validate and convert an image to linear RGB float64 (H, W, 3) in [0, 1].
 
     * float input is taken as linear RGB and must lie in [0, 1] (NaN/inf refused);
-    * uint8 / uint16 input is taken as sRGB-encoded: divided by 255 / 65535, then decoded with the
-      sRGB transfer function (IEC 61966-2-1) to linear RGB;
+    * integer input is taken as sRGB-encoded: scaled to [0, 1] by :func:`geomfit.photo.as_float_image`
+      (uint8 / 255, uint16 / 65535), then decoded with the sRGB transfer function (IEC 61966-2-1);
     * grey (H, W) or (H, W, 1) is replicated to three channels; RGBA (H, W, 4) drops alpha.
 
     Raises
     ------
     TypeError
-        Unsupported dtype (bool, complex, signed integers).
+        Unsupported dtype (bool, complex).
     ValueError
         Wrong shape, values outside [0, 1], NaN or inf.
     """
@@ -94,8 +95,8 @@ def prepare_image(image, xp=None):
     if img.shape[0] < 3 or img.shape[1] < 3:
         raise ValueError(f"image is too small: {img.shape[:2]}")
     dt = np.dtype(img.dtype)
-    if dt in (np.uint8, np.uint16):
-        x = img.astype(xp.float64) / float(np.iinfo(dt).max)
+    if dt.kind in "ui":
+        x = as_float_image(img)
         return xp.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
     if dt.kind != "f":
         raise TypeError(f"image dtype {dt} is not supported: pass float linear RGB in [0, 1] or uint8/uint16 sRGB")

@@ -3,7 +3,9 @@
 Every stage works on float RGB images in [0, 1] of shape (H, W, 3).  :func:`read_image` turns any
 file OpenCV decodes (8- or 16-bit, grayscale, colour, with or without alpha; EXIF orientation
 applied) into that, and :func:`as_float_rgb` does the same for arrays.  ``skimage:NAME`` reads a
-sample image that ships with scikit-image (``skimage:astronaut``).
+sample image that ships with scikit-image (``skimage:astronaut``).  :func:`as_float_image` is
+geomfit's one rule for turning image dtypes into floats (any channel count, NumPy or CuPy); every
+module that accepts images uses it.
 """
 from __future__ import annotations
 
@@ -13,15 +15,87 @@ from typing import Tuple, Union
 
 import numpy as np
 
-__all__ = ["read_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo", "srgb_to_linear",
+from .backend import get_array_module
+
+__all__ = ["read_image", "as_float_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo", "srgb_to_linear",
            "linear_to_srgb"]
+
+
+def as_float_image(image, name: str = "image"):
+    """Validate an image and return it as float64 (same shape, same device): geomfit's one image normalisation.
+
+    The dtype decides the scale, as scikit-image's ``img_as_float`` does for the types that carry
+    one, so that integer images map to [0, 1]:
+
+    * float: kept as given (float64);
+    * bool: 0 and 1;
+    * uint8 and uint16: divided by 255 and 65535 (8- and 16-bit files);
+    * every other integer type (signed integers, wider unsigned ones) holds 8- or 16-bit
+      intensities in a wider container (``np.array`` of a list, integer arithmetic): divided by
+      255 when the largest value is at most 255, else by 65535. Unlike scikit-image, a signed
+      integer image is not divided by the type's maximum (an int64 image of 0-255 values would
+      become ~1e-17), and negative values or values above 65535 are refused.
+
+    Parameters
+    ----------
+    image : array (H, W) or (H, W, C), NumPy or CuPy (or anything ``numpy.asarray`` accepts)
+    name : str
+        Name used in error messages.
+
+    Returns
+    -------
+    array (H, W) or (H, W, C), float64, on the device of ``image``
+
+    Raises
+    ------
+    ValueError
+        Not 2-D or 3-D, empty, NaN or infinite values, negative or over-16-bit integer values.
+    TypeError
+        Not a numeric image (complex, object, strings).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> as_float_image(np.array([[0, 51], [255, 102]], np.uint8))
+    array([[0. , 0.2],
+           [1. , 0.4]])
+    >>> as_float_image(np.array([[0, 51], [255, 102]]))  # int64 holding 8-bit values
+    array([[0. , 0.2],
+           [1. , 0.4]])
+    """
+    if not (hasattr(image, "shape") and hasattr(image, "dtype")):
+        image = np.asarray(image)
+    xp = get_array_module(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (H, W) or (H, W, C), got shape {tuple(image.shape)}")
+    if image.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(image.shape)})")
+    dt = np.dtype(image.dtype)
+    if dt == np.bool_:
+        return image.astype(xp.float64)
+    if dt in (np.uint8, np.uint16):
+        return image.astype(xp.float64) / float(np.iinfo(dt).max)
+    if dt.kind in "ui":
+        lo, hi = int(image.min()), int(image.max())
+        if lo < 0:
+            raise ValueError(f"{name} is an integer image with negative values (min {lo}): pass floats")
+        if hi > 65535:
+            raise ValueError(f"{name} is an integer image with values up to {hi}, more than 16 bits: pass floats "
+                             "in [0, 1] or a uint8/uint16 image")
+        return image.astype(xp.float64) / (255.0 if hi <= 255 else 65535.0)
+    if dt.kind != "f":
+        raise TypeError(f"{name} must be a numeric image (float, integer or bool), got dtype {dt}")
+    out = image.astype(xp.float64, copy=False)
+    if not bool(xp.isfinite(out).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return out
 
 
 def as_float_rgb(image, name: str = "image") -> np.ndarray:
     """Validate an image array and return it as float64 RGB in [0, 1], shape (H, W, 3).
 
-    Accepts (H, W) grayscale, (H, W, 1), (H, W, 3) RGB and (H, W, 4) RGBA (alpha dropped) of
-    dtype uint8 (/255), uint16 (/65535), bool, or float (taken as [0, 1]; clipped).
+    Accepts (H, W) grayscale, (H, W, 1), (H, W, 3) RGB and (H, W, 4) RGBA (alpha dropped); dtypes
+    are converted by :func:`as_float_image` and floats are clipped to [0, 1].
 
     Raises
     ------
@@ -43,19 +117,8 @@ def as_float_rgb(image, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name}: shape must be (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
     if a.shape[0] < 2 or a.shape[1] < 2:
         raise ValueError(f"{name}: image is empty or degenerate ({a.shape[1]}x{a.shape[0]} pixels)")
-    if a.dtype == np.uint8:
-        return a.astype(np.float64) / 255.0
-    if a.dtype == np.uint16:
-        return a.astype(np.float64) / 65535.0
-    if a.dtype == bool:
-        return a.astype(np.float64)
-    if np.issubdtype(a.dtype, np.integer):
-        hi = float(a.max()) if a.size else 1.0
-        return a.astype(np.float64) / (255.0 if hi <= 255 else 65535.0)
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return np.clip(a, 0.0, 1.0)
+    out = as_float_image(a, name)
+    return np.clip(out, 0.0, 1.0) if a.dtype.kind == "f" else out
 
 
 def as_uint8_rgb(image) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Tuple
 import numpy as np
 
 from .backend import get_array_module, ndimage_module
+from .photo import as_float_image
 from .multigrid import BoxMultigrid, GridMultigrid, screened_poisson_matrix, solve_screened_poisson  # noqa: F401
 
 __all__ = ["rtv_weights", "rtv_energy", "solve_screened_poisson", "rtv_smooth", "gaussian_taps",
@@ -39,32 +40,14 @@ _VARIANTS = ("paper", "tsmooth")
 # ----------------------------------------------------------------------------------------------
 
 def _as_float_image(image, name="image"):
-    """Validate an image (H, W) or (H, W, C); integers are scaled to [0, 1] (MATLAB's im2double)."""
-    xp = get_array_module(image)
-    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-        image = np.asarray(image)
-        xp = np
-    if image.ndim not in (2, 3):
-        raise ValueError(f"{name} must have shape (H, W) or (H, W, C), got shape {tuple(image.shape)}")
+    """Validate an image (H, W) or (H, W, C), at least 2x2; dtypes converted by
+    :func:`geomfit.photo.as_float_image` (bool refused: a mask passed by mistake)."""
+    if hasattr(image, "dtype") and np.dtype(image.dtype) == np.bool_:
+        raise TypeError(f"{name} must be a numeric image, got dtype bool")
+    image = as_float_image(image, name)
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ValueError(f"{name} must be at least 2x2 pixels, got shape {tuple(image.shape)}")
-    if image.ndim == 3 and image.shape[2] < 1:
-        raise ValueError(f"{name} has no channels (shape {tuple(image.shape)})")
-    kind = np.dtype(image.dtype).kind
-    if kind == "b":
-        raise TypeError(f"{name} must be a numeric image, got dtype bool")
-    if kind in "ui":
-        info = np.iinfo(image.dtype)
-        if kind == "i" and int(image.min()) < 0:
-            raise ValueError(f"{name} is a signed integer image with negative values; pass floats")
-        image = image.astype(xp.float64) / float(info.max)
-    elif kind == "f":
-        image = image.astype(xp.float64, copy=False)
-    else:
-        raise TypeError(f"{name} must be a real image (float or unsigned integer), got dtype {image.dtype}")
-    if not bool(xp.isfinite(image).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return image, xp
+    return image, get_array_module(image)
 
 
 def _check_positive(name, value, allow_zero=False):

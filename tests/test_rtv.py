@@ -245,3 +245,19 @@ def test_cupy_rtv_smooth_matches_numpy():
     wx, wy = rtv.rtv_weights(img)
     wxg, wyg = rtv.rtv_weights(cp.asarray(img))
     np.testing.assert_allclose(cp.asnumpy(wxg), wx, rtol=1e-10)
+
+
+def test_integer_images_of_any_dtype_are_scaled_like_uint8():
+    # regression: an int64 image of 8-bit values was divided by the type's maximum (~1e-17)
+    rng = np.random.default_rng(15)
+    u8 = rng.integers(0, 256, size=(12, 14, 3)).astype(np.uint8)
+    ref = rtv.rtv_smooth(u8.astype(np.float64) / 255.0, iterations=2)
+    for dt in (np.int64, np.int32, np.int16, np.uint32, np.uint8):
+        S = rtv.rtv_smooth(u8.astype(dt), iterations=2)
+        np.testing.assert_allclose(S, ref, rtol=1e-12, atol=1e-14, err_msg=str(dt))
+    u16 = (u8.astype(np.uint16) * 257)  # 16-bit values in a wider integer type: / 65535
+    np.testing.assert_allclose(rtv.rtv_smooth(u16.astype(np.int64), iterations=2), ref, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="negative"):
+        rtv.rtv_smooth(u8.astype(np.int64) - 256)
+    with pytest.raises(ValueError, match="16 bits"):
+        rtv.rtv_smooth(u8.astype(np.int64) * 1000)
