@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -30,6 +31,8 @@ __all__ = [
     "from_trimesh",
     "save_mesh",
     "subdivide",
+    "Mesh",
+    "displace_mesh",
 ]
 
 
@@ -455,3 +458,116 @@ def subdivide(vertices, faces, iterations: int = 1):
                       np.stack([ca, bc, c], 1), np.stack([ab, bc, ca], 1)], 1).reshape(-1, 3)
         v = np.concatenate([v, mid])
     return v, f
+
+
+# ----------------------------------------------------------------------------------------------
+# mesh object, displacement along the view
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Mesh:
+    """A triangle mesh in model space (model units, mm for the Surrey model)."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+
+    def save(self, path, colors=None):
+        """Write OBJ or PLY atomically (through :func:`geomfit.mesh.save_mesh`)."""
+        return save_mesh(path, self.vertices, self.faces, colors)
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.vertices.shape[0])
+
+
+def _bilinear(img, x, y):
+    """Sample (H, W) ``img`` at continuous pixel coords (x right, y down, centres at +0.5); NaN-aware."""
+    h, w = img.shape
+    fx = np.clip(x - 0.5, 0, w - 1)
+    fy = np.clip(y - 0.5, 0, h - 1)
+    x0 = np.floor(fx).astype(np.int64)
+    y0 = np.floor(fy).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    ax, ay = fx - x0, fy - y0
+    vals = np.stack([img[y0, x0], img[y0, x1], img[y1, x0], img[y1, x1]])
+    wts = np.stack([(1 - ax) * (1 - ay), ax * (1 - ay), (1 - ax) * ay, ax * ay])
+    ok = np.isfinite(vals)
+    wts = np.where(ok, wts, 0.0)
+    s = wts.sum(0)
+    out = np.where(ok, vals, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s > 1e-9, (wts * out).sum(0) / s, np.nan)
+
+
+def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: float = 1.0,
+                  max_subdivisions: int = 3, visibility_tol: float = 1.0):
+    """Carry a depth change map onto a mesh: subdivide, then move visible vertices along the view.
+
+    Parameters
+    ----------
+    vertices : ndarray (N, 3)
+        Model-space mesh (the medium mesh).
+    faces : ndarray (F, 3)
+    camera : ScaledOrthographic
+        The camera the depth maps were rendered with.
+    delta : ndarray (H, W)
+        Refined depth minus the mesh's own rendered depth, pixels; 0 or NaN where there is no
+        refinement.
+    image_height : int
+    target_edge_px : float
+        Subdivide (midpoint, 1-to-4) until the median projected length of visible edges is at most
+        this many pixels, so that one vertex samples about one pixel of detail.
+    max_subdivisions : int
+        Cap on the subdivision level (each level multiplies the face count by 4).
+    visibility_tol : float
+        A vertex is visible when its depth is within this many pixels of the z-buffer at its pixel.
+
+    Returns
+    -------
+    vertices (N', 3), faces (F', 3), info : dict
+        ``subdivisions`` (level used) and ``displaced`` (vertices moved).  The first N vertices
+        are the input vertices (moved where visible).
+
+    Notes
+    -----
+    A vertex ``v`` with depth ``d = s (R v)_z`` moves to ``v + (delta / s) R^T e_z``, which
+    changes its depth by exactly ``delta`` and leaves its image position unchanged.
+    """
+    from .render import rasterize
+
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    H, W = delta.shape
+    level = 0
+    while level < max_subdivisions:
+        scr = np.asarray(camera.to_screen(v, image_height))
+        front = _front_facing(scr, f)
+        e = scr[f[front]][:, [0, 1, 2, 0], :2]
+        lens = np.linalg.norm(np.diff(e, axis=1), axis=-1)
+        if lens.size == 0 or np.median(lens) <= target_edge_px:
+            break
+        v, f = subdivide(v, f, 1)
+        level += 1
+    scr = np.asarray(camera.to_screen(v, image_height))
+    ras = rasterize(scr, f, H, W)
+    zbuf = np.asarray(ras.depth)
+    x, y, z = scr[:, 0], scr[:, 1], scr[:, 2]
+    inside = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    zi = np.full(len(v), np.nan)
+    zi[inside] = _bilinear(zbuf, x[inside], y[inside])
+    visible = inside & np.isfinite(zi) & (z >= zi - visibility_tol)
+    d = np.where(np.isfinite(delta), delta, 0.0)
+    dv = np.zeros(len(v))
+    dv[visible] = _bilinear(d, x[visible], y[visible])
+    dv = np.nan_to_num(dv)
+    R = np.asarray(camera.rotation, dtype=np.float64)
+    s = float(np.asarray(camera.scale))
+    out = v + (dv / s)[:, None] * R[2][None, :]
+    return out, f, {"subdivisions": level, "displaced": int((np.abs(dv) > 0).sum()),
+                    "visible": int(visible.sum())}
+
+
+def _front_facing(scr, f):
+    a, b, c = scr[f[:, 0], :2], scr[f[:, 1], :2], scr[f[:, 2], :2]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    return cross < 0  # counter-clockwise in y-up = clockwise in y-down rows

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from geomfit.camera import ScaledOrthographic, euler_to_matrix
-from geomfit.pipeline import crop_box, displace_mesh, fixed_landmark_rmse
+from geomfit.mesh import displace_mesh
+from geomfit.pipeline import crop_box, fixed_landmark_rmse
 
 
 def _stages():
@@ -162,3 +163,11 @@ def test_reconstruct_synthetic_recovers_ground_truth(sfm_model):
 
     assert ang_err(rec.normals) < ang_err(n_med) + 2.0
     assert set(rec.timings) >= {"coarse", "medium", "fine", "fine_mesh", "total"}
+
+
+def test_mesh_code_keeps_its_old_import_path():
+    import geomfit.mesh
+    import geomfit.pipeline
+
+    assert geomfit.pipeline.Mesh is geomfit.mesh.Mesh
+    assert geomfit.pipeline.displace_mesh is geomfit.mesh.displace_mesh
