@@ -38,6 +38,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=["geomfit", "geomfit.io", "geomfit.kernels"],
+    # the compiled loops live in the top-level kernels/ folder and install as geomfit.kernels
+    package_dir={"geomfit.kernels": "kernels"},
     install_requires=[
         "numpy>=1.23",
         "scipy>=1.9",

@@ -8,9 +8,33 @@ Every solver takes NumPy arrays (CPU) or CuPy arrays (GPU) and returns arrays on
 see :mod:`geomfit.backend`. Public names are imported lazily, so ``import geomfit`` stays fast and
 works without the optional dependencies (CuPy, torch, detectors).
 """
+import os as _os
+import sys as _sys
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+
+def _source_tree_kernels():
+    """``geomfit.kernels`` is the repository's top-level ``kernels/`` folder (setup.py installs it
+    there with ``package_dir``). When geomfit runs from a checkout that is not installed
+    (``PYTHONPATH=<repo>``), register that folder as the subpackage; an installed geomfit has its
+    own ``geomfit/kernels`` and is left alone."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    src = _os.path.join(_os.path.dirname(here), "kernels")
+    if "geomfit.kernels" in _sys.modules or _os.path.isdir(_os.path.join(here, "kernels")) \
+            or not _os.path.isfile(_os.path.join(src, "__init__.py")):
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("geomfit.kernels", _os.path.join(src, "__init__.py"),
+                                                  submodule_search_locations=[src])
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["geomfit.kernels"] = mod
+    spec.loader.exec_module(mod)
+
+
+_source_tree_kernels()
 
 # defining module -> public names re-exported here
 _MODULES = {

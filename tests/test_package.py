@@ -39,3 +39,24 @@ print('ok')
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_kernels_subpackage_from_an_uninstalled_checkout():
+    """No symlink: geomfit.kernels is the top-level kernels/ folder, also without the editable
+    install's import hook (a checkout on PYTHONPATH, as on the device machine)."""
+    import pathlib
+
+    repo = pathlib.Path(geomfit.__file__).resolve().parent.parent
+    code = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]
+sys.path.insert(0, sys.argv[1])
+import geomfit.kernels.multigrid as m, geomfit.render
+assert m.__file__.endswith('kernels/multigrid.py') and '/geomfit/kernels/' not in m.__file__, m.__file__
+print('ok')
+"""
+    assert not (repo / "geomfit" / "kernels").exists()
+    out = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, timeout=300,
+                         cwd=str(repo / "tests"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
