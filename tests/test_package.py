@@ -49,7 +49,7 @@ def test_kernels_subpackage_from_an_uninstalled_checkout():
     repo = pathlib.Path(geomfit.__file__).resolve().parent.parent
     code = """
 import sys
-sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(getattr(f, '__module__', '')).lower()]
 sys.path.insert(0, sys.argv[1])
 import geomfit.kernels.multigrid as m, geomfit.render
 assert m.__file__.endswith('kernels/multigrid.py') and '/geomfit/kernels/' not in m.__file__, m.__file__
