@@ -1,7 +1,9 @@
 """geomfit: detailed 3D faces from a single photo, by classical optimisation.
 
-The coarse-to-fine pipeline of Jin et al. 2021 (seed 004) with the Levenberg-Marquardt landmark fitting
-of Wang et al. (seed 001): photo -> 68 landmarks -> 3DMM fit (coarse) -> Laplacian deformation
+The coarse-to-fine pipeline of Jin et al., "High-fidelity 3D face reconstruction with multi-scale
+details" (Pattern Recognition Letters 2021) with the Levenberg-Marquardt landmark fitting of Wang et
+al., "Low-frequency guided self-supervised learning for high-fidelity 3D face reconstruction in the
+wild" (ICME 2020): photo -> 68 landmarks -> 3DMM fit (coarse) -> Laplacian deformation
 (medium) -> SH lighting, RTV albedo and phased shape-from-shading on the depth map (fine).
 
 Every solver takes NumPy arrays (CPU) or CuPy arrays (GPU) and returns arrays on the same device;

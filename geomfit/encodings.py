@@ -1,8 +1,9 @@
 """Three-channel image encodings of a posed mesh (seeds 000 and 002).
 
-* DAE (seed 000, Galteri et al., "Coarse-to-fine 3D face reconstruction", Sec. 3.1): depth,
+* DAE (Galteri et al., "Coarse-to-fine 3D face reconstruction", CVPR Workshops 2019, Sec. 3.1): depth,
   azimuth and elevation of the surface normal.
-* DCE (seed 002, Galteri et al., CVIU 2019, Sec. 3.2): depth, mean curvature and elevation.
+* DCE (Galteri et al., "Deep 3D morphable model refinement via progressive growing of
+  conditional Generative Adversarial Networks", CVIU 2019, Sec. 3.2): depth, mean curvature and elevation.
 
 Both papers project the per-vertex values onto the image plane with an orthographic projection
 and "rescale the values in the range [0, 255]". They do not give the exact ranges; geomfit uses
@@ -22,7 +23,7 @@ View-space normals are ``R n`` (x right, y up, z towards the viewer) of the area
 normals, interpolated over the triangle and renormalised per pixel. Pass fixed ``depth_range``
 and ``curvature_range`` to encode pairs of meshes (coarse 3DMM and ground truth) consistently, as
 the papers require. Background pixels are ``background`` (default 0). Training code maps
-``[0, 255]`` to ``[-1, 1]`` itself (seed 000 Sec. 4).
+``[0, 255]`` to ``[-1, 1]`` itself (Galteri et al. 2019, Sec. 4).
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _finish(raw_channels, scaled_channels, mask, raw, background, return_mask, x
 
 def encode_dae(vertices, faces, camera, size, *, depth_range: Optional[Tuple[float, float]] = None,
                raw: bool = False, background: float = 0.0, return_mask: bool = False):
-    """Depth / azimuth / elevation image of a posed mesh (seed 000).
+    """Depth / azimuth / elevation image of a posed mesh (Galteri et al., CVPR Workshops 2019).
 
     Parameters
     ----------
@@ -123,7 +124,7 @@ def encode_dae(vertices, faces, camera, size, *, depth_range: Optional[Tuple[flo
     References
     ----------
     Galteri, Ferrari, Lisanti, Berretti, Del Bimbo, "Coarse-to-fine 3D face reconstruction"
-    (seed 000), Sec. 3.1.
+    (CVPR Workshops 2019), Sec. 3.1.
     """
     ras, n, xp = _common(vertices, faces, camera, size)
     m = ras.mask
@@ -138,7 +139,7 @@ def encode_dae(vertices, faces, camera, size, *, depth_range: Optional[Tuple[flo
 def encode_dce(vertices, faces, camera, size, *, depth_range: Optional[Tuple[float, float]] = None,
                curvature_range: Optional[Tuple[float, float]] = None, raw: bool = False,
                background: float = 0.0, return_mask: bool = False):
-    """Depth / mean-curvature / elevation image of a posed mesh (seed 002).
+    """Depth / mean-curvature / elevation image of a posed mesh (Galteri et al., CVIU 2019).
 
     Parameters
     ----------
@@ -157,7 +158,7 @@ def encode_dce(vertices, faces, camera, size, *, depth_range: Optional[Tuple[flo
     References
     ----------
     Galteri, Ferrari, Lisanti, Berretti, Del Bimbo, "Deep 3D morphable model refinement via
-    progressive growing of conditional Generative Adversarial Networks", CVIU 2019 (seed 002),
+    progressive growing of conditional Generative Adversarial Networks", CVIU 2019,
     Sec. 3.2. The paper estimates curvature after Cohen-Steiner & Morvan (2003); geomfit uses the
     cotangent-Laplacian mean curvature (Meyer et al. 2003).
     """

@@ -1,13 +1,16 @@
-"""Coarse stage: fit a 3D morphable model to 68 2D landmarks (seed 001, Sec. 3.1, Eq. 1).
+"""Coarse stage: fit a 3D morphable model to 68 2D landmarks (Wang et al. 2020, Sec. 3.1, Eq. 1).
 
-The energy minimised is seed 001 Eq. (1) with squared norms::
+Reference: P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
+high-fidelity 3D face reconstruction in the wild", ICME 2020.
+
+The energy minimised is Wang et al.'s Eq. (1) with squared norms::
 
     E(s, R, t, alpha, beta) = sum_k || L_k - P(l_k(alpha, beta | R)) ||^2 / d^2
                               + w_s ||alpha||^2 + w_e ||beta||^2
 
 where ``P`` is the scaled orthographic (weak perspective) projection, ``l_k`` picks the model
 vertex of landmark ``k`` (for the sliding jaw contour, the candidate chosen given the current
-pose, seed 001 ref. [26]) and ``d`` is the RMS radius of the image landmarks about their centroid,
+pose, Wang et al.'s ref. [26]) and ``d`` is the RMS radius of the image landmarks about their centroid,
 so that ``w_s`` and ``w_e`` do not depend on image resolution.
 
 Camera convention (the same as eos's): the model's y axis points up, image y points down::
@@ -722,7 +725,7 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
                   n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
                   gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True,
                   engine: str = "auto") -> LandmarkFit:
-    """Fit pose, identity and expression of a morphable model to 2D landmarks (seed 001 Eq. 1).
+    """Fit pose, identity and expression of a morphable model to 2D landmarks (Wang et al. 2020, Eq. 1).
 
     Parameters
     ----------
@@ -784,11 +787,13 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
 
     Sliding contour: each of iBUG 1-8 (10-17) is matched to the right (left) contour candidate
     whose projection is nearest, re-chosen at every evaluation of the cost, following the
-    rotation-dependent correspondences of seed 001 (its ref. [26]).
+    rotation-dependent correspondences of Wang et al. 2020 (their ref. [26]).
 
     References
     ----------
-    Seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
+    P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
+    high-fidelity 3D face reconstruction in the wild", ICME 2020,
+    Sec. 3.1, Eq. (1).
     """
     if engine != "auto":
         warnings.warn("fit_landmarks(engine=...) is deprecated: NumPy input runs the CPU kernel, CuPy input the "
@@ -925,7 +930,7 @@ def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes,
                         w_init: float = 1e-3) -> LandmarkFit:
     """Fit one identity to several photos of a person, with per-photo pose and expression.
 
-    Minimises the sum over photos of seed 001 Eq. (1)'s data and expression terms plus one shared
+    Minimises the sum over photos of Wang et al.'s Eq. (1) data and expression terms plus one shared
     identity prior ``w_id ||alpha||^2``, by one Levenberg-Marquardt on the joint parameter vector.
     Its normal equations have block-arrow structure (photos couple only through ``alpha``): each
     step eliminates the per-photo (pose, expression) blocks by a Schur complement and solves a
@@ -958,7 +963,9 @@ def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes,
 
     References
     ----------
-    Seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1), extended to shared identity.
+    P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
+    high-fidelity 3D face reconstruction in the wild", ICME 2020,
+    Sec. 3.1, Eq. (1), extended to shared identity.
     """
     if isinstance(landmarks, (list, tuple)):
         if len(landmarks) == 0:

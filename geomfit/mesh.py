@@ -184,7 +184,7 @@ def vertex_adjacency(faces, n: Optional[int] = None) -> sp.csr_matrix:
 
 
 def uniform_laplacian(faces, n: Optional[int] = None) -> sp.csr_matrix:
-    """Uniform (umbrella) Laplacian ``L = I - D^-1 A`` of seed 004 Eq. (2).
+    """Uniform (umbrella) Laplacian ``L = I - D^-1 A`` of Jin et al. 2021, Eq. (2).
 
     ``L(v_i) = v_i - sum_j w_ij v_j`` over the ``N_i`` 1-ring neighbours with ``w_ij = 1 / N_i``.
 
@@ -202,7 +202,7 @@ def uniform_laplacian(faces, n: Optional[int] = None) -> sp.csr_matrix:
     References
     ----------
     Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern
-    Recognition Letters 2021 (seed 004), Eq. (2); Sorkine et al., "Laplacian surface editing", 2004.
+    Recognition Letters 2021, Eq. (2); Sorkine et al., "Laplacian surface editing", 2004.
     """
     A = vertex_adjacency(faces, n)
     deg = np.asarray(A.sum(axis=1)).ravel()
@@ -326,7 +326,7 @@ def mean_curvature(vertices, faces, normals=None):
 
     References
     ----------
-    Meyer et al. 2003; seed 002 (Galteri et al. 2019) uses mean curvature as its second image
+    Meyer et al. 2003; Galteri et al. (CVIU 2019) use mean curvature as its second image
     channel.
     """
     xp = get_array_module(vertices)

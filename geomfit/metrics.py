@@ -1,6 +1,6 @@
 """Evaluation metrics: depth-image MAE, the MICC Florence mesh protocol, landmark NME.
 
-* :func:`depth_mae` -- mean absolute error between depth images (seed 002 Eq. 4, seed 000),
+* :func:`depth_mae` -- mean absolute error between depth images (Galteri et al., CVIU 2019, Eq. 4),
   over the pixels valid in either image.
 * :func:`micc_errors` -- the MICC Florence protocol of seeds 003 (Sec. 5.3.1) and 004 (Sec. 4.2):
   crop both meshes to a 95 mm sphere around the nose tip, align the prediction to the ground truth
@@ -37,7 +37,7 @@ __all__ = [
 def depth_mae(pred, gt, valid=None, per_image: bool = False, missing: float = 0.0):
     """Mean absolute error between depth images over the pixels valid in either image.
 
-    Implements seed 002 Eq. 4::
+    Implements Eq. 4 of Galteri et al. (CVIU 2019)::
 
         MAE(y, G(x)) = 1/(K H W) sum_k sum_ij |G(x)^k_ij - y^k_ij|   for G(x)^k_ij != 0 or y^k_ij != 0
 
@@ -49,14 +49,14 @@ def depth_mae(pred, gt, valid=None, per_image: bool = False, missing: float = 0.
     Parameters
     ----------
     pred, gt : array_like, shape (H, W) or (K, H, W)
-        Estimated and ground-truth depth images in the same units (seed 002 uses depths
+        Estimated and ground-truth depth images in the same units (Galteri et al. use depths
         normalised to [0, 1]).  NaN and ``missing`` mark pixels without depth.
     valid : array_like of bool, optional
         Restrict the evaluation further to these pixels (same shape, or (H, W) for all images).
     per_image : bool
         Return one MAE per image (shape (K,)) instead of the pooled value.
     missing : float
-        The background value (0 in seed 002).
+        The background value (0 in Galteri et al.).
 
     Returns
     -------
@@ -70,7 +70,9 @@ def depth_mae(pred, gt, valid=None, per_image: bool = False, missing: float = 0.
 
     References
     ----------
-    Galteri et al. 2019, seed 002 Eq. 4; Galteri et al., seed 000.
+    L. Galteri, C. Ferrari, G. Lisanti, S. Berretti, A. Del Bimbo, "Deep 3D morphable model refinement
+    via progressive growing of conditional Generative Adversarial Networks", CVIU 185, 2019, Eq. 4;
+    the same authors' "Coarse-to-fine 3D face reconstruction", CVPR Workshops 2019.
     """
     p = np.asarray(pred, dtype=np.float64)
     g = np.asarray(gt, dtype=np.float64)
@@ -177,7 +179,8 @@ def point_normals(points, k: int = 12) -> np.ndarray:
 
 
 def crop_sphere(points, center, radius: float = 95.0) -> np.ndarray:
-    """Boolean mask of the points within ``radius`` of ``center`` (seed 003/004: 95 mm around the nose tip)."""
+    """Boolean mask of the points within ``radius`` of ``center`` (95 mm around the nose tip, as in
+    Gecer et al. 2021 and Jin et al. 2021)."""
     x = np.asarray(points, dtype=np.float64)
     return np.linalg.norm(x - np.asarray(center, dtype=np.float64), axis=1) <= radius
 
@@ -250,7 +253,7 @@ def rigid_icp(source, target, target_normals=None, method: str = "point_to_plane
 
     References
     ----------
-    Besl and McKay 1992 (seed 003's ICP [3]); Chen and Medioni 1992 (point-to-plane).
+    Besl and McKay 1992 (the ICP of Gecer et al. 2021, their ref. [3]); Chen and Medioni 1992 (point-to-plane).
     """
     src = np.asarray(source, dtype=np.float64)
     dst = np.asarray(target, dtype=np.float64)
@@ -355,7 +358,9 @@ def micc_errors(pred_vertices, gt_vertices, pred_faces=None, gt_faces=None, pred
 
     References
     ----------
-    Gecer et al., seed 003 Sec. 5.3.1; Jin et al., seed 004 Sec. 4.2 and Table 1.
+    B. Gecer, S. Ploumpis, I. Kotsia, S. Zafeiriou, "Fast-GANFIT", arXiv 2105.07474, 2021, Sec. 5.3.1;
+    Y. Jin, Q. Li, D. Jiang, R. Tong, "High-fidelity 3D face reconstruction with multi-scale details", Pattern
+    Recognition Letters 2021, Sec. 4.2 and Table 1.
     """
     pv = np.asarray(pred_vertices, dtype=np.float64)
     gv = np.asarray(gt_vertices, dtype=np.float64)

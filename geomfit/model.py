@@ -1,6 +1,7 @@
 """The morphable-model data type shared by every stage.
 
-A :class:`MorphableModel` is a linear shape model (seed 004 Eq. 1)::
+A :class:`MorphableModel` is a linear shape model (Jin et al., "High-fidelity 3D face reconstruction with
+multi-scale details", Pattern Recognition Letters 2021, Eq. 1)::
 
     S = mean + id_basis @ alpha_id + exp_basis @ alpha_exp
 
@@ -91,7 +92,7 @@ class MorphableModel:
 
     # -- evaluation -------------------------------------------------------------------------------
     def shape(self, id_coeffs=None, exp_coeffs=None):
-        """Evaluate the model (seed 004 Eq. 1).
+        """Evaluate the model (Jin et al. 2021, Eq. 1).
 
         Parameters
         ----------

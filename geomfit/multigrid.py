@@ -392,7 +392,7 @@ def solve_screened_poisson(diag, wx, wy, rhs, x0=None, tol: float = 1e-10, maxit
     ``L_w`` is the weighted 5-point graph Laplacian,
     ``(L_w x)_p = sum_{q ~ p} w_pq (x_p - x_q)``, with edge weights ``wx`` between horizontal
     neighbours and ``wy`` between vertical neighbours. This is the linear system of RTV
-    (Xu et al. 2012, Eq. 13: ``(1 + lambda L) S = I``) and of seed 004's albedo (Eq. 6) and
+    (Xu et al. 2012, Eq. 13: ``(1 + lambda L) S = I``) and of the albedo (Eq. 6) and
     depth systems with quadratic smoothness terms.
 
     Parameters
@@ -442,7 +442,8 @@ def solve_screened_poisson(diag, wx, wy, rhs, x0=None, tol: float = 1e-10, maxit
 
     References
     ----------
-    L. Xu, Q. Yan, Y. Xia, J. Jia, ACM Trans. Graph. 31(6), 2012, Eq. 13; seed 004 Eqs. 6-7.
+    L. Xu, Q. Yan, Y. Xia, J. Jia, ACM Trans. Graph. 31(6), 2012, Eq. 13;
+    Y. Jin, Q. Li, D. Jiang, R. Tong, "High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition Letters 2021, Eqs. 6-7.
     """
     xp, (D, wx, wy, b) = _check_system(diag, wx, wy, rhs)
     tol = _check_positive("tol", tol)

@@ -1,17 +1,19 @@
 """The whole pipeline: photo in, coarse / medium / fine 3D face out.
 
-:func:`reconstruct` chains the stages of seed 004 (Jin et al. 2021), with the coarse fit of
-seed 001 (Wang et al.):
+:func:`reconstruct` chains the stages of Jin et al., "High-fidelity 3D face reconstruction with
+multi-scale details" (Pattern Recognition Letters 2021), with the coarse fit of Wang et al.,
+"Low-frequency guided self-supervised learning for high-fidelity 3D face reconstruction in the wild"
+(ICME 2020):
 
 1. **landmarks** -- 68 iBUG points from a detector (:func:`geomfit.landmarks.detect_landmarks`),
    a ``.pts`` file or an array;
 2. **coarse** -- the 3DMM fit to the landmarks by Levenberg-Marquardt
-   (:func:`geomfit.fitting.fit_landmarks`, seed 001 Eq. 1): identity, expression and a
+   (:func:`geomfit.fitting.fit_landmarks`, Wang et al. Eq. 1): identity, expression and a
    scaled-orthographic camera;
 3. **medium** -- the landmark-driven Laplacian deformation of the coarse mesh
-   (:func:`geomfit.laplacian.medium_stage`, seed 004 Eqs. 2-3);
+   (:func:`geomfit.laplacian.medium_stage`, Jin et al. Eqs. 2-3);
 4. **fine** -- SH lighting, albedo and phased shape-from-shading on the depth map rendered from the
-   medium mesh (:func:`geomfit.fine.fine_stage`, seed 004 Eqs. 4-9);
+   medium mesh (:func:`geomfit.fine.fine_stage`, Jin et al. Eqs. 4-9);
 5. **fine mesh** -- the refined depth is carried back onto the mesh: the medium mesh is subdivided
    (midpoint 1-to-4, original vertex indices kept) until its visible edges are about one pixel
    long, and every visible vertex is moved along the viewing direction by the depth change
@@ -222,7 +224,10 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
 
     References
     ----------
-    Seed 004 (Jin et al. 2021), Secs. 3.2-3.4; seed 001 (Wang et al.), Sec. 3.1, Eq. 1.
+    Y. Jin, Q. Li, D. Jiang, R. Tong, "High-fidelity 3D face reconstruction with multi-scale details",
+    Pattern Recognition Letters 2021, Secs. 3.2-3.4.
+    P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
+    high-fidelity 3D face reconstruction in the wild", ICME 2020, Sec. 3.1, Eq. 1.
     """
     from .data import resolve_model
 

@@ -37,7 +37,7 @@ class Raster:
     mask : bool array (H, W)
         ``triangle_id >= 0``.
     vertex_index : int32 array (H, W)
-        Seed 004's index map: the vertex of the covering face with the largest barycentric
+        The index map of Jin et al. (2021): the vertex of the covering face with the largest barycentric
         coordinate (nearest vertex), -1 outside.
     faces : int array (F, 3)
         The faces that were rasterised (needed by :func:`interpolate`).
@@ -110,8 +110,9 @@ def rasterize(vertices_px, faces, height, width) -> Raster:
     shared edge go to exactly one of the two triangles (a top-left-style tie rule, see
     ``geomfit.kernels.raster``). The nearest triangle (largest depth) wins; equal depths go to the
     larger face index. Depth is interpolated linearly in screen space, which is exact for
-    orthographic projection. The vertex index map is the "index map" of seed 004 (Jin et al.
-    2021, Sec. 3.2).
+    orthographic projection. The vertex index map is the "index map" of Jin et al.,
+    "High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition Letters
+    2021, Sec. 3.2.
     """
     xp, v, f, H, W = _validate(vertices_px, faces, height, width)
     tid, bary, depth, vidx = backend.kernel("rasterize", v)(v, f, H, W)

@@ -1,4 +1,4 @@
-"""Numba kernels of the coarse landmark fit (seed 001 Eq. 1): one image per loop iteration.
+"""Numba kernels of the coarse landmark fit (Wang et al. 2020, Eq. 1): one image per loop iteration.
 
 Private compiled loops behind :func:`geomfit.fitting.fit_landmarks` (which validates input and
 prepares the model tables). The kernel runs the whole fit of one image (initialisation,
@@ -10,7 +10,8 @@ compilation took another half of the serial kernel's compile time, for the same 
 :data:`CUDA` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
 thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
 
-Reference: seed 001 (``/work/shared/seeds/001_*.txt``), Sec. 3.1, Eq. (1).
+Reference: P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
+high-fidelity 3D face reconstruction in the wild", ICME 2020, Sec. 3.1, Eq. (1).
 
 Layout of the model tables (``s`` = slots: fixed landmark vertices, then the right and the left
 contour candidates; ``P`` = identity + expression coefficients):
