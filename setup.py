@@ -6,8 +6,8 @@ EXTRAS = {
     "cholmod": ["scikit-sparse"],
     # GPU backend: CuPy arrays in, CuPy arrays out; Numba CUDA kernels.
     "gpu": ["cupy-cuda12x>=13", "numba-cuda>=0.20"],
-    # Learned components (CGAN refiner, B-Net/FAN/DRN, GANFit). Pin the CPU wheel yourself
-    # (pip install torch==2.13.0) if you do not want a CUDA build.
+    # torch for the optional learned layer (geomfit.learned; `import geomfit` never imports torch).
+    # Pin the CPU wheel yourself (pip install torch==2.13.0) if you do not want a CUDA build.
     "torch": ["torch>=2.1"],
     # Landmark detectors: dlib's 68-point predictor (offline) and face-alignment (FAN).
     "landmarks": ["dlib-bin", "face_recognition_models", "face-alignment"],
