@@ -17,7 +17,6 @@ EXTRAS = {
     "examples": ["scikit-image"],
     "dev": [
         "pytest>=7",
-        "pytest-benchmark",
         "eos-py==1.5.0",
         "scikit-image",
         "h5py",

@@ -13,11 +13,9 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 # small dense algebra: BLAS threads only add contention (measured 4x slower with threads on 2 cores)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -25,16 +23,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
+from _harness import ROOT, Timer, median_time, tests_module, write_results  # noqa: E402
 from geomfit.fitting import _fit_landmarks, fit_landmarks  # noqa: E402
 
-from _fit_helpers import load_sfm, read_pts  # noqa: E402
+load_sfm, read_pts = tests_module("_fit_helpers").load_sfm, tests_module("_fit_helpers").read_pts
 
 H, W = 1024, 1280
-
 
 
 def _array_path(model, L, size):
@@ -43,24 +37,11 @@ def _array_path(model, L, size):
                           n_exp=None, n_alternations=2, max_iter=50, ftol=1e-6, xtol=1e-8, gtol=1e-12,
                           w_init=1e-3, fast=True)
 
-def median_time(fn, repeat):
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
 
 def median_wall_cpu(fn, repeat):
     """Median wall time and median CPU time of the process (all threads) per call."""
-    ts, cs = [], []
-    for _ in range(repeat):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        ts.append(time.perf_counter() - t)
-        cs.append(time.process_time() - c)
-    return float(np.median(ts)), float(np.median(cs))
+    t = Timer(repeat).run(fn)
+    return t.median, t.cpu_median
 
 
 def eos_runner(sfm_dir, pts):
@@ -80,11 +61,12 @@ def eos_runner(sfm_dir, pts):
 
 
 FIRST_CALL = r"""
-import sys, time
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import importlib.util, time
+spec = importlib.util.spec_from_file_location("_harness", {harness!r})
+harness = importlib.util.module_from_spec(spec); spec.loader.exec_module(harness)
 import numpy as np
 from geomfit.fitting import fit_landmarks
-from _fit_helpers import load_sfm, read_pts
+load_sfm, read_pts = harness.tests_module("_fit_helpers").load_sfm, harness.tests_module("_fit_helpers").read_pts
 model = load_sfm({sfm!r}); pts = read_pts({pts!r})
 t = time.perf_counter(); fit_landmarks(model, pts, ({h}, {w})); t1 = time.perf_counter() - t
 t = time.perf_counter(); fit_landmarks(model, np.stack([pts] * 16), ({h}, {w})); t2 = time.perf_counter() - t
@@ -97,8 +79,8 @@ def first_call(sfm_dir, pts_path):
     out = {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        code = FIRST_CALL.format(root=str(ROOT), tests=str(ROOT / "tests"), sfm=str(sfm_dir), pts=str(pts_path),
-                                 h=H, w=W)
+        code = FIRST_CALL.format(harness=str(pathlib.Path(__file__).with_name("_harness.py")), sfm=str(sfm_dir),
+                                 pts=str(pts_path), h=H, w=W)
         for name in ("compile", "cached"):
             res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             t1, t2 = map(float, res.stdout.split()[-2:])
@@ -158,9 +140,7 @@ def main():
     pts_path = data / "images" / "image_0010.pts"
     pts = read_pts(pts_path)
     model = load_sfm(sfm_dir)
-    out = {"machine": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-           "numba": numba.__version__, "numba_threads": numba.get_num_threads(), "cpu_count": os.cpu_count(),
-           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "load_average_at_start": os.getloadavg()}
+    out = {"blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "numba_threads": numba.get_num_threads()}
     if args.jit:
         out["first_call"] = first_call(sfm_dir, pts_path)
 
@@ -212,11 +192,8 @@ def main():
     except ImportError:
         pass
 
-    out["load_average_at_end"] = os.getloadavg()
-    print(json.dumps(out, indent=2))
-    res_dir = ROOT / "benchmarks" / "results"
-    res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "fitting.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2, default=float))
+    print("wrote", write_results("fitting", out))
 
 
 if __name__ == "__main__":

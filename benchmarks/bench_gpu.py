@@ -29,26 +29,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 import traceback
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))  # the tests' synthetic meshes and models
+from _harness import ROOT, Timer, environment, tests_module
+from geomfit.fine import _depth_normals, fine_stage, synthetic_scene
+from geomfit.fitting import fit_landmarks
+from geomfit.laplacian import LaplacianDeformer
+from geomfit.render import rasterize
+from geomfit.rtv import rtv_smooth
+from geomfit.sh import fit_sh_lighting
 
-from geomfit.fine import _depth_normals, fine_stage, synthetic_scene  # noqa: E402
-from geomfit.fitting import fit_landmarks  # noqa: E402
-from geomfit.laplacian import LaplacianDeformer  # noqa: E402
-from geomfit.render import rasterize  # noqa: E402
-from geomfit.rtv import rtv_smooth  # noqa: E402
-from geomfit.sh import fit_sh_lighting  # noqa: E402
-from test_laplacian import grid_mesh  # noqa: E402  (k x k height-field patch, 2 triangles per cell)
+grid_mesh = tests_module("test_laplacian").grid_mesh  # k x k height-field patch, 2 triangles per cell
 
 
 class Device:
@@ -70,14 +66,8 @@ class Device:
 
     def time(self, fn, repeats):
         """Median and minimum wall seconds of ``fn()`` over ``repeats`` synchronised calls; last result."""
-        ts, out = [], None
-        for _ in range(max(int(repeats), 1)):
-            self.sync()
-            t = time.perf_counter()
-            out = fn()
-            self.sync()
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts)), float(np.min(ts)), out
+        t = Timer(repeats, sync=self.sync).run(fn)
+        return t.median, t.min, t.result
 
 
 def cpu_time(fn, repeats=1):
@@ -251,8 +241,7 @@ def main(argv=None):
         dev = Device(a.xp)
     except Exception as e:  # no CuPy or no GPU: say so, write nothing
         sys.exit(f"bench_gpu: cannot use {a.xp} ({type(e).__name__}: {e}); run with --xp numpy for a dry run")
-    res = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__,
-                       "cpu_count": os.cpu_count(), "xp": dev.name, "quick": q}}
+    res = {"machine": {"xp": dev.name, "quick": q}, "environment": environment()}
     if dev.name == "cupy":
         cp = dev.xp
         props = cp.cuda.runtime.getDeviceProperties(0)

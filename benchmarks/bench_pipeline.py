@@ -3,17 +3,14 @@
 Run: GEOMFIT_DATA=../shared/data python benchmarks/bench_pipeline.py
 Writes benchmarks/results/pipeline.json (medians over repeats).
 """
+import argparse
 import json
 import os
 import pathlib
-import statistics
-import sys
-import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _harness import Timer, write_results
 
 
 def bench_reconstruct(data, repeats=3):
@@ -30,7 +27,7 @@ def bench_reconstruct(data, repeats=3):
             r = reconstruct(img, model=model, landmarks=str(img)[:-4] + ".pts", max_side=side)
             runs.append(r.timings)
         out[f"image_0010_max_side_{side}"] = {
-            k: statistics.median(t[k] for t in runs) for k in runs[0]} | {
+            k: float(np.median([t[k] for t in runs])) for k in runs[0]} | {
             "landmark_rmse_px": r.diagnostics["landmark_rmse_px"], "fine_vertices": r.fine.n_vertices}
     from geomfit.landmarks import available_detectors, detect_landmarks
     from geomfit.photo import read_image
@@ -38,12 +35,7 @@ def bench_reconstruct(data, repeats=3):
     if available_detectors()["dlib"]:
         im = read_image(img)
         detect_landmarks(im, "dlib")
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            detect_landmarks(im, "dlib")
-            ts.append(time.perf_counter() - t)
-        out["dlib_detect_1280x1024_s"] = statistics.median(ts)
+        out["dlib_detect_1280x1024_s"] = Timer(repeats).run(lambda: detect_landmarks(im, "dlib")).median
     return out
 
 
@@ -73,35 +65,33 @@ def bench_icp(repeats=5):
 
     res = {}
     for method in ("point_to_plane", "point_to_point"):
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = rigid_icp(src, v, target_normals=nrm, method=method, max_iter=100, init=(np.eye(3), np.zeros(3)))
-            ts.append(time.perf_counter() - t0)
-        res[f"geomfit_{method}"] = {"median_s": statistics.median(ts), "iterations": r.iterations,
+        tm = Timer(repeats).run(lambda: rigid_icp(src, v, target_normals=nrm, method=method, max_iter=100,
+                                                  init=(np.eye(3), np.zeros(3))))
+        r = tm.result
+        res[f"geomfit_{method}"] = {"median_s": tm.median, "iterations": r.iterations,
                                     "rot_err_deg": err(r.rotation, r.translation)[0],
                                     "trans_err": err(r.rotation, r.translation)[1]}
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        M, _, cost = trimesh.registration.icp(src, v, max_iterations=100, threshold=1e-7)
-        ts.append(time.perf_counter() - t0)
-    res["trimesh_icp_point_to_point"] = {"median_s": statistics.median(ts), "rot_err_deg": err(M[:3, :3], M[:3, 3])[0],
+    tm = Timer(repeats).run(lambda: trimesh.registration.icp(src, v, max_iterations=100, threshold=1e-7))
+    M, _, cost = tm.result
+    res["trimesh_icp_point_to_point"] = {"median_s": tm.median, "rot_err_deg": err(M[:3, :3], M[:3, 3])[0],
                                          "trans_err": err(M[:3, :3], M[:3, 3])[1]}
     return res
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="ICP only, one repeat (a check that the script runs)")
+    args = ap.parse_args()
     data = os.environ.get("GEOMFIT_DATA")
-    out = {"icp_5000_points_on_22500_vertex_surface": bench_icp()}
-    if data and pathlib.Path(data, "sfm", "sfm_shape_3448.bin").is_file():
-        out["reconstruct"] = bench_reconstruct(pathlib.Path(data))
-    else:
+    repeats = 1 if args.quick else args.repeats
+    out = {"icp_5000_points_on_22500_vertex_surface": bench_icp(repeats)}
+    if not args.quick and data and pathlib.Path(data, "sfm", "sfm_shape_3448.bin").is_file():
+        out["reconstruct"] = bench_reconstruct(pathlib.Path(data), repeats)
+    elif not args.quick:
         print("GEOMFIT_DATA not set: pipeline timings skipped")
-    dst = ROOT / "benchmarks" / "results" / "pipeline.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2, default=float))
+    print("wrote", write_results("pipeline_quick" if args.quick else "pipeline", out))
 
 
 if __name__ == "__main__":

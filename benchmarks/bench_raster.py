@@ -9,16 +9,15 @@ median CPU time (``time.process_time``) in ms after JIT, the load average before
 row, and checks that geomfit and the NumPy rasterizer give the same triangle ids. Writes
 benchmarks/results/raster.json.
 
-Run:  GEOMFIT_DATA=/work/shared/data python benchmarks/bench_raster.py
+Run:  GEOMFIT_DATA=../shared/data python benchmarks/bench_raster.py [--reps 200] [--quick]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
-import time
 
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(var, "1")
@@ -26,7 +25,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
 import numpy as np  # noqa: E402
 import trimesh  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from _harness import ROOT, Timer, ratio, write_results  # noqa: E402
 from geomfit.camera import ScaledOrthographic, euler_to_matrix  # noqa: E402
 from geomfit.kernels import raster as K  # noqa: E402
 from geomfit.mesh import subdivide  # noqa: E402
@@ -117,21 +116,19 @@ def pair_split(v, f):
 def median_ms(fn, reps):
     """(median wall, minimum wall, median process CPU time) in ms.
 
-    The CPU time (``time.process_time``; everything runs on one thread) excludes time the process
-    waited for a core, which matters on a shared machine; the wall-clock numbers include it.
+    The CPU time (everything runs on one thread) excludes time the process waited for a core,
+    which matters on a shared machine; the wall-clock numbers include it.
     """
-    ts, cs = [], []
-    for _ in range(reps):
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-        cs.append((time.process_time() - c0) * 1e3)
-    return float(np.median(ts)), float(np.min(ts)), float(np.median(cs))
+    t = Timer(reps).run(fn)
+    return t.median * 1e3, t.min * 1e3, t.cpu_median * 1e3
 
 
 def main():
-    data = pathlib.Path(os.environ.get("GEOMFIT_DATA", "/work/shared/data"))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=200, help="timed calls per rasterizer (NumPy peer: 5)")
+    ap.add_argument("--quick", action="store_true", help="only the first mesh (a check that the script runs)")
+    args = ap.parse_args()
+    data = pathlib.Path(os.environ.get("GEOMFIT_DATA", ROOT.parent / "shared" / "data"))
     obj = data / "sfm" / "sfm_reference.obj"
     if not obj.is_file():
         sys.exit(f"bench_raster: {obj} not found (set GEOMFIT_DATA)")
@@ -141,6 +138,8 @@ def main():
     v2, f2 = subdivide(v0, f0, 2)
     meshes = [("subdivided 2x", v2, f2), ("subdivided 2x + pair split", *pair_split(v2, f2)),
               ("subdivided 3x", *subdivide(v0, f0, 3))]
+    if args.quick:
+        meshes = meshes[:1]
     for label, v, f in meshes:
         load0 = os.getloadavg()[0]
         ext = (v.max(0) - v.min(0))[:2].max()
@@ -148,8 +147,8 @@ def main():
         c = v.mean(0)
         scr = np.ascontiguousarray(cam.to_screen(v - c, SIZE))
         ras = rasterize(scr, f, SIZE, SIZE)  # JIT (or cache load)
-        t_geo = median_ms(lambda: rasterize(scr, f, SIZE, SIZE), 200)
-        t_ker = median_ms(lambda: K.rasterize_cpu(scr, f, SIZE, SIZE), 200)
+        t_geo = median_ms(lambda: rasterize(scr, f, SIZE, SIZE), args.reps)
+        t_ker = median_ms(lambda: K.rasterize_cpu(scr, f, SIZE, SIZE), args.reps)
         ref = numpy_rasterize(scr, f, SIZE, SIZE)
         t_np = median_ms(lambda: numpy_rasterize(scr, f, SIZE, SIZE), 5)
         agree = float((ref == ras.triangle_id).mean())
@@ -158,21 +157,14 @@ def main():
                    geomfit_rasterize_cpu_ms=round(t_geo[2], 3),
                    geomfit_kernel_only_ms=round(t_ker[0], 3), geomfit_kernel_only_min_ms=round(t_ker[1], 3),
                    geomfit_kernel_only_cpu_ms=round(t_ker[2], 3), numpy_reference_ms=round(t_np[0], 3),
-                   numpy_reference_min_ms=round(t_np[1], 3), numpy_reference_cpu_ms=round(t_np[2], 3), speedup_vs_numpy=round(t_np[0] / t_geo[0], 1),
+                   numpy_reference_min_ms=round(t_np[1], 3), numpy_reference_cpu_ms=round(t_np[2], 3), speedup_vs_numpy=round(ratio(t_np[0], t_geo[0]), 1),
                    triangle_id_agreement=agree, load_average_before=round(load0, 2),
                    load_average_after=round(os.getloadavg()[0], 2))
         print(json.dumps(row))
         results.append(row)
-    out = dict(benchmark="rasterize Surrey reference face, subdivided, 512x512, one CPU thread",
-               cpu_count=os.cpu_count(),
-               machine=platform.processor() or platform.machine(), python=platform.python_version(),
-               numpy=np.__version__, target_ms=5.0, load_average=list(os.getloadavg()), results=results)
-    path = pathlib.Path(__file__).resolve().parent / "results" / "raster.json"
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    out = dict(benchmark="rasterize Surrey reference face, subdivided, 512x512, one CPU thread", target_ms=5.0,
+               results=results)
+    print("wrote", write_results("raster" if not args.quick else "raster_quick", out))
 
 
 if __name__ == "__main__":

@@ -19,21 +19,12 @@ Writes benchmarks/results/rtv.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import statistics
-import time
-
-import sys
 
 import numpy as np
 import scipy.sparse.linalg as spla
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's geomfit
-
-import geomfit.rtv as rtv  # noqa: E402
+import geomfit.rtv as rtv
+from _harness import Timer, ratio, write_results
 
 
 def test_image(n):
@@ -83,12 +74,9 @@ def rtv_direct(img, solver, lam=0.01, sigma=3.0, sharpness=0.02, iterations=4):
 
 
 def timed(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times, out
+    """(median seconds, all runs, last result) of ``repeats`` calls (the shared harness timer)."""
+    t = Timer(repeats).run(fn)
+    return t.median, t.runs, t.result
 
 
 def main():
@@ -102,13 +90,11 @@ def main():
 
     import numba
 
-    load0 = os.getloadavg()
     img, source = test_image(args.size)
     rtv.rtv_smooth(img[:64, :64])  # load the compiled kernels (Numba cache) before timing
     res = {"image": f"{source}, {args.size}x{args.size}x3", "iterations": 4,
            "params": {"lam": 0.01, "sigma": 3.0, "sharpness": 0.02, "sigma_schedule": "halve, min 0.5"},
-           "machine": {"cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-                       "python": platform.python_version()}}
+           "numba_threads": numba.get_num_threads()}
 
     t_g, ts_g, (S, info) = timed(lambda: rtv.rtv_smooth(img, return_info=True), args.repeats)
     res["geomfit"] = {"median_s": t_g, "times_s": ts_g, "tol": 1e-8, "cg_iterations": info["iterations"],
@@ -117,18 +103,10 @@ def main():
     # the same with one Numba thread, wall and CPU time (the CPU cost, less sensitive to other jobs)
     nthreads = numba.get_num_threads()
     numba.set_num_threads(1)
-    cpu_s = []
-
-    def one_thread_run():
-        c0 = time.process_time()
-        out = rtv.rtv_smooth(img)
-        cpu_s.append(time.process_time() - c0)
-        return out
-
-    t1, ts1, _ = timed(one_thread_run, args.repeats)
+    one = Timer(args.repeats).run(lambda: rtv.rtv_smooth(img))
     numba.set_num_threads(nthreads)
-    res["geomfit_1thread"] = {"median_s": t1, "times_s": ts1, "cpu_median_s": statistics.median(cpu_s)}
-    print(f"geomfit rtv_smooth, 1 thread: median {t1:.3f} s (CPU {statistics.median(cpu_s):.3f} s)")
+    res["geomfit_1thread"] = {"median_s": one.median, "times_s": one.runs, "cpu_median_s": one.cpu_median}
+    print(f"geomfit rtv_smooth, 1 thread: median {one.median:.3f} s (CPU {one.cpu_median:.3f} s)")
 
     peers = {}
     ref = None
@@ -149,21 +127,17 @@ def main():
         small, _ = test_image(args.superlu_size)
         t_s, _, _ = timed(lambda: rtv_direct(small, "superlu"), 1)
         t_c, _, _ = timed(lambda: rtv_direct(small, "cholmod"), 1)
-        ratio = peers["cholmod"]["median_s"] / t_c
-        peers["superlu"] = {"median_s": t_s * ratio, "measured_s": t_s, "size": args.superlu_size,
+        size_ratio = peers["cholmod"]["median_s"] / t_c
+        peers["superlu"] = {"median_s": t_s * size_ratio, "measured_s": t_s, "size": args.superlu_size,
                             "extrapolated": True,
                             "note": f"measured at {args.superlu_size}^2 ({t_s:.2f} s; CHOLMOD {t_c:.2f} s there) "
                                     f"and scaled by CHOLMOD's measured {args.superlu_size}^2 -> {args.size}^2 "
-                                    f"time ratio {ratio:.2f}"}
-        print(f"superlu at {args.superlu_size}^2: {t_s:.3f} s -> extrapolated {t_s * ratio:.3f} s at {args.size}^2")
+                                    f"time ratio {size_ratio:.2f}"}
+        print(f"superlu at {args.superlu_size}^2: {t_s:.3f} s -> extrapolated {t_s * size_ratio:.3f} s at {args.size}^2")
     res["peers"] = peers
-    res["speedup_vs"] = {k: v["median_s"] / t_g for k, v in peers.items()}
-    res["loadavg_start_end"] = [load0, os.getloadavg()]
-    print("speed-up:", {k: round(v, 2) for k, v in res["speedup_vs"].items()}, "load", res["loadavg_start_end"])
-    out = pathlib.Path(__file__).resolve().parent / "results" / "rtv.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print("wrote", out)
+    res["speedup_vs"] = {k: ratio(v["median_s"], t_g) for k, v in peers.items()}
+    print("speed-up:", {k: round(v, 2) for k, v in res["speedup_vs"].items()})
+    print("wrote", write_results("rtv", res))
 
 
 if __name__ == "__main__":
