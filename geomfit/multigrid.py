@@ -436,7 +436,7 @@ def solve_screened_poisson(diag, wx, wy, rhs, x0=None, tol: float = 1e-10, maxit
     (:class:`BoxMultigrid`); 5-6 iterations reach 1e-8 on 1-megapixel RTV systems. GPU (CuPy
     input): conjugate gradients preconditioned by an aggregation multigrid V-cycle with red-black
     Gauss-Seidel (:class:`GridMultigrid`), CUDA kernels, dot products in CuPy. Matrix-free
-    stencils in Numba kernels (``geomfit.kernels.grid``); all channels run in the same sweeps,
+    stencils in Numba kernels (``geomfit.kernels.multigrid``); all channels run in the same sweeps,
     each with its own CG coefficients. The result agrees with a sparse direct solve to about
     ``tol`` times the condition number (at most ~1e3 for RTV systems) in relative terms.
 
