@@ -27,6 +27,110 @@ from numba import njit, prange
 from geomfit.backend import LazyCuda, get_array_module, numba_cuda
 
 # ----------------------------------------------------------------------------------------------
+# per-pixel maths of the aggregation multigrid, written once: inlined into the @njit kernels below
+# and compiled as CUDA device functions in _define_cuda (identical arithmetic, identical results)
+# ----------------------------------------------------------------------------------------------
+
+def _diag_at(D, wx, wy, i, j):
+    """The diagonal of ``diag(D) + L_w`` at pixel (i, j): ``D`` plus the incident edge weights."""
+    H, W = D.shape
+    s = D[i, j]
+    if j > 0:
+        s += wx[i, j - 1]
+    if j < W - 1:
+        s += wx[i, j]
+    if i > 0:
+        s += wy[i - 1, j]
+    if i < H - 1:
+        s += wy[i, j]
+    return s
+
+
+def _apply_at(dA, wx, wy, p, i, j, c):
+    """``(A p)[i, j, c]`` for the 5-point operator with diagonal ``dA`` and edge weights wx, wy."""
+    H, W = dA.shape
+    v = dA[i, j] * p[i, j, c]
+    if j > 0:
+        v -= wx[i, j - 1] * p[i, j - 1, c]
+    if j < W - 1:
+        v -= wx[i, j] * p[i, j + 1, c]
+    if i > 0:
+        v -= wy[i - 1, j] * p[i - 1, j, c]
+    if i < H - 1:
+        v -= wy[i, j] * p[i + 1, j, c]
+    return v
+
+
+def _gauss_seidel_at(inv, wx, wy, x, b, i, j, c, zero_other):
+    """The Gauss-Seidel value of ``x[i, j, c]``; neighbours taken as zero with ``zero_other``."""
+    H, W = inv.shape
+    v = b[i, j, c]
+    if not zero_other:
+        if j > 0:
+            v += wx[i, j - 1] * x[i, j - 1, c]
+        if j < W - 1:
+            v += wx[i, j] * x[i, j + 1, c]
+        if i > 0:
+            v += wy[i - 1, j] * x[i - 1, j, c]
+        if i < H - 1:
+            v += wy[i, j] * x[i + 1, j, c]
+    return v * inv[i, j]
+
+
+def _block_sum_at(r, I, J, c):
+    """Sum of ``r[:, :, c]`` over the 2x2 block (2I..2I+1, 2J..2J+1) (clipped at the border)."""
+    H, W = r.shape[0], r.shape[1]
+    s = 0.0
+    for a in range(2):
+        i = 2 * I + a
+        if i < H:
+            for bb in range(2):
+                j = 2 * J + bb
+                if j < W:
+                    s += r[i, j, c]
+    return s
+
+
+def _coarse_d_at(D, I, J):
+    """Coarse ``D`` of 2x2 aggregation: the block sum of ``D``."""
+    H, W = D.shape
+    s = 0.0
+    for a in range(2):
+        i = 2 * I + a
+        if i < H:
+            for bb in range(2):
+                j = 2 * J + bb
+                if j < W:
+                    s += D[i, j]
+    return s
+
+
+def _coarse_wx_at(wx, I, J):
+    """Coarse horizontal weight between blocks (I, J) and (I, J + 1): the fine edges 2J+1 -> 2J+2."""
+    s = 0.0
+    for a in range(2):
+        i = 2 * I + a
+        if i < wx.shape[0]:
+            s += wx[i, 2 * J + 1]
+    return s
+
+
+def _coarse_wy_at(wy, I, J):
+    """Coarse vertical weight between blocks (I, J) and (I + 1, J): the fine edges 2I+1 -> 2I+2."""
+    s = 0.0
+    for bb in range(2):
+        j = 2 * J + bb
+        if j < wy.shape[1]:
+            s += wy[2 * I + 1, j]
+    return s
+
+
+_SHARED = (_diag_at, _apply_at, _gauss_seidel_at, _block_sum_at, _coarse_d_at, _coarse_wx_at, _coarse_wy_at)
+_diag_c, _apply_c, _gs_c, _block_sum_c, _coarse_d_c, _coarse_wx_c, _coarse_wy_c = (
+    njit(inline="always")(f) for f in _SHARED)
+
+
+# ----------------------------------------------------------------------------------------------
 # CPU kernels
 # ----------------------------------------------------------------------------------------------
 
@@ -36,15 +140,7 @@ def diagonal(D, wx, wy, dA, inv):
     H, W = D.shape
     for i in prange(H):
         for j in range(W):
-            s = D[i, j]
-            if j > 0:
-                s += wx[i, j - 1]
-            if j < W - 1:
-                s += wx[i, j]
-            if i > 0:
-                s += wy[i - 1, j]
-            if i < H - 1:
-                s += wy[i, j]
+            s = _diag_c(D, wx, wy, i, j)
             dA[i, j] = s
             inv[i, j] = 1.0 / s if s > 0.0 else 0.0
 
@@ -58,15 +154,7 @@ def matvec_dot(dA, wx, wy, p, q, part):
             part[i, c] = 0.0
         for j in range(W):
             for c in range(C):
-                v = dA[i, j] * p[i, j, c]
-                if j > 0:
-                    v -= wx[i, j - 1] * p[i, j - 1, c]
-                if j < W - 1:
-                    v -= wx[i, j] * p[i, j + 1, c]
-                if i > 0:
-                    v -= wy[i - 1, j] * p[i - 1, j, c]
-                if i < H - 1:
-                    v -= wy[i, j] * p[i + 1, j, c]
+                v = _apply_c(dA, wx, wy, p, i, j, c)
                 q[i, j, c] = v
                 part[i, c] += v * p[i, j, c]
 
@@ -80,16 +168,7 @@ def residual(dA, wx, wy, x, b, r, part):
             part[i, c] = 0.0
         for j in range(W):
             for c in range(C):
-                v = dA[i, j] * x[i, j, c]
-                if j > 0:
-                    v -= wx[i, j - 1] * x[i, j - 1, c]
-                if j < W - 1:
-                    v -= wx[i, j] * x[i, j + 1, c]
-                if i > 0:
-                    v -= wy[i - 1, j] * x[i - 1, j, c]
-                if i < H - 1:
-                    v -= wy[i, j] * x[i + 1, j, c]
-                v = b[i, j, c] - v
+                v = b[i, j, c] - _apply_c(dA, wx, wy, x, i, j, c)
                 r[i, j, c] = v
                 part[i, c] += v * v
 
@@ -104,17 +183,7 @@ def rb_sweep(inv, wx, wy, x, b, color, zero_other):
         j0 = (color + i) % 2
         for j in range(j0, W, 2):
             for c in range(C):
-                v = b[i, j, c]
-                if not zero_other:
-                    if j > 0:
-                        v += wx[i, j - 1] * x[i, j - 1, c]
-                    if j < W - 1:
-                        v += wx[i, j] * x[i, j + 1, c]
-                    if i > 0:
-                        v += wy[i - 1, j] * x[i - 1, j, c]
-                    if i < H - 1:
-                        v += wy[i, j] * x[i + 1, j, c]
-                x[i, j, c] = v * inv[i, j]
+                x[i, j, c] = _gs_c(inv, wx, wy, x, b, i, j, c, zero_other)
             if zero_other and j + 1 < W:
                 for c in range(C):
                     x[i, j + 1, c] = 0.0
@@ -126,20 +195,11 @@ def rb_sweep(inv, wx, wy, x, b, color, zero_other):
 @njit(cache=True, parallel=True)
 def restrict_sum(r, rc):
     """rc[I, J] = sum of r over the 2x2 block (2I..2I+1, 2J..2J+1)."""
-    H, W, C = r.shape
-    Hc, Wc = rc.shape[0], rc.shape[1]
+    Hc, Wc, C = rc.shape
     for I in prange(Hc):
         for J in range(Wc):
             for c in range(C):
-                s = 0.0
-                for a in range(2):
-                    i = 2 * I + a
-                    if i < H:
-                        for bb in range(2):
-                            j = 2 * J + bb
-                            if j < W:
-                                s += r[i, j, c]
-                rc[I, J, c] = s
+                rc[I, J, c] = _block_sum_c(r, I, J, c)
 
 
 @njit(cache=True, parallel=True)
@@ -156,35 +216,16 @@ def prolong_add(x, ec):
 @njit(cache=True)
 def coarsen(D, wx, wy, Dc, wxc, wyc):
     """Galerkin coarse operator of 2x2 aggregation (piecewise-constant prolongation)."""
-    H, W = D.shape
     Hc, Wc = Dc.shape
     for I in range(Hc):
         for J in range(Wc):
-            s = 0.0
-            for a in range(2):
-                i = 2 * I + a
-                if i < H:
-                    for bb in range(2):
-                        j = 2 * J + bb
-                        if j < W:
-                            s += D[i, j]
-            Dc[I, J] = s
+            Dc[I, J] = _coarse_d_c(D, I, J)
     for I in range(Hc):
-        for J in range(Wc - 1):  # fine edges from column 2J+1 to 2J+2
-            s = 0.0
-            for a in range(2):
-                i = 2 * I + a
-                if i < H:
-                    s += wx[i, 2 * J + 1]
-            wxc[I, J] = s
-    for I in range(Hc - 1):  # fine edges from row 2I+1 to 2I+2
+        for J in range(Wc - 1):
+            wxc[I, J] = _coarse_wx_c(wx, I, J)
+    for I in range(Hc - 1):
         for J in range(Wc):
-            s = 0.0
-            for bb in range(2):
-                j = 2 * J + bb
-                if j < W:
-                    s += wy[2 * I + 1, j]
-            wyc[I, J] = s
+            wyc[I, J] = _coarse_wy_c(wy, I, J)
 
 
 @njit(cache=True, parallel=True)
@@ -232,118 +273,63 @@ cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through 
 
 
 def _define_cuda(cu):
-    """The CUDA kernels of the aggregation multigrid (defined on first use, see ``LazyCuda``)."""
+    """The CUDA kernels of the aggregation multigrid, one thread per pixel (defined on first use).
+
+    Their per-pixel maths is the CPU kernels' (the shared functions above as device functions).
+    """
+    diag_at, apply_at, gs_at, block_sum_at, coarse_d_at, coarse_wx_at, coarse_wy_at = (
+        cu.jit(device=True)(f) for f in _SHARED)
 
     @cu.jit
     def cu_diagonal(D, wx, wy, dA, inv):
         i, j = cuda.grid(2)
-        H, W = D.shape
-        if i < H and j < W:
-            s = D[i, j]
-            if j > 0:
-                s += wx[i, j - 1]
-            if j < W - 1:
-                s += wx[i, j]
-            if i > 0:
-                s += wy[i - 1, j]
-            if i < H - 1:
-                s += wy[i, j]
+        if i < D.shape[0] and j < D.shape[1]:
+            s = diag_at(D, wx, wy, i, j)
             dA[i, j] = s
             inv[i, j] = 1.0 / s if s > 0.0 else 0.0
 
     @cu.jit
     def cu_matvec(dA, wx, wy, p, q):
         i, j = cuda.grid(2)
-        H, W, C = p.shape
-        if i < H and j < W:
-            for c in range(C):
-                v = dA[i, j] * p[i, j, c]
-                if j > 0:
-                    v -= wx[i, j - 1] * p[i, j - 1, c]
-                if j < W - 1:
-                    v -= wx[i, j] * p[i, j + 1, c]
-                if i > 0:
-                    v -= wy[i - 1, j] * p[i - 1, j, c]
-                if i < H - 1:
-                    v -= wy[i, j] * p[i + 1, j, c]
-                q[i, j, c] = v
+        if i < p.shape[0] and j < p.shape[1]:
+            for c in range(p.shape[2]):
+                q[i, j, c] = apply_at(dA, wx, wy, p, i, j, c)
 
     @cu.jit
     def cu_rb_sweep(inv, wx, wy, x, b, color, zero_other):
         i, j = cuda.grid(2)
-        H, W, C = x.shape
-        if i < H and j < W:
+        if i < x.shape[0] and j < x.shape[1]:
             if (i + j) % 2 == color:
-                for c in range(C):
-                    v = b[i, j, c]
-                    if not zero_other:
-                        if j > 0:
-                            v += wx[i, j - 1] * x[i, j - 1, c]
-                        if j < W - 1:
-                            v += wx[i, j] * x[i, j + 1, c]
-                        if i > 0:
-                            v += wy[i - 1, j] * x[i - 1, j, c]
-                        if i < H - 1:
-                            v += wy[i, j] * x[i + 1, j, c]
-                    x[i, j, c] = v * inv[i, j]
+                for c in range(x.shape[2]):
+                    x[i, j, c] = gs_at(inv, wx, wy, x, b, i, j, c, zero_other)
             elif zero_other:
-                for c in range(C):
+                for c in range(x.shape[2]):
                     x[i, j, c] = 0.0
 
     @cu.jit
     def cu_restrict_sum(r, rc):
         I, J = cuda.grid(2)
-        H, W, C = r.shape
-        Hc, Wc = rc.shape[0], rc.shape[1]
-        if I < Hc and J < Wc:
-            for c in range(C):
-                s = 0.0
-                for a in range(2):
-                    i = 2 * I + a
-                    if i < H:
-                        for bb in range(2):
-                            j = 2 * J + bb
-                            if j < W:
-                                s += r[i, j, c]
-                rc[I, J, c] = s
+        if I < rc.shape[0] and J < rc.shape[1]:
+            for c in range(rc.shape[2]):
+                rc[I, J, c] = block_sum_at(r, I, J, c)
 
     @cu.jit
     def cu_prolong_add(x, ec):
         i, j = cuda.grid(2)
-        H, W, C = x.shape
-        if i < H and j < W:
-            for c in range(C):
+        if i < x.shape[0] and j < x.shape[1]:
+            for c in range(x.shape[2]):
                 x[i, j, c] += ec[i // 2, j // 2, c]
 
     @cu.jit
     def cu_coarsen(D, wx, wy, Dc, wxc, wyc):
         I, J = cuda.grid(2)
-        H, W = D.shape
         Hc, Wc = Dc.shape
         if I < Hc and J < Wc:
-            s = 0.0
-            for a in range(2):
-                i = 2 * I + a
-                if i < H:
-                    for bb in range(2):
-                        j = 2 * J + bb
-                        if j < W:
-                            s += D[i, j]
-            Dc[I, J] = s
+            Dc[I, J] = coarse_d_at(D, I, J)
             if J < Wc - 1:
-                s = 0.0
-                for a in range(2):
-                    i = 2 * I + a
-                    if i < H:
-                        s += wx[i, 2 * J + 1]
-                wxc[I, J] = s
+                wxc[I, J] = coarse_wx_at(wx, I, J)
             if I < Hc - 1:
-                s = 0.0
-                for bb in range(2):
-                    j = 2 * J + bb
-                    if j < W:
-                        s += wy[2 * I + 1, j]
-                wyc[I, J] = s
+                wyc[I, J] = coarse_wy_at(wy, I, J)
 
     return {"cu_diagonal": cu_diagonal, "cu_matvec": cu_matvec, "cu_rb_sweep": cu_rb_sweep,
             "cu_restrict_sum": cu_restrict_sum, "cu_prolong_add": cu_prolong_add, "cu_coarsen": cu_coarsen}
