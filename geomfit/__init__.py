@@ -50,6 +50,7 @@ _MODULES = {
     "geomfit.render": ("Raster", "rasterize", "interpolate", "render_depth", "depth_normals"),
     "geomfit.fitting": ("fit_landmarks", "fit_landmarks_multi", "LandmarkFit"),
     "geomfit.pipeline": ("reconstruct", "Reconstruction"),
+    "geomfit.batch": ("reconstruct_many",),
     "geomfit.landmarks": ("detect_landmarks",),
     "geomfit.metrics": ("depth_mae", "micc_errors", "rigid_icp", "landmark_nme"),
     "geomfit.data": ("resolve_model", "download_model"),

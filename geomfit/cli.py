@@ -2,15 +2,17 @@
 
 ::
 
-    geomfit reconstruct IMAGE [--landmarks FILE.pts] [--model NAME_OR_PATH] -o OUTDIR [--ply] [--force] [--quiet]
+    geomfit reconstruct PHOTO [--landmarks FILE.pts] [--model NAME_OR_PATH] -o OUTDIR [--ply] [--force] [--quiet]
+    geomfit reconstruct PHOTO|DIR ... -o OUTDIR [--workers N | --scheduler ADDRESS] [--resume] [--force]
     geomfit fit-landmarks FILE.pts [FILE.pts ...] -o OUTDIR [--model ...] [--image-size H W]
     geomfit info MODEL
     geomfit download-model sfm [--url-base URL] [--dest DIR] [--force]
     geomfit evaluate PRED GT [--pred-nose I] [--gt-nose I] [--radius 95] [--json FILE]
 
 Every command exits with 0 on success and, on failure, prints one line ``geomfit: error: <reason>``
-on stderr and exits with 1 (2 for command-line usage errors, 130 when interrupted).  Outputs are
-written atomically; an existing non-empty OUTDIR is refused unless ``--force`` is given.
+on stderr and exits with 1 (2 for command-line usage errors, 130 when interrupted, 143 on SIGTERM).
+A result folder is written as a whole (:class:`geomfit.atomic.ResultDir`): a reader sees the old set
+of files or the new one, never a mix; an existing non-empty OUTDIR is refused unless ``--force``.
 """
 from __future__ import annotations
 
@@ -40,93 +42,119 @@ class _Progress:
             print(f"[geomfit {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare_outdir(out: str, force: bool) -> pathlib.Path:
-    p = pathlib.Path(out).expanduser()
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"output path {p} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not force:
-        raise CLIError(f"output directory {p} already exists and is not empty; use --force to overwrite")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 # -- reconstruct ----------------------------------------------------------------------------------
+def _is_batch(a) -> bool:
+    ims = a.image
+    return len(ims) > 1 or any(not str(x).startswith("skimage:") and pathlib.Path(x).expanduser().is_dir()
+                               for x in ims)
+
+
 def _cmd_reconstruct(a) -> int:
+    if a.force and a.resume:
+        raise CLIError("--force and --resume exclude each other (--force redoes every photo, --resume skips "
+                       "the finished ones)")
+    if a.workers is not None and a.workers < 1:
+        raise CLIError(f"--workers must be at least 1, got {a.workers}")
+    if a.workers and a.scheduler:
+        raise CLIError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    if _is_batch(a):
+        return _cmd_reconstruct_batch(a)
+    return _cmd_reconstruct_one(a)
+
+
+def _cmd_reconstruct_one(a) -> int:
     from . import atomic
-    from .overview import albedo_to_image, depth_to_image, normals_to_image, overview_image
-    from .pipeline import reconstruct
-
     from .data import resolve_model
-    from .landmarks import read_pts_checked
+    from .landmarks import NoFaceError, read_pts_checked
     from .photo import load_photo
+    from .pipeline import _import_trimesh, reconstruct, write_outputs
 
+    src = a.image[0]
     say = _Progress(a.quiet)
-    say(f"reading {a.image}")
+    if a.resume and (pathlib.Path(a.output).expanduser() / "report.json").is_file():
+        print(f"geomfit: {a.output} is complete already (report.json); nothing to do (--resume)")
+        return 0
+    say(f"reading {src}")
     # validate every input before touching OUTDIR
-    image = load_photo(a.image)
+    if not str(src).startswith("skimage:") and not pathlib.Path(src).expanduser().exists():
+        raise CLIError(f"photo not found: {src}")
+    image = load_photo(src)
     if a.landmarks is not None:
         read_pts_checked(a.landmarks, image.shape)
     model = resolve_model(a.model)
-    existed = pathlib.Path(a.output).expanduser().exists()
-    out = _prepare_outdir(a.output, a.force)
+    _import_trimesh()  # now, not in the write phase: its import catches BaseException (Ctrl-C)
+    rd = atomic.ResultDir(a.output, force=a.force or a.resume)
+    rd.claim()  # OUTDIR writable, not in use by another run, empty or --force: before the long work
     try:
-        rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
-                          max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
-    except BaseException:
-        if not existed and not any(out.iterdir()):
-            out.rmdir()  # leave no empty OUTDIR behind when nothing was produced
-        raise
-    say(f"writing outputs to {out}")
-    files = []
-    exts = [".obj"] + ([".ply"] if a.ply else [])
-    for name in ("coarse", "medium", "fine"):
-        mesh = getattr(rec, name)
-        for ext in exts:
-            mesh.save(out / f"{name}{ext}")
-            files.append(f"{name}{ext}")
-    dimg, (lo, hi) = depth_to_image(rec.depth)
-    atomic.write_image(out / "depth.png", dimg)
-    atomic.write_image(out / "normal.png", normals_to_image(rec.normals))
-    atomic.write_image(out / "albedo.png", albedo_to_image(rec.albedo))
-    with atomic.atomic_open(out / "maps.npz", "wb") as f:
-        np.savez_compressed(f, depth=rec.depth, normals=rec.normals, albedo=rec.albedo,
-                            medium_depth=rec.medium_depth, mask=rec.mask, landmarks=rec.landmarks)
-    files += ["depth.png", "normal.png", "albedo.png", "maps.npz"]
-    title = (f"geomfit: {pathlib.Path(str(a.image)).name}  |  landmark RMS {rec.diagnostics['landmark_rmse_px']:.2f} px"
-             f"  |  {rec.timings['total']:.1f} s")
-    atomic.write_image(out / "overview.png", overview_image(rec, title=title))
-    files.append("overview.png")
-    cam = rec.camera
-    report = {
-        "geomfit_version": _version(),
-        "image": str(a.image),
-        "image_size": [int(rec.photo_size[1]), int(rec.photo_size[0])],
-        "working_size": [int(rec.image.shape[1]), int(rec.image.shape[0])],
-        "working_scale": rec.working_scale,
-        "model": {"name": getattr(rec.model, "name", str(a.model)), "argument": str(a.model),
-                  "n_vertices": rec.model.n_vertices, "n_id": rec.model.n_id, "n_exp": rec.model.n_exp},
-        "landmarks": {k: v for k, v in rec.landmarks_info.items()},
-        "parameters": {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side, "fine": not a.no_fine,
-                       "landmarks_file": a.landmarks},
-        "timings_s": rec.timings,
-        "landmark_rmse_px": rec.diagnostics.get("landmark_rmse_px"),
-        "diagnostics": rec.diagnostics,
-        "camera": {"scale": float(np.asarray(cam.scale)), "rotation": np.asarray(cam.rotation),
-                   "translation": np.asarray(cam.translation),
-                   "convention": "u = s (R v)_x + t_x, row = H - (s (R v)_y + t_y), working-size pixels"},
-        "coefficients": {"id": rec.id_coeffs, "exp": rec.exp_coeffs},
-        "lighting_sh": None if rec.sh is None else np.asarray(rec.sh),
-        "depth_png": {"min_px": lo, "max_px": hi,
-                      "decode": "depth = min_px + (png - 1) / 65534 * (max_px - min_px); png 0 = no surface"},
-        "meshes": {n: {"vertices": getattr(rec, n).n_vertices, "faces": int(getattr(rec, n).faces.shape[0])}
-                   for n in ("coarse", "medium", "fine")},
-        "files": files + ["report.json"],
-    }
-    atomic.write_json(out / "report.json", report)
-    say(f"landmark RMS after the coarse fit: {report['landmark_rmse_px']:.2f} px; total {rec.timings['total']:.1f} s")
-    print(f"geomfit: outputs written to {out.resolve()} (open overview.png first; meshes: coarse.obj, "
+        atomic.test_hook("claimed")
+        try:
+            rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
+                              max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
+        except NoFaceError as e:
+            raise CLIError(f"{src}: {e}") from e
+        say(f"writing outputs to {rd.path}")
+        params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
+                  "fine": not a.no_fine, "landmarks_file": a.landmarks}
+        write_outputs(rec, rd.staging, ply=a.ply, image=src, model_argument=a.model, parameters=params,
+                      final=rd.path)
+        atomic.test_hook("commit")
+        out = rd.commit()
+    finally:
+        if not rd.committed:
+            with atomic.signals_deferred():
+                rd.abort()
+    say(f"landmark RMS after the coarse fit: {rec.diagnostics.get('landmark_rmse_px'):.2f} px; "
+        f"total {rec.timings['total']:.1f} s")
+    print(f"geomfit: outputs written to {out} (open overview.png first; meshes: coarse.obj, "
           "medium.obj, fine.obj; numbers: report.json)")
     return 0
+
+
+def _cmd_reconstruct_batch(a) -> int:
+    from .batch import collect_photos, reconstruct_many
+
+    if a.landmarks is not None:
+        raise CLIError("--landmarks is for one photo; in a batch put each photo's landmarks beside it "
+                       "(photo.pts next to photo.jpg)")
+    photos = collect_photos(a.image)  # a folder without photos is an error before anything is written
+    from .data import resolve_model
+
+    resolve_model(a.model)  # an unknown model fails now, not once per photo
+    client = cluster = None
+    if a.workers or a.scheduler:
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as e:
+            raise CLIError("--workers/--scheduler need Dask: pip install 'dask[distributed]' "
+                           "(or geomfit[batch])") from e
+        if a.scheduler:
+            try:
+                client = Client(a.scheduler, timeout="20s")
+            except (OSError, TimeoutError) as e:
+                raise CLIError(f"cannot reach the Dask scheduler at {a.scheduler}: {e}") from e
+        else:
+            cluster = LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+    try:
+        recs = reconstruct_many(photos, client, outdir=a.output, model=a.model, detector=a.detector,
+                                max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, ply=a.ply,
+                                force=a.force, resume=a.resume, progress=not a.quiet)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    failed = [r for r in recs if r["status"] == "failed"]
+    for r in failed:
+        print(f"geomfit: error: {r['error']}", file=sys.stderr)
+    n_ok = sum(r["status"] == "ok" for r in recs)
+    n_skip = sum(r["status"] == "skipped" for r in recs)
+    out = pathlib.Path(a.output).expanduser().resolve()
+    print(f"geomfit: {n_ok} of {len(recs)} photo(s) reconstructed" + (f", {n_skip} already complete" if n_skip else "")
+          + (f", {len(failed)} failed" if failed else "") + f"; results in {out}/<name>/, summary in "
+          f"{out / 'summary.json'}")
+    return 1 if failed else 0
 
 
 def _version():
@@ -139,18 +167,35 @@ def _version():
 
 
 # -- fit-landmarks --------------------------------------------------------------------------------
+def _decode_image(path: pathlib.Path, what: str):
+    """cv2.imdecode with every failure (empty, corrupt, unreadable) as a CLIError naming the file."""
+    import cv2
+
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise CLIError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if buf.size == 0:
+        raise CLIError(f"cannot read {what} {path}: the file is empty (0 bytes)")
+    try:
+        im = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise CLIError(f"cannot read {what} {path}: OpenCV could not decode it") from e
+    if im is None:
+        raise CLIError(f"cannot read {what} {path}: corrupt, truncated or not an image format OpenCV reads")
+    return im
+
+
 def _image_size_for(pts_path: pathlib.Path, pts: np.ndarray, given):
     if given:
+        if given[0] < 1 or given[1] < 1:
+            raise CLIError(f"--image-size must be positive, got {given[0]} {given[1]}")
         return int(given[0]), int(given[1])
     for ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
         img = pts_path.with_suffix(ext)
         if img.is_file():
-            import cv2
-
-            buf = np.fromfile(str(img), dtype=np.uint8)
-            im = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if im is not None:
-                return int(im.shape[0]), int(im.shape[1])
+            im = _decode_image(img, f"the image beside {pts_path.name} (used for its size; or pass --image-size H W):")
+            return int(im.shape[0]), int(im.shape[1])
     # no image: a frame that holds the landmarks with a margin
     m = np.nanmax(pts, axis=0)
     return int(np.ceil(m[1] * 1.1 + 1)), int(np.ceil(m[0] * 1.1 + 1))
@@ -158,51 +203,73 @@ def _image_size_for(pts_path: pathlib.Path, pts: np.ndarray, given):
 
 def _cmd_fit_landmarks(a) -> int:
     from . import atomic
+    from .batch import unique_names
     from .data import resolve_model
     from .fitting import fit_landmarks
-    from .landmarks import read_pts_checked
-    from .pipeline import fixed_landmark_rmse
+    from .landmarks import check_landmarks, read_pts_checked
+    from .pipeline import _import_trimesh, fixed_landmark_rmse
 
     say = _Progress(a.quiet)
-    out = _prepare_outdir(a.output, a.force)
     paths = [pathlib.Path(p) for p in a.pts]
+    # every input is validated before OUTDIR is touched
     pts, sizes = [], []
     for p in paths:
+        if p.is_dir():
+            raise CLIError(f"{p} is a folder, not a .pts file")
         q = read_pts_checked(p)
         hw = _image_size_for(p, q, a.image_size)
-        from .landmarks import check_landmarks
-
         check_landmarks(q, hw, name=str(p))
         pts.append(q)
         sizes.append(hw)
     model = resolve_model(a.model)
-    say(f"fitting {len(paths)} landmark set(s) to {getattr(model, 'name', a.model)}")
-    t = time.perf_counter()
-    fit = fit_landmarks(model, np.stack(pts), image_size=np.array(sizes, dtype=np.float64))
-    dt = time.perf_counter() - t
-    say(f"fitted in {dt:.3f} s")
-    records = []
-    verts = np.asarray(fit.vertices)
-    for i, p in enumerate(paths):
-        sub = _FitView(fit, i)
-        rec = {
-            "file": str(p), "image_size": list(sizes[i]),
-            "landmark_rmse_px": fixed_landmark_rmse(model, sub, pts[i]),
-            "rmse_px": float(np.asarray(fit.rmse_px)[i]),
-            "converged": bool(np.asarray(fit.converged)[i]), "iterations": int(np.asarray(fit.iterations)[i]),
-            "scale": float(np.asarray(fit.scale)[i]), "rotation": np.asarray(fit.rotation)[i],
-            "translation": np.asarray(fit.translation)[i],
-            "id_coeffs": np.asarray(fit.id_coeffs)[i], "exp_coeffs": np.asarray(fit.exp_coeffs)[i],
-        }
-        if not a.no_meshes:
-            from .mesh import save_mesh
+    names = unique_names([str(p) for p in paths])  # a/face.pts and b/face.pts -> a-face.obj, b-face.obj
+    if not a.no_meshes:
+        _import_trimesh()
+    rd = atomic.ResultDir(a.output, force=a.force)
+    rd.claim()
+    try:
+        atomic.test_hook("claimed")
+        say(f"fitting {len(paths)} landmark set(s) to {getattr(model, 'name', a.model)}")
+        t = time.perf_counter()
+        fit = fit_landmarks(model, np.stack(pts), image_size=np.array(sizes, dtype=np.float64))
+        dt = time.perf_counter() - t
+        say(f"fitted in {dt:.3f} s")
+        records = []
+        verts = np.asarray(fit.vertices)
+        for i, p in enumerate(paths):
+            sub = _FitView(fit, i)
+            rec = {
+                "file": str(p), "image_size": list(sizes[i]),
+                "landmark_rmse_px": fixed_landmark_rmse(model, sub, pts[i]),
+                "rmse_px": float(np.asarray(fit.rmse_px)[i]),
+                "converged": bool(np.asarray(fit.converged)[i]), "iterations": int(np.asarray(fit.iterations)[i]),
+                "scale": float(np.asarray(fit.scale)[i]), "rotation": np.asarray(fit.rotation)[i],
+                "translation": np.asarray(fit.translation)[i],
+                "id_coeffs": np.asarray(fit.id_coeffs)[i], "exp_coeffs": np.asarray(fit.exp_coeffs)[i],
+            }
+            if not a.no_meshes:
+                from .mesh import save_mesh
 
-            name = f"{p.stem}.obj"
-            save_mesh(out / name, verts[i], model.faces)
-            rec["mesh"] = name
-        records.append(rec)
-    atomic.write_json(out / "fits.json", {"model": str(a.model), "seconds": dt, "fits": records})
-    print(f"geomfit: {len(paths)} fit(s) written to {out.resolve()} (fits.json)")
+                name = f"{names[i]}.obj"
+                try:
+                    with atomic.signals_deferred():
+                        save_mesh(rd.staging / name, verts[i], model.faces)
+                except OSError as e:
+                    raise OSError(e.errno, f"cannot write {rd.path / name}: {e.strerror or e}") from e
+                atomic.test_hook(f"write:{i + 1}")
+                rec["mesh"] = name
+            records.append(rec)
+        try:
+            atomic.write_json(rd.staging / "fits.json", {"model": str(a.model), "seconds": dt, "fits": records})
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {rd.path / 'fits.json'}: {e.strerror or e}") from e
+        atomic.test_hook("commit")
+        out = rd.commit()
+    finally:
+        if not rd.committed:
+            with atomic.signals_deferred():
+                rd.abort()
+    print(f"geomfit: {len(paths)} fit(s) written to {out} (fits.json)")
     return 0
 
 
@@ -253,30 +320,44 @@ _DEPTH_EXT = {".npy", ".npz", ".png", ".tif", ".tiff", ".exr"}
 def _load_depth(path: pathlib.Path) -> np.ndarray:
     ext = path.suffix.lower()
     if not path.is_file():
-        raise CLIError(f"file not found: {path}")
-    if ext == ".npy":
-        return np.load(path)
-    if ext == ".npz":
-        z = np.load(path)
-        key = "depth" if "depth" in z.files else z.files[0]
-        return z[key]
-    import cv2
-
-    im = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if im is None:
-        raise CLIError(f"cannot read depth image {path}")
+        raise CLIError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise CLIError(f"cannot read depth map {path}: the file is empty (0 bytes)")
+    if ext in (".npy", ".npz"):
+        try:
+            z = np.load(path, allow_pickle=False)
+            if ext == ".npz":
+                if not z.files:
+                    raise CLIError(f"depth map {path} holds no arrays")
+                z = z["depth" if "depth" in z.files else z.files[0]]
+        except CLIError:
+            raise
+        except Exception as e:  # NumPy's messages for corrupt files vary (ValueError, EOFError, zipfile...)
+            raise CLIError(f"cannot read depth map {path}: {type(e).__name__}: {e}") from e
+        z = np.asarray(z)
+        if z.ndim != 2 or not np.issubdtype(z.dtype, np.number):
+            raise CLIError(f"depth map {path} must be a 2-D numeric array, got {z.dtype} {z.shape}")
+        return z.astype(np.float64)
+    im = _decode_image(path, "depth image")
     if im.ndim == 3:
         im = im[..., 0]
     return im.astype(np.float64)
 
 
 def _load_mesh(path: pathlib.Path):
+    from . import atomic
+    from .pipeline import _import_trimesh
+
+    _import_trimesh()
     import trimesh
 
     if not path.is_file():
-        raise CLIError(f"file not found: {path}")
+        raise CLIError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise CLIError(f"cannot read mesh {path}: the file is empty (0 bytes)")
     try:
-        m = trimesh.load(str(path), process=False, force="mesh")
+        with atomic.signals_deferred():  # trimesh's loaders catch BaseException in places
+            m = trimesh.load(str(path), process=False, force="mesh")
     except Exception as e:
         raise CLIError(f"cannot read mesh {path}: {e}") from e
     v = np.asarray(m.vertices, dtype=np.float64)
@@ -324,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     r = sub.add_parser("reconstruct", help="reconstruct a face from a photo (coarse, medium, fine)")
-    r.add_argument("image", help="photo file (PNG, JPEG, 8/16-bit, grey or colour) or skimage:NAME")
+    r.add_argument("image", nargs="+", metavar="PHOTO|DIR",
+                   help="photo file (PNG, JPEG, 8/16-bit, grey or colour) or skimage:NAME; several photos or "
+                        "folders make a batch: OUTDIR/<name>/ per photo and OUTDIR/summary.json")
     r.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
     r.add_argument("--landmarks", metavar="FILE.pts", help="68 iBUG landmarks (default: detect)")
     r.add_argument("--model", default="sfm", help="model name (sfm) or model file [sfm]")
@@ -333,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working size: longest side in pixels, 0 = full size [512]")
     r.add_argument("--no-fine", action="store_true", help="skip the fine (shape-from-shading) stage")
     r.add_argument("--ply", action="store_true", help="also write .ply meshes")
-    r.add_argument("--force", action="store_true", help="write into an existing non-empty OUTDIR")
+    r.add_argument("--force", action="store_true", help="replace an existing result in OUTDIR (as a whole)")
+    r.add_argument("--resume", action="store_true", help="skip photos whose result is complete, do the rest")
+    r.add_argument("--workers", type=int, metavar="N", help="batch: run on a local Dask cluster of N processes")
+    r.add_argument("--scheduler", metavar="ADDRESS", help="batch: run on an existing Dask cluster "
+                   "(e.g. tcp://host:8786); OUTDIR must be on a file system its workers share")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     r.set_defaults(func=_cmd_reconstruct)
 
@@ -371,14 +458,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as an exception so that every ``finally`` and cleanup runs."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers():
+    """SIGTERM/SIGHUP unwind like Ctrl-C (temporary files and staging folders are removed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            old[sig] = signal.signal(sig, _raise_terminated)
+    return old
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``geomfit`` console script; returns the exit status."""
+    import signal
+
     parser = build_parser()
     a = parser.parse_args(argv)
+    old = _install_signal_handlers()
     try:
         return int(a.func(a) or 0)
+    except Terminated as e:
+        print(f"geomfit: terminated by signal {e.signum}; nothing half-written was left", file=sys.stderr)
+        return 128 + int(e.signum)
     except KeyboardInterrupt:
-        print("geomfit: interrupted", file=sys.stderr)
+        print("geomfit: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
     except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -386,6 +506,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("GEOMFIT_DEBUG"):
             raise
         return 1
+    except Exception as e:  # a bug: still one line (GEOMFIT_DEBUG=1 shows the traceback)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"geomfit: error: unexpected {type(e).__name__}: {msg} (please report it; GEOMFIT_DEBUG=1 shows "
+              "the traceback)", file=sys.stderr)
+        if os.environ.get("GEOMFIT_DEBUG"):
+            raise
+        return 1
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":  # pragma: no cover

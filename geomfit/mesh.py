@@ -407,6 +407,9 @@ def save_mesh(path, vertices, faces, colors=None) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=ext, prefix=f".{path.stem}.", dir=str(path.parent))
     try:
+        from .atomic import file_mode
+
+        os.fchmod(fd, file_mode())  # respect the umask (mkstemp makes 0600 files)
         with os.fdopen(fd, "wb") as fh:
             if ext == ".obj":
                 data = mesh.export(file_type="obj", include_normals=False, include_texture=False)

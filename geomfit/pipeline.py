@@ -39,7 +39,8 @@ from .landmarks import check_landmarks, detect_landmarks, read_pts_checked
 from .mesh import Mesh, displace_mesh  # noqa: F401  (defined in geomfit.mesh; kept importable from here)
 from .photo import load_photo, resize_longest, srgb_to_linear
 
-__all__ = ["reconstruct", "Reconstruction", "Mesh", "displace_mesh", "fixed_landmark_rmse", "crop_box"]
+__all__ = ["reconstruct", "Reconstruction", "Mesh", "displace_mesh", "fixed_landmark_rmse", "crop_box",
+           "write_outputs", "save_reconstruction", "RESULT_FILES"]
 
 
 @dataclass
@@ -362,3 +363,144 @@ def _jsonable(x):
     if isinstance(x, (int, float, str, bool)) or x is None:
         return x
     return str(x)
+
+
+# -- output files ---------------------------------------------------------------------------------
+#: The files of a result folder, in the order they are written; ``report.json`` comes last.
+RESULT_FILES = ("coarse.obj", "medium.obj", "fine.obj", "depth.png", "normal.png", "albedo.png", "maps.npz",
+                "overview.png", "report.json")
+
+
+def _import_trimesh():
+    """Import trimesh with SIGINT/SIGTERM held back: its optional imports catch ``BaseException``
+    and would swallow a Ctrl-C that arrives meanwhile (it is then raised right after)."""
+    from .atomic import signals_deferred
+
+    with signals_deferred():
+        import trimesh  # noqa: F401
+
+
+def build_report(rec: Reconstruction, *, image=None, model_argument=None, parameters=None, files=()) -> dict:
+    """The content of ``report.json`` for a reconstruction (see docs/pipeline.md)."""
+    cam = rec.camera
+    version = __import__("geomfit").__version__
+    return {
+        "geomfit_version": version,
+        "image": None if image is None else str(image),
+        "image_size": [int(rec.photo_size[1]), int(rec.photo_size[0])],
+        "working_size": [int(rec.image.shape[1]), int(rec.image.shape[0])],
+        "working_scale": rec.working_scale,
+        "model": {"name": getattr(rec.model, "name", str(model_argument)), "argument": str(model_argument),
+                  "n_vertices": rec.model.n_vertices, "n_id": rec.model.n_id, "n_exp": rec.model.n_exp},
+        "landmarks": {k: v for k, v in rec.landmarks_info.items()},
+        "parameters": dict(parameters or {}),
+        "timings_s": rec.timings,
+        "landmark_rmse_px": rec.diagnostics.get("landmark_rmse_px"),
+        "diagnostics": rec.diagnostics,
+        "camera": {"scale": float(np.asarray(cam.scale)), "rotation": np.asarray(cam.rotation),
+                   "translation": np.asarray(cam.translation),
+                   "convention": "u = s (R v)_x + t_x, row = H - (s (R v)_y + t_y), working-size pixels"},
+        "coefficients": {"id": rec.id_coeffs, "exp": rec.exp_coeffs},
+        "lighting_sh": None if rec.sh is None else np.asarray(rec.sh),
+        "meshes": {n: {"vertices": getattr(rec, n).n_vertices, "faces": int(getattr(rec, n).faces.shape[0])}
+                   for n in ("coarse", "medium", "fine")},
+        "files": list(files),
+    }
+
+
+def write_outputs(rec: Reconstruction, folder, *, ply: bool = False, image=None, model_argument=None,
+                  parameters=None, final=None) -> list:
+    """Write a reconstruction's files into ``folder`` (which must exist); ``report.json`` last.
+
+    Normally ``folder`` is the staging folder of a :class:`geomfit.atomic.ResultDir` (as in
+    :func:`save_reconstruction` and the ``geomfit`` command), so that the result appears as a whole.
+    An ``OSError`` (disk full, permissions) is re-raised naming the file as it will be called
+    in the result folder ``final`` (default: ``folder``).
+
+    Parameters
+    ----------
+    rec : Reconstruction
+    folder : path
+        Where to write.
+    ply : bool
+        Also write ``.ply`` meshes.
+    image, model_argument, parameters :
+        Recorded in ``report.json``.
+    final : path, optional
+        The result folder's name to use in error messages.
+
+    Returns
+    -------
+    list of str
+        The names written.
+    """
+    import pathlib
+
+    from . import atomic
+    from .overview import albedo_to_image, depth_to_image, normals_to_image, overview_image
+
+    _import_trimesh()
+    folder = pathlib.Path(folder)
+    names = [f"{n}{e}" for n in ("coarse", "medium", "fine") for e in ([".obj"] + ([".ply"] if ply else []))]
+    names += ["depth.png", "normal.png", "albedo.png", "maps.npz", "overview.png"]
+    files = []
+    dimg, (lo, hi) = depth_to_image(rec.depth)
+
+    def one(name):
+        target = folder / name
+        stem, ext = name.rsplit(".", 1)
+        if stem in ("coarse", "medium", "fine"):
+            with atomic.signals_deferred():  # trimesh's exporters catch BaseException in places
+                getattr(rec, stem).save(target)
+        elif name == "depth.png":
+            atomic.write_image(target, dimg)
+        elif name == "normal.png":
+            atomic.write_image(target, normals_to_image(rec.normals))
+        elif name == "albedo.png":
+            atomic.write_image(target, albedo_to_image(rec.albedo))
+        elif name == "maps.npz":
+            with atomic.atomic_open(target, "wb") as f:
+                np.savez_compressed(f, depth=rec.depth, normals=rec.normals, albedo=rec.albedo,
+                                    medium_depth=rec.medium_depth, mask=rec.mask, landmarks=rec.landmarks)
+        elif name == "overview.png":
+            title = (f"geomfit: {pathlib.Path(str(image)).name if image is not None else ''}  |  landmark RMS "
+                     f"{rec.diagnostics['landmark_rmse_px']:.2f} px  |  {rec.timings['total']:.1f} s")
+            atomic.write_image(target, overview_image(rec, title=title))
+        elif name == "report.json":
+            report = build_report(rec, image=image, model_argument=model_argument, parameters=parameters,
+                                  files=files + ["report.json"])
+            report["depth_png"] = {"min_px": lo, "max_px": hi,
+                                   "decode": "depth = min_px + (png - 1) / 65534 * (max_px - min_px); png 0 = no surface"}
+            atomic.write_json(target, report)
+
+    for name in names + ["report.json"]:
+        try:
+            one(name)
+        except OSError as e:
+            where = pathlib.Path(final if final is not None else folder) / name
+            raise OSError(e.errno, f"cannot write {where}: {e.strerror or e}") from e
+        files.append(name)
+        atomic.test_hook(f"write:{len(files)}")
+    return files
+
+
+def save_reconstruction(rec: Reconstruction, outdir, *, force: bool = False, ply: bool = False, image=None,
+                        model_argument=None, parameters=None):
+    """Write a reconstruction's result folder as a whole (old set or new set, never a mix).
+
+    The folder is claimed (:class:`geomfit.atomic.ResultDir`: writable, not in use by another
+    process, empty or ``force``), the files are written into a hidden sibling folder and swapped in
+    when all are written.
+
+    Returns
+    -------
+    pathlib.Path
+        The result folder.
+    """
+    from .atomic import ResultDir, test_hook
+
+    with ResultDir(outdir, force=force) as rd:
+        write_outputs(rec, rd.staging, ply=ply, image=image, model_argument=model_argument,
+                      parameters=parameters, final=rd.path)
+        test_hook("commit")
+        return rd.commit()

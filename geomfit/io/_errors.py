@@ -113,6 +113,13 @@ class ByteReader:
             )
 
 
+def file_mode() -> int:
+    """``0o666`` less the umask: the mode of a file made by a plain ``open``."""
+    from ..atomic import file_mode as _fm
+
+    return _fm()
+
+
 def atomic_write(path, writer, mode: str = "wb"):
     """Write a file atomically: ``writer(fileobj)`` writes to a temp file in the same folder,
     which then replaces ``path`` (``os.replace``), so readers never see a half-written file."""
@@ -122,6 +129,7 @@ def atomic_write(path, writer, mode: str = "wb"):
         raise file_error(path, f"folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, file_mode())  # respect the umask (mkstemp makes 0600 files)
         with os.fdopen(fd, mode) as f:
             writer(f)
             f.flush()
