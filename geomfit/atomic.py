@@ -69,22 +69,34 @@ _DEFERRED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold back SIGINT, SIGTERM and SIGHUP for the duration of the block (POSIX, main thread).
+    """Hold back SIGINT, SIGTERM and SIGHUP for the duration of the block (main thread).
 
-    A signal that arrives meanwhile stays pending and is delivered -- raising ``KeyboardInterrupt``
+    A signal that arrives meanwhile is recorded and raised again -- giving ``KeyboardInterrupt``
     or running its handler -- as soon as the block ends.  Used around steps that must not be cut in
     half (the two renames that swap a result folder) and around third-party code that catches
     ``BaseException`` (importing trimesh, whose optional imports would otherwise swallow a Ctrl-C).
-    Elsewhere (Windows, other threads) it does nothing.
+    The Python-level handlers are swapped rather than the signal mask blocked: a blocked signal
+    would still reach the interpreter through any other thread (BLAS, Numba) and be raised inside
+    the block.  Outside the main thread it does nothing.
     """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    got: list = []
+
+    def note(signum, frame):
+        got.append(signum)
+
+    old = {}
     try:
+        for sig in _DEFERRED:
+            old[sig] = signal.signal(sig, note)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, h in old.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(got):
+            signal.raise_signal(sig)
 
 
 def test_hook(point: str) -> None:
@@ -291,8 +303,9 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _writable_error(path: pathlib.Path, e: OSError) -> OutputError:
-    return OutputError(e.errno, f"output folder {path} is not writable ({e.strerror or e})")
+def _writable_error(target: pathlib.Path, folder: pathlib.Path, e: OSError) -> OutputError:
+    return OutputError(e.errno, f"cannot write the output folder {target}: {folder} is not writable "
+                       f"({e.strerror or e})")
 
 
 class ResultDir:
@@ -357,7 +370,7 @@ class ResultDir:
                 st = tempfile.mkdtemp(prefix=f".{p.name}.geomfit-new-", dir=str(p.parent))
                 os.chmod(st, dir_mode())
             except OSError as e:
-                raise _writable_error(p.parent, e) from e
+                raise _writable_error(p, p.parent, e) from e
             self.staging = pathlib.Path(st)
         except BaseException:
             self._unlock()
@@ -380,7 +393,7 @@ class ResultDir:
                 continue
             except OSError as e:
                 self._remove_made()
-                raise _writable_error(d.parent, e) from e
+                raise _writable_error(self.path, d.parent, e) from e
             self._made.append(d)
 
     def _lock(self):
@@ -390,7 +403,7 @@ class ResultDir:
             try:
                 fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, file_mode())
             except OSError as e:
-                raise _writable_error(self.path.parent, e) from e
+                raise _writable_error(self.path, self.path.parent, e) from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -443,7 +456,7 @@ class ResultDir:
                 try:
                     p.mkdir(mode=0o777)
                 except OSError as e:
-                    raise _writable_error(p.parent, e) from e
+                    raise _writable_error(p, p.parent, e) from e
                 self._made.append(p)
             if not os.access(p, os.W_OK | os.X_OK):
                 raise OutputError(errno.EACCES, f"output folder {p} is not writable")
