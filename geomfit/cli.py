@@ -308,7 +308,21 @@ def _cmd_download(a) -> int:
     from .data import download_model
 
     say = _Progress(a.quiet)
-    out = download_model(a.name, url_base=a.url_base, dest=a.dest, force=a.force, progress=say)
+    made = None
+    if a.dest:  # leave no empty folder behind when the download fails
+        q = pathlib.Path(a.dest).expanduser()
+        while not q.exists() and q != q.parent:
+            made, q = q, q.parent
+    try:
+        out = download_model(a.name, url_base=a.url_base, dest=a.dest, force=a.force, progress=say)
+    except BaseException:
+        if made is not None:
+            import shutil
+
+            d = pathlib.Path(a.dest).expanduser()
+            if d.is_dir() and not any(d.rglob("*")) or not d.exists():
+                shutil.rmtree(made, ignore_errors=True)
+        raise
     print(f"geomfit: model {a.name!r} installed in {out}")
     return 0
 
@@ -375,7 +389,11 @@ def _cmd_evaluate(a) -> int:
     pred, gt = pathlib.Path(a.pred), pathlib.Path(a.gt)
     if pred.suffix.lower() in _DEPTH_EXT and gt.suffix.lower() in _DEPTH_EXT:
         dp, dg = _load_depth(pred), _load_depth(gt)
-        res = {"kind": "depth", "mae": metrics.depth_mae(dp, dg),
+        try:
+            mae = metrics.depth_mae(dp, dg)
+        except ValueError as e:
+            raise CLIError(f"cannot compare {pred} with {gt}: {e}") from e
+        res = {"kind": "depth", "mae": mae,
                "n_valid": int(((np.nan_to_num(dp) != 0) | (np.nan_to_num(dg) != 0)).sum())}
     else:
         pv, pf = _load_mesh(pred)
@@ -508,8 +526,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except Exception as e:  # a bug: still one line (GEOMFIT_DEBUG=1 shows the traceback)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"geomfit: error: unexpected {type(e).__name__}: {msg} (please report it; GEOMFIT_DEBUG=1 shows "
-              "the traceback)", file=sys.stderr)
+        print(f"geomfit: error: internal error ({type(e).__name__}): {msg} (please report it; GEOMFIT_DEBUG=1 "
+              "shows the traceback)", file=sys.stderr)
         if os.environ.get("GEOMFIT_DEBUG"):
             raise
         return 1
