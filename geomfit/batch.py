@@ -120,6 +120,16 @@ def _landmarks_beside(photo: str) -> Optional[str]:
     return None
 
 
+def quiet_opencv() -> None:
+    """Silence OpenCV's own log lines on stderr (a corrupt file is reported by geomfit, once)."""
+    try:
+        import cv2.utils.logging as cvlog
+
+        cvlog.setLogLevel(cvlog.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):  # pragma: no cover - other OpenCV builds
+        pass
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip()
     return msg.splitlines()[0] if msg else type(e).__name__
@@ -135,6 +145,7 @@ def _run_one(job: Dict[str, Any]) -> Dict[str, Any]:
                            "timings_s": {}, "landmark_rmse_px": None, "seconds": None,
                            "worker": f"{socket.gethostname()}:{os.getpid()}"}
     t0 = time.perf_counter()
+    quiet_opencv()
     atomic.test_hook("task")
     if job.get("resume") and (out / "report.json").is_file():
         import json

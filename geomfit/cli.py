@@ -509,6 +509,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     a = parser.parse_args(argv)
+    from .batch import quiet_opencv
+
+    quiet_opencv()  # OpenCV's own warnings would repeat geomfit's one-line error
     old = _install_signal_handlers()
     try:
         return int(a.func(a) or 0)

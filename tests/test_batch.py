@@ -1,0 +1,174 @@
+"""Batches of photos: ``geomfit reconstruct PHOTO|DIR ... -o OUTDIR`` and ``geomfit.reconstruct_many``,
+in this process and on a real Dask ``LocalCluster`` (with a worker killed mid-batch)."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from geomfit.batch import collect_photos, unique_names
+from geomfit.cli import main
+
+
+def _read_pts(p):
+    return np.array(open(p).read().split("{")[1].split("}")[0].split(), float).reshape(68, 2)
+
+
+def _photo(data, path, scale):
+    import cv2
+
+    img = cv2.imread(str(data / "images" / "image_0010.png"))
+    size = (int(round(1280 * scale)), int(round(1024 * scale)))
+    cv2.imwrite(str(path), cv2.resize(img, size, interpolation=cv2.INTER_AREA))
+    q = _read_pts(data / "images" / "image_0010.pts") * scale
+    pathlib.Path(path).with_suffix(".pts").write_text(
+        "version: 1\nn_points: 68\n{\n" + "\n".join(f"{x:.3f} {y:.3f}" for x, y in q) + "\n}\n")
+
+
+@pytest.fixture
+def photos(data, tmp_path, monkeypatch):
+    for mod, name in [("geomfit.fitting", "fit_landmarks"), ("geomfit.laplacian", "medium_stage")]:
+        if not hasattr(pytest.importorskip(mod), name):
+            pytest.skip(f"{mod}.{name} not merged")
+    monkeypatch.setenv("GEOMFIT_DATA", str(data))
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    _photo(data, d / "a.png", 0.25)
+    _photo(data, d / "b.png", 0.2)
+    _photo(data, d / "sub" / "a.png", 0.3)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    return d
+
+
+OPTS = ["--no-fine", "--max-side", "128", "-q"]
+
+
+def test_collect_photos_and_unique_names(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for p in ["x/face.png", "x/B.JPG", "x/notes.txt", "x/.hidden.png", "y/face.png", "y/summary.json.png"]:
+        (tmp_path / p).write_bytes(b"")
+    got = collect_photos([tmp_path / "x", tmp_path / "y", tmp_path / "x" / "face.png", "skimage:astronaut"])
+    assert got == [str(tmp_path / p) for p in ["x/B.JPG", "x/face.png", "y/face.png", "y/summary.json.png"]] + \
+        ["skimage:astronaut"]
+    names = unique_names(got)
+    assert names == ["B", "x-face", "y-face", "_summary.json", "astronaut"]
+    assert len({n.lower() for n in names}) == len(names)
+    # equal stems in folders with equal names, and names equal but for case: still unique, stable
+    ps = [str(tmp_path / "p" / "q" / "face.png"), str(tmp_path / "r" / "q" / "face.png"), "Face.png", "face.jpg"]
+    n1 = unique_names(ps)
+    assert len({n.lower() for n in n1}) == 4 and n1 == unique_names(ps)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no photos"):
+        collect_photos([tmp_path / "x" / "face.png", tmp_path / "empty"])
+
+
+def test_batch_summary_failure_and_resume(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["reconstruct", str(photos), str(photos / "sub"), "-o", str(out), *OPTS])
+    err = capsys.readouterr().err
+    assert rc == 1  # a photo failed
+    assert "broken.png" in err and "Traceback" not in err
+    s = json.loads((out / "summary.json").read_text())
+    by = {p["name"]: p for p in s["photos"]}
+    assert sorted(by) == ["b", "broken", "in-a", "sub-a"]
+    assert (s["n_photos"], s["n_ok"], s["n_failed"]) == (4, 3, 1)
+    assert by["broken"]["status"] == "failed" and "broken.png" in by["broken"]["error"]
+    assert not (out / "broken").exists()
+    for n in ("in-a", "b", "sub-a"):
+        rep = json.loads((out / n / "report.json").read_text())
+        assert by[n]["status"] == "ok" and by[n]["landmark_rmse_px"] == pytest.approx(rep["landmark_rmse_px"])
+        assert rep["landmarks"]["detector"] == "pts"  # the .pts beside the photo was used
+        assert rep["landmarks"]["file"] == str(pathlib.Path(by[n]["input"]).with_suffix(".pts"))
+        assert by[n]["timings_s"]["total"] > 0 and by[n]["seconds"] >= by[n]["timings_s"]["total"]
+        assert sorted(q.name for q in (out / n).iterdir()) == sorted(rep["files"])
+    # the same photo alone gives the same fit (independent single-photo run)
+    single = tmp_path / "single"
+    assert main(["reconstruct", str(photos / "b.png"), "--landmarks", str(photos / "b.pts"), "-o", str(single),
+                 *OPTS]) == 0
+    assert json.loads((single / "report.json").read_text())["landmark_rmse_px"] == pytest.approx(
+        by["b"]["landmark_rmse_px"], rel=1e-9)
+    # a second run without --resume/--force is refused; --resume skips the finished photos
+    assert main(["reconstruct", str(photos), str(photos / "sub"), "-o", str(out), *OPTS]) == 1
+    assert "--resume" in capsys.readouterr().err
+    before = {n: (out / n / "report.json").stat().st_mtime_ns for n in ("in-a", "b", "sub-a")}
+    _photo(pathlib.Path(os.environ["GEOMFIT_DATA"]), photos / "broken.png", 0.22)  # repair the broken photo
+    assert main(["reconstruct", str(photos), str(photos / "sub"), "-o", str(out), "--resume", *OPTS]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    by = {p["name"]: p for p in s["photos"]}
+    assert {n: p["status"] for n, p in by.items()} == {"in-a": "skipped", "b": "skipped", "sub-a": "skipped",
+                                                       "broken": "ok"}
+    assert {n: (out / n / "report.json").stat().st_mtime_ns for n in before} == before  # not redone
+    assert by["b"]["landmark_rmse_px"] == pytest.approx(json.loads((out / "b" / "report.json").read_text())[
+        "landmark_rmse_px"])
+    assert not [p for p in out.rglob(".*")]  # no staging folders or lock files
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
+        cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    yield cl
+    cl.close()
+
+
+def test_local_cluster_worker_killed_mid_batch(photos, tmp_path, cluster, monkeypatch):
+    """A worker dies (SIGKILL) while writing a photo's result: the photo is retried on a fresh worker,
+    every photo ends up in the summary, and the killed write left nothing behind."""
+    from distributed import Client
+
+    from geomfit import reconstruct_many
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("GEOMFIT_TEST_KILL", "write:2")
+    monkeypatch.setenv("GEOMFIT_TEST_KILL_ONCE", str(marker))
+    # worker processes inherit the environment when they start: restart them with the hook set
+    client = Client(cluster)
+    try:
+        client.restart()
+        client.wait_for_workers(2, timeout=120)
+        inputs = [photos / "a.png", photos / "b.png", photos / "sub", photos / "broken.png"]
+        recs = reconstruct_many(inputs, client, outdir=tmp_path / "out", max_side=128, fine=False, progress=False)
+    finally:
+        client.close()
+    assert marker.exists()  # a worker was killed
+    by = {r["name"]: r for r in recs}
+    assert sorted(by) == ["b", "broken", "in-a", "sub-a"]
+    assert {n: r["status"] for n, r in by.items() if n != "broken"} == {n: "ok" for n in by if n != "broken"}
+    assert by["broken"]["status"] == "failed" and "broken.png" in by["broken"]["error"]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [p["name"] for p in s["photos"]] == [r["name"] for r in recs] and s["n_ok"] == 3
+    for n, r in by.items():
+        if n == "broken":
+            continue
+        rep = json.loads((tmp_path / "out" / n / "report.json").read_text())
+        assert sorted(q.name for q in (tmp_path / "out" / n).iterdir()) == sorted(rep["files"])
+        assert r["landmark_rmse_px"] == pytest.approx(rep["landmark_rmse_px"])
+    assert not list((tmp_path / "out").rglob(".*"))  # the killed write's staging folder was cleaned up
+    # same results as in this process
+    monkeypatch.delenv("GEOMFIT_TEST_KILL")
+    ref = reconstruct_many([photos / "b.png"], None, outdir=tmp_path / "ref", max_side=128, fine=False,
+                           progress=False)
+    assert ref[0]["landmark_rmse_px"] == pytest.approx(by["b"]["landmark_rmse_px"], rel=1e-9)
+
+
+def test_cli_on_an_existing_scheduler_and_futures(photos, tmp_path, cluster, capsys):
+    from distributed import Client
+
+    from geomfit import reconstruct_many
+
+    out = tmp_path / "out"
+    rc = main(["reconstruct", str(photos / "a.png"), str(photos / "b.png"), "-o", str(out), "--scheduler",
+               cluster.scheduler_address, *OPTS])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_ok"] == 2 and s["workers"] == 2
+    with Client(cluster) as client:
+        futs = reconstruct_many([photos / "b.png"], client, outdir=tmp_path / "f", max_side=128, fine=False,
+                                progress=False, return_futures=True)
+        recs = client.gather(futs)
+    assert recs[0]["status"] == "ok" and (tmp_path / "f" / "b" / "report.json").is_file()
