@@ -15,6 +15,9 @@ EXTRAS = {
     "formats": ["h5py"],
     # Sample photos for `geomfit reconstruct skimage:NAME`.
     "examples": ["scikit-image"],
+    # Batches: `geomfit reconstruct DIR ... --workers N / --scheduler ADDRESS`, geomfit.reconstruct_many
+    # (Dask distributed), with a progress bar (tqdm).
+    "batch": ["dask[distributed]", "tqdm"],
     "dev": [
         "pytest>=7",
         "eos-py==1.5.0",
@@ -25,7 +28,7 @@ EXTRAS = {
         "numba-cuda>=0.20",
     ],
 }
-EXTRAS["all"] = sorted({p for k in ("cholmod", "torch", "landmarks", "formats", "examples") for p in EXTRAS[k]})
+EXTRAS["all"] = sorted({p for k in ("cholmod", "torch", "landmarks", "formats", "examples", "batch") for p in EXTRAS[k]})
 
 setup(
     name="geomfit",

@@ -25,3 +25,21 @@ python -m pip install -q "numpy" "cython" "scipy"
 python -m pip install -q --no-build-isolation "scikit-sparse<0.5" || echo "scikit-sparse did not build: geomfit falls back to SciPy"
 python -m pip install -q -e ".[all,dev]"
 echo "geomfit installed in $(pwd)/.venv"
+
+# Compile the Numba kernels now and cache them on disk (geomfit/kernels/__pycache__), so that the first
+# `geomfit reconstruct` takes seconds instead of a minute of JIT compilation. Needs the Surrey model
+# (GEOMFIT_DATA or `geomfit download-model sfm`, which is then worth following by this script again).
+if [ "${GEOMFIT_NO_WARM:-}" = 1 ]; then
+  echo "GEOMFIT_NO_WARM=1: Numba caches not warmed"
+elif python -c "from geomfit.data import resolve_model; resolve_model('sfm')" >/dev/null 2>&1; then
+  warm=$(mktemp -d)
+  t0=$(date +%s)
+  if python -m geomfit reconstruct skimage:astronaut -o "$warm/astronaut" -q >/dev/null; then
+    echo "Numba kernels compiled and cached in $(( $(date +%s) - t0 )) s"
+  else
+    echo "warning: warming the Numba caches failed; the first run will compile them"
+  fi
+  rm -rf "$warm"
+else
+  echo "note: no Surrey model found (GEOMFIT_DATA, or run: geomfit download-model sfm); the first reconstruction will compile the Numba kernels (about 30-50 s once)"
+fi
