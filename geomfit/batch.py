@@ -147,6 +147,7 @@ def _run_one(job: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter()
     quiet_opencv()
     atomic.test_hook("task")
+    atomic.test_hook(f"task:{job['name']}")
     if job.get("resume") and (out / "report.json").is_file():
         import json
 

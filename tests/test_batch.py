@@ -172,3 +172,55 @@ def test_cli_on_an_existing_scheduler_and_futures(photos, tmp_path, cluster, cap
                                 progress=False, return_futures=True)
         recs = client.gather(futs)
     assert recs[0]["status"] == "ok" and (tmp_path / "f" / "b" / "report.json").is_file()
+
+
+def test_a_photo_that_kills_its_worker_is_reported(photos, tmp_path, monkeypatch):
+    """A photo whose worker dies on every attempt ends as "failed" in the summary (Dask's
+    KilledWorker); the other photos complete."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    from geomfit import reconstruct_many
+
+    monkeypatch.setenv("GEOMFIT_TEST_KILL", "task:b")  # every process that starts photo b dies
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cl, distributed.Client(cl) as client:
+            recs = reconstruct_many([photos / "a.png", photos / "b.png"], client, outdir=tmp_path / "out",
+                                    max_side=128, fine=False, progress=False, retries=0)
+    by = {r["name"]: r for r in recs}
+    assert by["a"]["status"] == "ok" and (tmp_path / "out" / "a" / "report.json").is_file()
+    assert by["b"]["status"] == "failed" and "died" in by["b"]["error"] and "b.png" in by["b"]["error"]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (s["n_ok"], s["n_failed"]) == (1, 1) and not (tmp_path / "out" / "b").exists()
+
+
+def test_interrupted_batch_is_summarised_and_resumed(photos, tmp_path):
+    """Ctrl-C in the middle of a batch: finished photos stay, the one being written leaves nothing,
+    the summary says which photos did not run, and --resume completes the batch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    flag = tmp_path / "paused"
+    env = dict(os.environ, GEOMFIT_TEST_PAUSE="task:in-a", GEOMFIT_TEST_PAUSE_FILE=str(flag))
+    p = subprocess.Popen([sys.executable, "-m", "geomfit", "reconstruct", str(photos / "b.png"), str(photos / "a.png"),
+                          str(photos / "sub" / "a.png"), "-o", str(out), *OPTS], env=env, stderr=subprocess.PIPE,
+                         text=True)
+    t_end = time.monotonic() + 300
+    while not flag.exists():
+        assert p.poll() is None and time.monotonic() < t_end, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    s = json.loads((out / "summary.json").read_text())
+    assert {q["name"]: q["status"] for q in s["photos"]} == {"b": "ok", "in-a": "not run", "sub-a": "not run"}
+    assert sorted(q.name for q in out.iterdir()) == ["b", "summary.json"]
+    assert main(["reconstruct", str(photos / "b.png"), str(photos / "a.png"), str(photos / "sub" / "a.png"),
+                 "-o", str(out), "--resume", *OPTS]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert {q["name"]: q["status"] for q in s["photos"]} == {"b": "skipped", "in-a": "ok", "sub-a": "ok"}
+    assert not list(tmp_path.rglob(".*"))
