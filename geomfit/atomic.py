@@ -332,7 +332,8 @@ class ResultDir:
     """
 
     def __init__(self, path: PathLike, force: bool = False):
-        self.path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        # the real path: a symlinked OUTDIR is written where it points (the link stays a link)
+        self.path = pathlib.Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
         self.force = force
         self.staging: pathlib.Path | None = None
         self._lock_fd: int | None = None

@@ -166,7 +166,7 @@ def test_cli_on_an_existing_scheduler_and_futures(photos, tmp_path, cluster, cap
                cluster.scheduler_address, *OPTS])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
-    assert s["n_ok"] == 2 and s["workers"] == 2
+    assert s["n_ok"] == 2 and s["workers"] >= 1  # workers alive when the batch started
     with Client(cluster) as client:
         futs = reconstruct_many([photos / "b.png"], client, outdir=tmp_path / "f", max_side=128, fine=False,
                                 progress=False, return_futures=True)

@@ -380,3 +380,40 @@ def test_force_refuses_a_folder_geomfit_did_not_write(env, small, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "thesis.tex" in err[0], err
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+# -- ResultDir on its own ------------------------------------------------------------------------
+@pytest.mark.parametrize("exchange", [True, False])
+def test_result_dir_replaces_as_a_whole(tmp_path, monkeypatch, exchange):
+    """Both ways of swapping (the atomic exchange and the two-rename fallback) give the new set only."""
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "o"
+    with atomic.ResultDir(out) as rd:
+        (rd.staging / "a.json").write_text("old")
+        (rd.staging / "stale.ply").write_text("old")
+        assert not out.exists()  # nothing visible before the commit
+        rd.commit()
+    with atomic.ResultDir(out, force=True) as rd:
+        (rd.staging / "a.json").write_text("new")
+        assert sorted(q.name for q in out.iterdir()) == ["a.json", "stale.ply"]  # old set until the commit
+        rd.commit()
+    assert {q.name: q.read_text() for q in out.iterdir()} == {"a.json": "new"}
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(atomic.OutputError, match="not empty"):
+        atomic.ResultDir(out).claim()
+    assert _leftovers(tmp_path) == []
+
+
+def test_result_dir_through_a_symlink(tmp_path):
+    """A symlinked OUTDIR: the result lands where the link points and the link stays a link."""
+    real = tmp_path / "scratch" / "res"
+    real.mkdir(parents=True)
+    (real / "report.json").write_text("old")
+    link = tmp_path / "res"
+    link.symlink_to(real)
+    with atomic.ResultDir(link, force=True) as rd:
+        (rd.staging / "report.json").write_text("new")
+        rd.commit()
+    assert link.is_symlink() and (link / "report.json").read_text() == "new"
+    assert _leftovers(tmp_path) == []
