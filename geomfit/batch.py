@@ -8,8 +8,8 @@ others go on.  On a Dask cluster (``dask.distributed``) every photo is one task;
 worker dies is retried on another worker, and reported as failed if that keeps happening, so no
 photo goes missing from the summary.
 
-The pipeline follows Jin et al., "Coarse-to-fine 3D face reconstruction" (2021), with the
-landmark fitting of Wang et al.; this module only schedules it.
+The pipeline follows Jin et al., "High-fidelity 3D face reconstruction with multi-scale details"
+(2021), with the landmark fitting of Wang et al.; this module only schedules it.
 """
 from __future__ import annotations
 
@@ -251,6 +251,19 @@ def reconstruct_many(paths, client=None, *, outdir, model: str = "sfm", detector
     geomfit.atomic.OutputError
         ``outdir`` is not writable, is in use by another run, or is not empty (without ``force``
         or ``resume``).
+
+    Notes
+    -----
+    Each photo runs the whole pipeline of :func:`geomfit.pipeline.reconstruct`; photos are
+    independent, so the batch parallelises over photos (one task per photo) and each worker keeps
+    its own copy of the model and its Numba kernels (loaded from the on-disk cache).
+
+    References
+    ----------
+    Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern
+    Recognition Letters, 2021 (the coarse-medium-fine pipeline run on every photo); Wang et al.,
+    "Low-frequency guided self-supervised learning for high-fidelity 3D face reconstruction in the
+    wild" (the landmark fit, Eq. 1).
     """
     from . import atomic
 

@@ -224,3 +224,15 @@ def test_interrupted_batch_is_summarised_and_resumed(photos, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert {q["name"]: q["status"] for q in s["photos"]} == {"b": "skipped", "in-a": "ok", "sub-a": "ok"}
     assert not list(tmp_path.rglob(".*"))
+
+
+def test_cli_workers_starts_a_local_cluster(photos, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    out = tmp_path / "out"
+    rc = main(["reconstruct", str(photos / "a.png"), str(photos / "broken.png"), "-o", str(out), "--workers", "1",
+               *OPTS])
+    err = capsys.readouterr().err
+    assert rc == 1 and "broken.png" in err and "Traceback" not in err
+    s = json.loads((out / "summary.json").read_text())
+    assert {p["name"]: p["status"] for p in s["photos"]} == {"a": "ok", "broken": "failed"}
+    assert s["photos"][0]["worker"].split(":")[-1] != str(os.getpid())  # it ran in a worker process
