@@ -120,6 +120,16 @@ def _cmd_reconstruct_batch(a) -> int:
     from .data import resolve_model
 
     resolve_model(a.model)  # an unknown model fails now, not once per photo
+    from . import atomic
+
+    top = atomic.ResultDir(a.output)  # OUTDIR writable and usable before a cluster is started
+    top.claim_in_place()
+    try:
+        if not (a.force or a.resume) and any(not q.name.startswith(".") for q in top.path.iterdir()):
+            raise CLIError(f"output folder {top.path} already exists and is not empty; use --force to redo "
+                           "every photo or --resume to do the missing ones")
+    finally:
+        top.release(keep=False)
     client = cluster = None
     if a.workers or a.scheduler:
         try:
