@@ -56,7 +56,7 @@ def bench_batch(data, n_photos, max_side=256):
         out["in_process"] = {"seconds": dt, "photos_per_minute": 60 * n_photos / dt}
         for workers in (1, 2):
             t0 = time.perf_counter()
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
             client = Client(cluster)
             try:
                 startup = time.perf_counter() - t0

@@ -144,7 +144,7 @@ def _cmd_reconstruct_batch(a) -> int:
                 raise CLIError(f"cannot reach the Dask scheduler at {a.scheduler}: {e}") from e
         else:
             cluster = LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+                                   dashboard_address=":0")
             client = Client(cluster)
     try:
         recs = reconstruct_many(photos, client, outdir=a.output, model=a.model, detector=a.detector,

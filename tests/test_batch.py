@@ -111,7 +111,7 @@ def cluster():
     import dask
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 3, "distributed.worker.daemon": False}):
-        cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     yield cl
     cl.close()
 
@@ -185,7 +185,7 @@ def test_a_photo_that_kills_its_worker_is_reported(photos, tmp_path, monkeypatch
     monkeypatch.setenv("GEOMFIT_TEST_KILL", "task:b")  # every process that starts photo b dies
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as cl, distributed.Client(cl) as client:
+                                      dashboard_address=":0") as cl, distributed.Client(cl) as client:
             recs = reconstruct_many([photos / "a.png", photos / "b.png"], client, outdir=tmp_path / "out",
                                     max_side=128, fine=False, progress=False, retries=0)
     by = {r["name"]: r for r in recs}
