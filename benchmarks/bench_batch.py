@@ -17,9 +17,7 @@ import tempfile
 import time
 
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _harness import ROOT, RESULTS, environment, ratio, write_results
 
 
 def _photos(data, folder, n, scale=0.5):
@@ -71,8 +69,8 @@ def bench_batch(data, n_photos, max_side=256):
             finally:
                 client.close()
                 cluster.close()
-        out["speedup_2_vs_1_workers"] = out["dask_2_workers"]["photos_per_minute"] / \
-            out["dask_1_workers"]["photos_per_minute"]
+        out["speedup_2_vs_1_workers"] = ratio(out["dask_2_workers"]["photos_per_minute"],
+                                              out["dask_1_workers"]["photos_per_minute"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -160,9 +158,9 @@ def main():
     ap.add_argument("--skip-batch", action="store_true")
     a = ap.parse_args()
     data = pathlib.Path(os.environ.get("GEOMFIT_DATA", ROOT.parent / "shared" / "data"))
-    dest = ROOT / "benchmarks" / "results" / "batch.json"
+    dest = RESULTS / "batch.json"
     res = json.loads(dest.read_text()) if dest.is_file() else {}  # sections skipped now keep their numbers
-    res["machine"] = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    res.pop("machine", None)
     def section(name, fn):
         load0 = os.getloadavg()
         res[name] = fn()
@@ -174,9 +172,8 @@ def main():
     section("first_run", lambda: bench_first_run(cold=not a.skip_cold))
     if not a.skip_memory:
         section("memory", lambda: bench_memory(data))
-    res["machine"]["load_avg_end"] = os.getloadavg()
-    dest.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"written {dest}")
+    res["environment"] = environment()
+    print(f"written {write_results('batch', res)}")
 
 
 if __name__ == "__main__":
