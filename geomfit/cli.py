@@ -90,8 +90,8 @@ def _cmd_reconstruct_one(a) -> int:
         try:
             rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
                               max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
-        except NoFaceError as e:
-            raise CLIError(f"{src}: {e}") from e
+        except NoFaceError as e:  # the message names the photo (reconstruct is given the path)
+            raise CLIError(str(e) if str(src) in str(e) else f"{src}: {e}") from e
         say(f"writing outputs to {rd.path}")
         params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
                   "fine": not a.no_fine, "landmarks_file": a.landmarks}

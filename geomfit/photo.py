@@ -154,6 +154,8 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     import cv2
 
     p = pathlib.Path(s).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not an image file (for a folder of photos: geomfit.reconstruct_many)")
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
     buf = np.fromfile(str(p), dtype=np.uint8)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .landmarks import check_landmarks, detect_landmarks, read_pts_checked
+from .landmarks import NoFaceError, check_landmarks, detect_landmarks, read_pts_checked
 from .mesh import Mesh, displace_mesh  # noqa: F401  (defined in geomfit.mesh; kept importable from here)
 from .photo import load_photo, resize_longest, srgb_to_linear
 
@@ -239,7 +239,13 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
 
     img_full = load_photo(image)
     t = time.perf_counter()
-    pts_full, info = _resolve_landmarks(img_full, landmarks, detector, log)
+    try:
+        pts_full, info = _resolve_landmarks(img_full, landmarks, detector, log)
+    except NoFaceError as e:  # name the photo, not "image" (the detector saw an array)
+        if isinstance(image, (str, os.PathLike)) and os.fspath(image) not in str(e):
+            raise NoFaceError(str(e).replace("no face found in image", f"no face found in {os.fspath(image)}", 1)) \
+                from None
+        raise
     timings["landmarks"] = time.perf_counter() - t
 
     img, ws = resize_longest(img_full, max_side)

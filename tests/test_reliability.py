@@ -417,3 +417,21 @@ def test_result_dir_through_a_symlink(tmp_path):
         rd.commit()
     assert link.is_symlink() and (link / "report.json").read_text() == "new"
     assert _leftovers(tmp_path) == []
+
+
+def test_python_api_names_the_folder_and_the_photo(env, tmp_path):
+    """Issue 12 defect 12 through the Python API: a folder is not "not found"; no face names the photo."""
+    import cv2
+
+    from geomfit.pipeline import reconstruct
+
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        reconstruct(tmp_path, model="sfm")
+    from geomfit.landmarks import NoFaceError, available_detectors
+
+    if not available_detectors().get("dlib"):
+        pytest.skip("dlib not installed")
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((120, 160, 3), 128, np.uint8))
+    with pytest.raises(NoFaceError, match=f"no face found in {blank}"):
+        reconstruct(blank, model="sfm")
