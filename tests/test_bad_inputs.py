@@ -7,7 +7,6 @@ case).  Cases are built from small generated files; the real photo is image_0010
 """
 import gzip
 import os
-import pathlib
 
 import numpy as np
 import pytest
