@@ -159,9 +159,13 @@ def test_outputs_respect_the_umask(env, small, tmp_path, umask):
         write_pts(tmp_path / "x.pts", np.zeros((68, 2)))
         save_mesh(tmp_path / "m.obj", np.eye(3), np.array([[0, 1, 2]]))
         atomic.write_json(tmp_path / "j.json", {"a": 1})
+        dl = tmp_path / "models"  # a shared model cache must be readable by its other users
+        assert main(["download-model", "sfm", "--url-base", (env / "sfm").as_uri(), "--dest", str(dl), "-q"]) == 0
     finally:
         os.umask(old)
     files = list(out.iterdir()) + list(fits.iterdir()) + [tmp_path / n for n in ("x.pts", "m.obj", "j.json")]
+    files += [p for p in dl.iterdir() if p.is_file()]
+    assert len(files) > 20
     modes = {str(p): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
