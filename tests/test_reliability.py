@@ -90,8 +90,9 @@ def _wait_flag(flag, proc, timeout=180):
 
 
 # -- defects 1, 9, 10: a result folder is the old set or the new set, never a mix ---------------------
-@pytest.mark.parametrize("sig, point", [(signal.SIGINT, "write:1"), (signal.SIGINT, "write:6"),
-                                        (signal.SIGTERM, "write:3"), (signal.SIGTERM, "commit")])
+@pytest.mark.parametrize("sig, point", [pytest.param(sig, point, id=f"{sig.name}-{point}") for sig, point in
+                                        [(signal.SIGINT, "write:1"), (signal.SIGINT, "write:6"),
+                                         (signal.SIGTERM, "write:3"), (signal.SIGTERM, "commit")]])
 def test_force_interrupted_keeps_the_old_set(env, small, tmp_path, sig, point):
     """Issue 12 defects 1 and 9: --force onto a result, signalled while writing the new one."""
     out = tmp_path / "res"
