@@ -253,11 +253,6 @@ def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
 # ------------------------------------------------------------------------------------------------
 # Small batched helpers
 # ------------------------------------------------------------------------------------------------
-def _rodrigues(w, xp):
-    """exp([w]_x) for w of shape (B, 3) (:func:`geomfit.camera.rodrigues`)."""
-    return rodrigues(w)
-
-
 def _solve(A, b, xp):
     """Batched ``solve(A, b)`` that never raises: systems with non-finite entries give NaN, exactly
     singular ones fall back to the pseudo-inverse."""
@@ -406,7 +401,7 @@ def _normal_equations(p: _Prep, R, s, coef, r, Us, sel, w, reg, fast=True):
 
 
 def _apply_step(R, s, t, coef, d, xp):
-    Rn = _rodrigues(d[:, :3], xp) @ R
+    Rn = rodrigues(d[:, :3]) @ R
     sn = s * xp.exp(d[:, 3])
     tn = t + d[:, 4:6]
     cn = coef + d[:, 6:]
