@@ -276,3 +276,22 @@ def test_projection_matches_camera_module():
     res = fit_landmarks(model, L[0], HW)
     cam = camera.ScaledOrthographic(res.scale, res.rotation, res.translation)
     np.testing.assert_allclose(res.projected, cam.project(res.vertices, HW[0]), rtol=1e-12, atol=1e-9)
+
+
+def test_options_object_equals_keywords():
+    from geomfit.fitting import FitOptions
+
+    model = random_model()
+    L, *_ = synth(model, 3, seed=41)
+    kw = dict(w_id=1e-2, w_exp=1e-3, max_iter=7, n_alternations=1)
+    a = fit_landmarks(model, L, HW, **kw)
+    b = fit_landmarks(model, L, HW, options=FitOptions(**kw))
+    for k in ("id_coeffs", "exp_coeffs", "rotation", "scale", "translation", "rmse_px", "iterations"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    m1 = fit_landmarks_multi(model, list(L), HW, **kw)
+    m2 = fit_landmarks_multi(model, list(L), HW, options=FitOptions().replace(**kw))
+    np.testing.assert_array_equal(m1.id_coeffs, m2.id_coeffs)
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_landmarks(model, L, HW, max_iter=3, options=FitOptions())
+    with pytest.raises(TypeError, match="FitOptions"):
+        fit_landmarks(model, L, HW, options={"max_iter": 3})
