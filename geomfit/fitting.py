@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any, Optional, Sequence
 
@@ -54,13 +54,59 @@ from .backend import asnumpy, get_array_module
 from .camera import rodrigues, scaled_orthographic
 from .model import MorphableModel
 
-__all__ = ["LandmarkFit", "fit_landmarks", "fit_landmarks_multi"]
+__all__ = ["LandmarkFit", "FitOptions", "fit_landmarks", "fit_landmarks_multi"]
 
 N_LANDMARKS = ibug.N_LANDMARKS
 # 1-based iBUG numbers, the keys of ``model.landmarks`` (eos's mapping files)
 _JAW_RIGHT = tuple(ibug.number(i) for i in ibug.CONTOUR_RIGHT)  # iBUG 1-8: the subject's right contour
 _JAW_LEFT = tuple(ibug.number(i) for i in ibug.CONTOUR_LEFT)  # iBUG 10-17: the left contour
 _CONTOUR_IBUG = _JAW_RIGHT + _JAW_LEFT
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitOptions:
+    """The tuning knobs of :func:`fit_landmarks` and :func:`fit_landmarks_multi` in one object.
+
+    ``fit_landmarks(model, L, size, options=FitOptions(max_iter=20))`` is the same as
+    ``fit_landmarks(model, L, size, max_iter=20)``; the fields and their defaults are the keyword
+    arguments documented on :func:`fit_landmarks`. ``options.replace(w_id=0.0)`` gives a modified copy.
+
+    Examples
+    --------
+    >>> FitOptions().replace(max_iter=10).max_iter
+    10
+    """
+
+    w_id: float = 1e-3
+    w_exp: float = 1e-3
+    n_id: Optional[int] = None
+    n_exp: Optional[int] = None
+    n_alternations: int = 2
+    max_iter: int = 50
+    ftol: float = 1e-6
+    xtol: float = 1e-8
+    gtol: float = 1e-12
+    w_init: float = 1e-3
+
+    def replace(self, **changes) -> "FitOptions":
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+def _resolve_options(options, given: dict, where: str) -> FitOptions:
+    """``options``, or the keyword knobs ``given`` as FitOptions; both at once is an error."""
+    if options is None:
+        return FitOptions(**given)
+    if not isinstance(options, FitOptions):
+        raise TypeError(f"{where}: options must be a FitOptions, got {type(options).__name__}")
+    default = FitOptions()
+    clash = sorted(k for k, v in given.items() if v != getattr(default, k))
+    if clash:
+        raise ValueError(f"{where}: {', '.join(clash)} given both as keywords and through options; use one")
+    return options
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +299,6 @@ def _prep(model: MorphableModel, n_id, n_exp, xp) -> _Prep:
 # ------------------------------------------------------------------------------------------------
 # Small batched helpers
 # ------------------------------------------------------------------------------------------------
-def _rodrigues(w, xp):
-    """exp([w]_x) for w of shape (B, 3) (:func:`geomfit.camera.rodrigues`)."""
-    return rodrigues(w)
-
-
 def _solve(A, b, xp):
     """Batched ``solve(A, b)`` that never raises: systems with non-finite entries give NaN, exactly
     singular ones fall back to the pseudo-inverse."""
@@ -406,7 +447,7 @@ def _normal_equations(p: _Prep, R, s, coef, r, Us, sel, w, reg, fast=True):
 
 
 def _apply_step(R, s, t, coef, d, xp):
-    Rn = _rodrigues(d[:, :3], xp) @ R
+    Rn = rodrigues(d[:, :3]) @ R
     sn = s * xp.exp(d[:, 3])
     tn = t + d[:, 4:6]
     cn = coef + d[:, 6:]
@@ -724,7 +765,7 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
                   n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
                   gtol: float = 1e-12, w_init: float = 1e-3, fast: bool = True,
-                  engine: str = "auto") -> LandmarkFit:
+                  engine: str = "auto", options: Optional[FitOptions] = None) -> LandmarkFit:
     """Fit pose, identity and expression of a morphable model to 2D landmarks (Wang et al. 2020, Eq. 1).
 
     Parameters
@@ -758,6 +799,8 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
     fast : bool
         Use the compiled kernel of the input's target (see Notes). False runs the vectorised array
         path and forms ``J^T J`` directly (the reference; same results).
+    options : FitOptions, optional
+        All the tuning knobs above (``w_id`` ... ``w_init``) in one object, instead of keywords.
     engine : {'auto', 'numba', 'xp', 'cuda'}
         Deprecated (a ``DeprecationWarning``; removed in the next release): ``'auto'`` is the only
         non-deprecated value. ``'numba'`` is the CPU kernel, ``'cuda'`` the CUDA kernel (as inside
@@ -803,8 +846,11 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         raise ValueError(f"engine must be 'auto', 'numba', 'xp' or 'cuda', got {engine!r}")
     if engine == "numba" and backend.target(landmarks) == "cuda":
         raise ValueError("engine='numba' needs NumPy input (CuPy arrays use the 'xp' or 'cuda' path)")
-    kw = dict(visible=visible, w_id=w_id, w_exp=w_exp, n_id=n_id, n_exp=n_exp, n_alternations=n_alternations,
-              max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol, w_init=w_init, fast=fast)
+    o = _resolve_options(options, dict(w_id=w_id, w_exp=w_exp, n_id=n_id, n_exp=n_exp, n_alternations=n_alternations,
+                                       max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol, w_init=w_init),
+                         "fit_landmarks")
+    kw = {f.name: getattr(o, f.name) for f in fields(FitOptions)}
+    kw.update(visible=visible, fast=fast)
     if engine == "xp" or not fast or _kernels() is None:
         return _fit_landmarks(model, landmarks, image_size, path="array", **kw)
     with backend.force(engine.replace("numba", "cpu")) if engine in ("numba", "cuda") else contextlib.nullcontext():
@@ -927,7 +973,7 @@ def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes,
                         w_id: float = 1e-3, w_exp: float = 1e-3, n_id: Optional[int] = None,
                         n_exp: Optional[int] = None, n_alternations: int = 2, max_iter: int = 50,
                         ftol: float = 1e-6, xtol: float = 1e-8, gtol: float = 1e-12,
-                        w_init: float = 1e-3) -> LandmarkFit:
+                        w_init: float = 1e-3, options: Optional[FitOptions] = None) -> LandmarkFit:
     """Fit one identity to several photos of a person, with per-photo pose and expression.
 
     Minimises the sum over photos of Wang et al.'s Eq. (1) data and expression terms plus one shared
@@ -944,7 +990,7 @@ def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes,
     image_sizes : (h, w) or sequence of (h, w)
         One size for all photos or one per photo.
     visible : ndarray of bool, shape (n, 68), optional
-    w_id, w_exp, n_id, n_exp, n_alternations, max_iter, ftol, xtol, gtol, w_init
+    w_id, w_exp, n_id, n_exp, n_alternations, max_iter, ftol, xtol, gtol, w_init, options
         As in :func:`fit_landmarks`. Start: per-photo initialisation as in :func:`fit_landmarks`,
         identity averaged over photos.
 
@@ -967,6 +1013,11 @@ def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes,
     high-fidelity 3D face reconstruction in the wild", ICME 2020,
     Sec. 3.1, Eq. (1), extended to shared identity.
     """
+    o = _resolve_options(options, dict(w_id=w_id, w_exp=w_exp, n_id=n_id, n_exp=n_exp, n_alternations=n_alternations,
+                                       max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol, w_init=w_init),
+                         "fit_landmarks_multi")
+    w_id, w_exp, n_id, n_exp, n_alternations = o.w_id, o.w_exp, o.n_id, o.n_exp, o.n_alternations
+    max_iter, ftol, xtol, gtol, w_init = o.max_iter, o.ftol, o.xtol, o.gtol, o.w_init
     if isinstance(landmarks, (list, tuple)):
         if len(landmarks) == 0:
             raise ValueError("fit_landmarks_multi: no photos given")

@@ -16,7 +16,7 @@ nvidia-smi -L 2>&1 | tee "$OUT_DIR/gpu_env.log"
   2>&1 | tee -a "$OUT_DIR/gpu_env.log"
 # 1. tests that need CuPy or a CUDA device (CPU twins compared on the same machine)
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -rs -k "cupy or cuda or gpu" \
-  tests/test_backend.py tests/test_sh.py tests/test_rtv.py tests/test_render.py tests/test_fine.py \
+  tests/test_backend.py tests/test_sh.py tests/test_rtv.py tests/test_multigrid.py tests/test_render.py tests/test_fine.py \
   tests/test_laplacian.py tests/test_fitting_kernel.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 # 2. the GPU benchmark (each section records its own error and the others still run)

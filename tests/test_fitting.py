@@ -1,9 +1,10 @@
-"""Tests of the coarse stage (seed 001 Eq. 1): Jacobians, synthetic recovery, batch, multi, bad input."""
+"""Tests of the coarse stage (Wang et al., ICME 2020, Eq. 1): Jacobians, synthetic recovery, batch, multi, bad input."""
 import dataclasses
 
 import numpy as np
 import pytest
 
+from geomfit.camera import rodrigues
 from geomfit import fitting as F
 from geomfit.fitting import fit_landmarks, fit_landmarks_multi, project
 from geomfit.model import MorphableModel
@@ -38,7 +39,7 @@ def synth(model, B, seed=0, yaw=40.0, id_scale=0.7, n_id=None):
     al[:, :K] = rng.normal(size=(B, K)) * id_scale
     be = rng.uniform(0, 0.8, size=(B, model.n_exp))
     ang = np.deg2rad(np.c_[rng.uniform(-15, 15, B), rng.uniform(-yaw, yaw, B), rng.uniform(-10, 10, B)])
-    R = F._rodrigues(ang, np)
+    R = rodrigues(ang)
     s = rng.uniform(1.5, 3.0, B)
     t = np.c_[rng.uniform(400, 600, B), rng.uniform(400, 600, B)]
     L = landmarks_of(model, al, be, R, s, t)
@@ -79,7 +80,7 @@ def _setup(model, B=3, seed=1, drop=()):
     reg = np.full(p.P, 0.01)
     rng = np.random.default_rng(seed + 1)
     coef = np.c_[al, be] + rng.normal(size=(B, p.P)) * 0.3
-    ang = F._rodrigues(rng.normal(size=(B, 3)) * 0.05, np) @ R
+    ang = rodrigues(rng.normal(size=(B, 3)) * 0.05) @ R
     return p, Ln, w, ang, s / d, (t - c) / d[:, None], coef, reg
 
 
@@ -275,3 +276,22 @@ def test_projection_matches_camera_module():
     res = fit_landmarks(model, L[0], HW)
     cam = camera.ScaledOrthographic(res.scale, res.rotation, res.translation)
     np.testing.assert_allclose(res.projected, cam.project(res.vertices, HW[0]), rtol=1e-12, atol=1e-9)
+
+
+def test_options_object_equals_keywords():
+    from geomfit.fitting import FitOptions
+
+    model = random_model()
+    L, *_ = synth(model, 3, seed=41)
+    kw = dict(w_id=1e-2, w_exp=1e-3, max_iter=7, n_alternations=1)
+    a = fit_landmarks(model, L, HW, **kw)
+    b = fit_landmarks(model, L, HW, options=FitOptions(**kw))
+    for k in ("id_coeffs", "exp_coeffs", "rotation", "scale", "translation", "rmse_px", "iterations"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    m1 = fit_landmarks_multi(model, list(L), HW, **kw)
+    m2 = fit_landmarks_multi(model, list(L), HW, options=FitOptions().replace(**kw))
+    np.testing.assert_array_equal(m1.id_coeffs, m2.id_coeffs)
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_landmarks(model, L, HW, max_iter=3, options=FitOptions())
+    with pytest.raises(TypeError, match="FitOptions"):
+        fit_landmarks(model, L, HW, options={"max_iter": 3})

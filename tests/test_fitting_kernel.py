@@ -4,6 +4,7 @@ linear-algebra pieces against NumPy/SciPy."""
 import numpy as np
 import pytest
 
+from geomfit.camera import rodrigues
 from geomfit import backend
 from geomfit import fitting as F
 from geomfit.fitting import fit_landmarks
@@ -90,7 +91,7 @@ def test_kernel_cholesky_and_affine_pose():
     assert np.isnan(x).all()
     # affine pose: noise-free scaled orthographic projection is recovered exactly
     P3 = rng.normal(size=(30, 3))
-    Rt = F._rodrigues(np.array([[0.2, -0.4, 0.1]]), np)[0]
+    Rt = rodrigues(np.array([[0.2, -0.4, 0.1]]))[0]
     L2 = 1.7 * P3 @ Rt[:2].T + np.array([0.3, -0.2])
     R = np.empty((3, 3))
     t = np.empty(2)
