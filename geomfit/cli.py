@@ -8,6 +8,7 @@
     geomfit info MODEL
     geomfit download-model sfm [--url-base URL] [--dest DIR] [--force]
     geomfit evaluate PRED GT [--pred-nose I] [--gt-nose I] [--radius 95] [--json FILE]
+    geomfit train-refiner -o refiner.pt [--config DCE+RGB] [--resolution 64] [--minutes N] [--pairs N | --data DIR]
 
 Every command exits with 0 on success and, on failure, prints one line ``geomfit: error: <reason>``
 on stderr and exits with 1 (2 for command-line usage errors, 130 when interrupted, 143 on SIGTERM).
@@ -424,6 +425,13 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+# -- train-refiner --------------------------------------------------------------------------------
+def _cmd_train_refiner(a) -> int:
+    from .learned.train_cli import run_train_refiner
+
+    return run_train_refiner(a, _Progress(a.quiet))
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geomfit", description="Detailed 3D faces from single photos "
@@ -483,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--radius", type=float, default=95.0, help="crop radius around the nose tip [95 mm]")
     e.add_argument("--json", help="also write the numbers to this JSON file")
     e.set_defaults(func=_cmd_evaluate)
+
+    from .learned.train_cli import add_train_refiner_parser
+
+    add_train_refiner_parser(sub, _cmd_train_refiner)
     return p
 
 
