@@ -90,12 +90,13 @@ def _cmd_reconstruct_one(a) -> int:
         atomic.test_hook("claimed")
         try:
             rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
-                              max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
+                              max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say,
+                              refiner=getattr(a, "refiner", None))
         except NoFaceError as e:  # the message names the photo (reconstruct is given the path)
             raise CLIError(str(e) if str(src) in str(e) else f"{src}: {e}") from e
         say(f"writing outputs to {rd.path}")
         params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
-                  "fine": not a.no_fine, "landmarks_file": a.landmarks}
+                  "fine": not a.no_fine, "landmarks_file": a.landmarks, "refiner": getattr(a, "refiner", None)}
         write_outputs(rec, rd.staging, ply=a.ply, image=src, model_argument=a.model, parameters=params,
                       final=rd.path)
         atomic.test_hook("commit")
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-side", type=int, default=512,
                    help="working size: longest side in pixels, 0 = full size [512]")
     r.add_argument("--no-fine", action="store_true", help="skip the fine (shape-from-shading) stage")
+    r.add_argument("--refiner", metavar="default|PATH",
+                   help="apply the learned depth refiner after the medium stage (needs torch)")
     r.add_argument("--ply", action="store_true", help="also write .ply meshes")
     r.add_argument("--force", action="store_true", help="replace an existing result in OUTDIR (as a whole)")
     r.add_argument("--resume", action="store_true", help="skip photos whose result is complete, do the rest")

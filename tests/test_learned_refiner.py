@@ -281,6 +281,12 @@ def test_refine_maps_a_normalised_change_back_to_pixels():
     expect = 0.1 * frame.span / 2 / frame.zoom  # original pixels
     inner = rho2 < (0.7 * 40) ** 2
     assert np.allclose(out[inner] - d[inner], expect, rtol=1e-3)
+    # encoded at 64 and area-downsampled to a 32x32 network (RefinerPairs.downsample at training time)
+    ref2 = rf.Refiner(_ShiftG(0.1), "DCE", 32)
+    ref2.encode_resolution = 64
+    out2 = ref2.refine(d, mask)
+    _, _, frame64 = rd.encode_depth(d, mask, None, 64)
+    assert np.allclose(out2[inner] - d[inner], 0.1 * frame64.span / 2 / frame64.zoom, rtol=1e-3)
     # a zero-initialised residual generator leaves the depth unchanged
     G0 = rf.ProgressiveGenerator(6, 3, 32, 0.1, True, True)
     img = np.random.default_rng(0).random(d.shape + (3,))
@@ -334,6 +340,10 @@ def test_pairs_container_save_load_split(tmp_path):
     path = p.save(tmp_path / "p.npz")
     q = rd.RefinerPairs.load(path)
     assert np.array_equal(q.mask, p.mask) and np.allclose(q.x, p.x, atol=1e-3) and q.meta == p.meta
+    small = q.downsample(4)
+    assert small.x.shape == (10, 6, 4, 4) and small.meta["encode_resolution"] == 8
+    assert np.allclose(small.x[:, :, 1, 1], q.x[:, :, 2:4, 2:4].astype(np.float32).mean(axis=(-2, -1)), atol=1e-3)
+    assert (small.mask == (rd.pool(q.mask.astype(np.float32), 2) > 0.999)).all()
     tr, te = q.split(0.3, seed=1)
     assert len(tr) == 7 and len(te) == 3
     with pytest.raises(ValueError, match="not a refiner pairs file"):

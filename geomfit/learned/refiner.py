@@ -458,6 +458,7 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
             "ngf": ngf,
             "batch_size": batch_size, "lr": lr, "betas": list(betas), "seed": seed, "minutes": minutes,
             "images_per_phase": images_per_phase, "held_out": held_out, "n_pairs": len(pairs),
+            "encode_resolution": int(pairs.meta.get("encode_resolution", R)),
             "pairs_meta": pairs.meta}
     torch.manual_seed(seed)
     G, D = _build(kind, config, R, width, skips, ngf, dev, residual)
@@ -591,6 +592,8 @@ class Refiner:
         self.kind = kind
         self.meta = dict(meta or {})
         self.device = _device(device) if device is not None else next(generator.parameters()).device
+        #: resolution the depth is encoded at before area-downsampling to the network's (>= resolution)
+        self.encode_resolution = self.resolution
 
     @property
     def needs_image(self) -> bool:
@@ -620,13 +623,16 @@ class Refiner:
         sd = {k: v.float() for k, v in ck["G"].items()}
         G.load_state_dict(sd)
         meta = {k: v for k, v in ck.items() if k not in ("G", "D", "optG", "optD", "torch_rng")}
-        return cls(G, a["config"], a["resolution"], a["kind"], meta, dev)
+        ref = cls(G, a["config"], a["resolution"], a["kind"], meta, dev)
+        ref.encode_resolution = int(a.get("encode_resolution", a["resolution"]))
+        return ref
 
     def save(self, path, half: bool = True, extra: Optional[dict] = None):
         """Write an inference-only checkpoint (generator weights, float16 by default)."""
         sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.G.state_dict().items()}
         args = dict(self.meta.get("args", {}))
         args.update(kind=self.kind, config=self.config, resolution=self.resolution,
+                    encode_resolution=self.encode_resolution,
                     width=getattr(self.G, "width", args.get("width", 0.25)),
                     skips=getattr(self.G, "skips", args.get("skips", False)),
                    residual=getattr(self.G, "residual", args.get("residual", False)))
@@ -662,7 +668,12 @@ class Refiner:
         if self.needs_image and image is None:
             raise ValueError(f"this refiner ({self.config}) needs the photo: pass image=(H, W, 3)")
         d = np.asarray(depth, dtype=np.float64)
-        x, mnet, frame = encode_depth(d, mask, image if self.needs_image else None, self.resolution)
+        x, mnet, frame = encode_depth(d, mask, image if self.needs_image else None, self.encode_resolution)
+        if self.encode_resolution != self.resolution:  # as RefinerPairs.downsample did for training
+            from .refiner_data import pool
+
+            k = self.encode_resolution // self.resolution
+            x, mnet = pool(x, k).astype(np.float32), pool(mnet.astype(np.float32), k) > 0.999
         m = np.isfinite(d) if mask is None else np.asarray(mask, dtype=bool)
         idx, _ = CONFIGS[self.config]
         with torch.no_grad():

@@ -287,6 +287,15 @@ def decode_depth_delta(delta_norm, mask_net, frame: Frame, shape):
     return out
 
 
+def pool(a, k: int):
+    """Mean over k x k blocks of the last two axes."""
+    a = np.asarray(a)
+    if k == 1:
+        return a
+    *lead, H, W = a.shape
+    return a.reshape(*lead, H // k, k, W // k, k).astype(np.float32).mean(axis=(-3, -1))
+
+
 # ------------------------------------------------------------------------------------------------
 # the dataset container
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +337,19 @@ class RefinerPairs:
     @property
     def resolution(self) -> int:
         return int(self.x.shape[-1])
+
+    def downsample(self, resolution: int) -> "RefinerPairs":
+        """Area-downsample to a lower power-of-two resolution (what :class:`Refiner` does at inference
+        when its network resolution is below the encoding resolution); the mask keeps pixels whose
+        every sub-pixel is on the face."""
+        R, r = self.resolution, int(resolution)
+        if r == R:
+            return self
+        if r > R or R % r or r & (r - 1):
+            raise ValueError(f"cannot downsample {R}x{R} pairs to {r}x{r}")
+        meta = dict(self.meta, encode_resolution=self.meta.get("encode_resolution", R), resolution=r)
+        return RefinerPairs(pool(self.x, R // r).astype(self.x.dtype), pool(self.y, R // r).astype(self.y.dtype),
+                            pool(self.mask.astype(np.float32), R // r) > 0.999, self.mm_per_unit.copy(), meta)
 
     def subset(self, idx) -> "RefinerPairs":
         return RefinerPairs(self.x[idx], self.y[idx], self.mask[idx], self.mm_per_unit[idx], dict(self.meta))

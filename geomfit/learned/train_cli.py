@@ -55,7 +55,10 @@ def _load_data(a, say):
             if cache is not None:
                 pairs.save(cache)
     if pairs.resolution != a.resolution:
-        raise ValueError(f"the pairs are {pairs.resolution}x{pairs.resolution} but --resolution is {a.resolution}")
+        if pairs.resolution < a.resolution:
+            raise ValueError(f"the pairs are {pairs.resolution}x{pairs.resolution}, below --resolution {a.resolution}")
+        say(f"area-downsampling the {pairs.resolution}x{pairs.resolution} pairs to {a.resolution}x{a.resolution}")
+        pairs = pairs.downsample(a.resolution)
     return pairs
 
 
