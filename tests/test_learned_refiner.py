@@ -424,3 +424,17 @@ def test_cli_train_refiner_on_user_pairs(tmp_path, capsys):
     assert [e["resolution"] for e in h["evals"]] == [4, 8, 8, 16, 16]
     rc = main(["train-refiner", "-o", str(tmp_path / "r2.pt"), "--data", str(tmp_path / "nope"), "-q"])
     assert rc == 1
+
+
+def test_pipeline_applies_the_refiner_and_reports_it():
+    from geomfit.pipeline import _apply_refiner
+
+    d, _ = _sphere(S=64, radius=24.0)
+    m = np.isfinite(d)
+    img = np.full(d.shape + (3,), 0.5)
+    ref = rf.Refiner(_ShiftG(0.2), "DCE", 16)
+    out, rep = _apply_refiner(ref, d, m, img, False, lambda s: None)
+    _, _, frame = rd.encode_depth(d, m, None, 16)
+    assert rep["applied"] == "after the medium stage (alone)" and rep["config"] == "DCE"
+    assert np.median((out - d)[m]) == pytest.approx(0.2 * frame.span / 2 / frame.zoom, rel=1e-3)
+    assert rep["mean_abs_change_px"] > 0 and np.isnan(out[~m]).all()
