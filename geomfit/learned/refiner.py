@@ -540,7 +540,7 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
                 lg = bce(pf, torch.ones_like(pf)) + 100.0 * l1
                 lg.backward()
                 optG.step()
-                dterms, gterms = {}, {"l1": float(l1)}
+                dterms, gterms = {}, {"l1": float(l1.detach())}
             dt = time.perf_counter() - t0
             st.step += 1
             st.images += batch_size

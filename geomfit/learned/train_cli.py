@@ -16,6 +16,9 @@ def add_train_refiner_parser(sub, func):
     t.add_argument("--data", metavar="DIR_OR_NPZ",
                    help="your pairs (folder with coarse/ and gt/, see docs/learned.md) or a pairs .npz")
     t.add_argument("--pairs", type=int, default=3200, help="synthetic pairs to generate when --data is absent [3200]")
+    t.add_argument("--encode-resolution", type=int,
+                   help="encode the pairs at this resolution and area-downsample them to --resolution "
+                        "(the refiner does the same at inference) [--resolution]")
     t.add_argument("--cache", metavar="FILE.npz", help="where to keep the generated pairs (reused when present)")
     t.add_argument("--model", default="sfm", help="morphable model for synthetic pairs [sfm]")
     t.add_argument("--batch-size", type=int, default=16)
@@ -49,8 +52,9 @@ def _load_data(a, say):
             say(f"reusing synthetic pairs {cache}")
             pairs = RefinerPairs.load(cache)
         else:
-            say(f"generating {a.pairs} synthetic pairs at {a.resolution}x{a.resolution} (model {a.model}, seed {a.seed})")
-            pairs = make_synthetic_pairs(a.pairs, a.resolution, model=a.model, seed=a.seed,
+            enc = a.encode_resolution or a.resolution
+            say(f"generating {a.pairs} synthetic pairs at {enc}x{enc} (model {a.model}, seed {a.seed})")
+            pairs = make_synthetic_pairs(a.pairs, enc, model=a.model, seed=a.seed,
                                          progress=lambda d, n: say(f"  {d}/{n} pairs") if d % 512 < 64 else None)
             if cache is not None:
                 pairs.save(cache)
