@@ -154,7 +154,7 @@ def eval_checkpoint(path, test):
     from geomfit.learned.refiner import Refiner, evaluate
 
     r = Refiner.load(path)
-    return evaluate(r.G, test, r.config, None, r.kind)
+    return evaluate(r.G, test.downsample(r.resolution), r.config, None, r.kind)
 
 
 def plot_curves(histories, path):
@@ -187,12 +187,15 @@ def plot_curves(histories, path):
     maxs = max(max((h["seconds"] for h in histories[n]["history"]), default=1) for n in names)
     l1s = [e["l1"] for n in names for e in histories[n]["history"]]
     yr = (max(min(l1s), 1e-4), max(l1s))
-    axes(panels[0], "pixel loss (L1, log scale) vs training seconds", f"0 .. {maxs:.0f} s",
+    axes(panels[0], "pixel loss (L1, log) vs training s; it rises as resolution grows", f"0 .. {maxs:.0f} s",
          f"L1 {yr[0]:.4f} .. {yr[1]:.3f}")
     for k, n in enumerate(names):
         h = histories[n]["history"]
         xs = [e["seconds"] for e in h]
-        ys = np.convolve([e["l1"] for e in h], np.ones(5) / 5, mode="same") if len(h) > 5 else [e["l1"] for e in h]
+        ys = [e["l1"] for e in h]
+        if len(h) > 5:  # running mean over 5 logged points (no edge effects)
+            ys = np.convolve(ys, np.ones(5) / 5, mode="valid")
+            xs = xs[2:-2]
         line(panels[0], xs, ys, (0, maxs), yr, colors[k % 4], log=True)
         cv2.putText(img, n, (panels[0][0] + 10, panels[0][1] + 18 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
                     colors[k % 4], 1, cv2.LINE_AA)
@@ -200,7 +203,7 @@ def plot_curves(histories, path):
           if np.isfinite(e["mae_mm"])]
     if ev:
         ymax = max(max(e[1] for e in ev), max(e[2] for e in ev)) * 1.05
-        axes(panels[1], "held-out depth MAE (mm) at phase ends; dashed = coarse input", f"0 .. {maxs:.0f} s",
+        axes(panels[1], "held-out depth MAE (mm) at phase ends; grey rings = coarse input", f"0 .. {maxs:.0f} s",
              f"MAE 0 .. {ymax:.2f} mm")
         for k, n in enumerate(names):
             e = [x for x in histories[n]["evals"] if np.isfinite(x["mae_mm"])]
@@ -264,11 +267,11 @@ def main():
         save()
     if "curves" in want:
         hs = {}
-        if a.history:
+        if a.history and not (a.compare and pathlib.Path(a.compare[2]).resolve() == pathlib.Path(a.history).resolve()):
             hs["default (progressive DCE+RGB)"] = json.loads(pathlib.Path(a.history).read_text())
         if a.compare:
-            hs["compare: progressive"] = json.loads(pathlib.Path(a.compare[2]).read_text())
-            hs["compare: pix2pix"] = json.loads(pathlib.Path(a.compare[3]).read_text())
+            hs["progressive DCE+RGB (default)"] = json.loads(pathlib.Path(a.compare[2]).read_text())
+            hs["pix2pix DCE+RGB"] = json.loads(pathlib.Path(a.compare[3]).read_text())
         if hs:
             res["curves"] = plot_curves(hs, RESULTS / "refiner_curves.png")
             save()
