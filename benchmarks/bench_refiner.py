@@ -4,7 +4,8 @@ Sections (each stored in benchmarks/results/refiner.json):
 
 1. ``calibration``: high-frequency depth amplitude of the real james scan on skin versus the
    synthetic ground truth (Surrey-model mean with and without the procedural detail).
-2. ``heldout``: depth MAE (mm, face mask) of the shipped ``default`` refiner on the held-out split of
+2. ``linear_probe``: a ridge regression from the inputs to the depth change, as a reference.
+3. ``heldout``: depth MAE (mm, face mask) of the shipped ``default`` refiner on the held-out split of
    its training pairs (never trained on) versus the coarse input; target ratio <= 0.7.
 3. ``compare``: progressive CGAN vs the pix2pix baseline trained for the same wall time at the same
    time on the same pairs (``--compare A.pt B.pt``, histories ``A.json B.json`` from
@@ -157,6 +158,32 @@ def eval_checkpoint(path, test):
     return evaluate(r.G, test.downsample(r.resolution), r.config, None, r.kind)
 
 
+def linear_probe(pairs, resolutions=(8, 16), lam=10.0):
+    """Ridge regression from the flattened input channels to the depth change (a reference for how much
+    the inputs predict): ratio of its held-out depth MAE to the coarse input's, per resolution."""
+    out = {}
+    for r in resolutions:
+        tr, te = pairs.downsample(r).split(0.1, 0)
+
+        def feats(S, ch):
+            return np.concatenate([S.x[:, ch].reshape(len(S), -1).astype(np.float64), np.ones((len(S), 1))], 1)
+
+        def mae(pred, S):
+            m = S.mask
+            e = (np.abs(pred - S.y[:, 0].astype(float)) * m).reshape(len(S), -1).sum(1)
+            return float(np.mean(e / np.maximum(m.reshape(len(S), -1).sum(1), 1) * S.mm_per_unit))
+
+        base = mae(te.x[:, 0].astype(float), te)
+        for name, ch in (("DCE", [0, 1, 2]), ("DCE+RGB", [0, 1, 2, 3, 4, 5])):
+            A = feats(tr, ch)
+            B = (tr.y[:, 0].astype(float) - tr.x[:, 0].astype(float)).reshape(len(tr), -1)
+            Wt = np.linalg.solve(A.T @ A + lam * np.eye(A.shape[1]), A.T @ B)
+            pred = te.x[:, 0].astype(float) + (feats(te, ch) @ Wt).reshape(-1, r, r)
+            out[f"{name}_{r}"] = {"mae_mm": mae(pred, te), "coarse_mae_mm": base, "ratio": mae(pred, te) / base,
+                                  "ridge_lambda": lam}
+    return out
+
+
 def plot_curves(histories, path):
     """Training curves with OpenCV (no matplotlib here): L1 vs images (log), held-out MAE at phase ends."""
     import cv2
@@ -237,7 +264,7 @@ def main():
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                       "threads": torch.get_num_threads()}
-    want = set(a.only or ["calibration", "heldout", "compare", "curves", "refine_512", "james"])
+    want = set(a.only or ["calibration", "heldout", "probe", "compare", "curves", "refine_512", "james"])
     data = pathlib.Path(os.environ.get("GEOMFIT_DATA", ""))
     pairs = RefinerPairs.load(a.pairs)
     _, test = pairs.split(0.1, 0)  # the held-out split train-refiner uses (--held-out 0.1, --seed 0)
@@ -254,6 +281,9 @@ def main():
         ev = eval_checkpoint(a.default, test)
         ev.update(load=_load(), target_ratio=0.7, met=ev["ratio"] <= 0.7, pairs=a.pairs, split="held_out=0.1 seed=0")
         res["heldout"] = ev
+        save()
+    if "probe" in want:
+        res["linear_probe"] = linear_probe(pairs)
         save()
     if "compare" in want and a.compare:
         pp, qp, pj, qj = a.compare
