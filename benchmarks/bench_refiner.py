@@ -26,15 +26,10 @@ import argparse
 import json
 import os
 import pathlib
-import platform
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from _harness import RESULTS, environment
 
 
 def _load():
@@ -262,8 +257,7 @@ def main():
     torch.set_num_threads(2)
     out_path = RESULTS / "refiner.json"
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}
+    res["machine"] = {**environment(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     want = set(a.only or ["calibration", "heldout", "probe", "compare", "curves", "refine_512", "james"])
     data = pathlib.Path(os.environ.get("GEOMFIT_DATA", ""))
     pairs = RefinerPairs.load(a.pairs)
@@ -271,8 +265,11 @@ def main():
     refiner = Refiner.load(a.default)
 
     def save():
+        from geomfit import atomic
+
+        res["machine"]["loadavg_end"] = list(os.getloadavg())
         RESULTS.mkdir(exist_ok=True)
-        out_path.write_text(json.dumps(res, indent=1, default=float))
+        atomic.write_text(out_path, json.dumps(res, indent=1, default=float))
 
     if "calibration" in want:
         res["calibration"] = calibrate_detail(data / "scans/james/james.obj", data / "scans/james/james.ljson")

@@ -30,7 +30,6 @@ as in DeepPrivacy's progressive U-Net); the paper's tables have none (``skips=Fa
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import sys
 import time

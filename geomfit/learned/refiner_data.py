@@ -18,10 +18,9 @@ the face. Network images are ``[-1, 1]`` (the papers scale to [0, 255] and then 
 """
 from __future__ import annotations
 
-import os
 import pathlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
