@@ -237,7 +237,7 @@ def plot_curves(histories, path):
                 cv2.circle(img, tuple(int(c) for c in pc[0]), 2, (120, 120, 120), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-    return str(path)
+    return str(path.relative_to(RESULTS.parent.parent))
 
 
 def main():
@@ -276,7 +276,7 @@ def main():
         save()
     if "heldout" in want:
         ev = eval_checkpoint(a.default, test)
-        ev.update(load=_load(), target_ratio=0.7, met=ev["ratio"] <= 0.7, pairs=a.pairs, split="held_out=0.1 seed=0")
+        ev.update(load=_load(), target_ratio=0.7, met=ev["ratio"] <= 0.7, pairs=pathlib.Path(a.pairs).name, split="held_out=0.1 seed=0")
         res["heldout"] = ev
         save()
     if "probe" in want:
