@@ -59,6 +59,8 @@ def _cmd_reconstruct(a) -> int:
     if a.workers and a.scheduler:
         raise CLIError("give --workers (a local cluster) or --scheduler (an existing one), not both")
     if _is_batch(a):
+        if getattr(a, "refiner", None):
+            raise CLIError("--refiner applies to one photo at a time; batches do not support it yet")
         return _cmd_reconstruct_batch(a)
     return _cmd_reconstruct_one(a)
 
