@@ -39,9 +39,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["geomfit", "geomfit.io", "geomfit.kernels"],
+    packages=["geomfit", "geomfit.io", "geomfit.kernels", "geomfit.learned"],
     # the compiled loops live in the top-level kernels/ folder and install as geomfit.kernels
     package_dir={"geomfit.kernels": "kernels"},
+    # the shipped depth refiner (trained on Surrey-model shapes: non-commercial, see its LICENSE note)
+    package_data={"geomfit.learned": ["weights/*.pt", "weights/*.txt"]},
     install_requires=[
         "numpy>=1.23",
         "scipy>=1.9",

@@ -8,6 +8,7 @@
     geomfit info MODEL
     geomfit download-model sfm [--url-base URL] [--dest DIR] [--force]
     geomfit evaluate PRED GT [--pred-nose I] [--gt-nose I] [--radius 95] [--json FILE]
+    geomfit train-refiner -o refiner.pt [--config DCE+RGB] [--resolution 64] [--minutes N] [--pairs N | --data DIR]
 
 Every command exits with 0 on success and, on failure, prints one line ``geomfit: error: <reason>``
 on stderr and exits with 1 (2 for command-line usage errors, 130 when interrupted, 143 on SIGTERM).
@@ -58,6 +59,8 @@ def _cmd_reconstruct(a) -> int:
     if a.workers and a.scheduler:
         raise CLIError("give --workers (a local cluster) or --scheduler (an existing one), not both")
     if _is_batch(a):
+        if getattr(a, "refiner", None):
+            raise CLIError("--refiner applies to one photo at a time; batches do not support it yet")
         return _cmd_reconstruct_batch(a)
     return _cmd_reconstruct_one(a)
 
@@ -89,12 +92,13 @@ def _cmd_reconstruct_one(a) -> int:
         atomic.test_hook("claimed")
         try:
             rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
-                              max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say)
+                              max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say,
+                              refiner=getattr(a, "refiner", None))
         except NoFaceError as e:  # the message names the photo (reconstruct is given the path)
             raise CLIError(str(e) if str(src) in str(e) else f"{src}: {e}") from e
         say(f"writing outputs to {rd.path}")
         params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
-                  "fine": not a.no_fine, "landmarks_file": a.landmarks}
+                  "fine": not a.no_fine, "landmarks_file": a.landmarks, "refiner": getattr(a, "refiner", None)}
         write_outputs(rec, rd.staging, ply=a.ply, image=src, model_argument=a.model, parameters=params,
                       final=rd.path)
         atomic.test_hook("commit")
@@ -424,6 +428,13 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+# -- train-refiner --------------------------------------------------------------------------------
+def _cmd_train_refiner(a) -> int:
+    from .learned.train_cli import run_train_refiner
+
+    return run_train_refiner(a, _Progress(a.quiet))
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geomfit", description="Detailed 3D faces from single photos "
@@ -443,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-side", type=int, default=512,
                    help="working size: longest side in pixels, 0 = full size [512]")
     r.add_argument("--no-fine", action="store_true", help="skip the fine (shape-from-shading) stage")
+    r.add_argument("--refiner", metavar="default|PATH",
+                   help="apply the learned depth refiner after the medium stage (needs torch)")
     r.add_argument("--ply", action="store_true", help="also write .ply meshes")
     r.add_argument("--force", action="store_true", help="replace an existing result in OUTDIR (as a whole)")
     r.add_argument("--resume", action="store_true", help="skip photos whose result is complete, do the rest")
@@ -483,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--radius", type=float, default=95.0, help="crop radius around the nose tip [95 mm]")
     e.add_argument("--json", help="also write the numbers to this JSON file")
     e.set_defaults(func=_cmd_evaluate)
+
+    from .learned.train_cli import add_train_refiner_parser
+
+    add_train_refiner_parser(sub, _cmd_train_refiner)
     return p
 
 

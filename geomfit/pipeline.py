@@ -181,7 +181,8 @@ def _run_medium(model, coarse, landmarks, image_size, kwargs):
 def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
                 fine: bool = True, coarse_options: Optional[dict] = None, medium_options: Optional[dict] = None,
                 fine_options: Optional[dict] = None, target_edge_px: float = 1.0, max_subdivisions: int = 2,
-                feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None) -> Reconstruction:
+                feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None,
+                refiner=None) -> Reconstruction:
     """Reconstruct a detailed 3D face from one photo: coarse -> medium -> fine.
 
     Parameters
@@ -211,6 +212,9 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         the face silhouette (0: no fading).
     progress : callable, optional
         Called with a short line of text at each step.
+    refiner : None, "default", path or geomfit.learned.Refiner
+        Apply the learned depth refiner (Galteri et al., CVIU 2019; needs torch) to the medium
+        depth, alone or before the fine stage; ``diagnostics["refiner"]`` records which.
 
     Returns
     -------
@@ -299,6 +303,11 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     mask = np.isfinite(d_med)
     if mask.sum() < 16:
         raise RuntimeError("the fitted face covers fewer than 16 pixels at the working size")
+    d_start = d_med
+    if refiner is not None:
+        t = time.perf_counter()
+        d_start, diag["refiner"] = _apply_refiner(refiner, d_med, mask, img, fine, log)
+        timings["refiner"] = time.perf_counter() - t
     fine_res = None
     t = time.perf_counter()
     if fine:
@@ -307,7 +316,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         log("fine: lighting, albedo and shape-from-shading")
         r0, r1, c0, c1 = crop_box(mask)
         sub_img = srgb_to_linear(img[r0:r1, c0:c1])
-        sub_d = d_med[r0:r1, c0:c1]
+        sub_d = d_start[r0:r1, c0:c1]
         sub_m = mask[r0:r1, c0:c1]
         sub_pts = _complete_landmarks(pts, coarse, mdl)
         sub_pts = None if sub_pts is None else sub_pts - [c0, r0]
@@ -324,12 +333,12 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         diag["fine_energy"] = _jsonable(getattr(fine_res, "energy", None))
         diag["fine_timings"] = _jsonable(getattr(fine_res, "timings", None))
     else:
-        depth, normals = d_med.copy(), np.asarray(depth_normals(d_med))
+        depth, normals = d_start.copy(), np.asarray(depth_normals(d_start))
         albedo, sh, spec = np.full((H, W, 3), np.nan), None, None
     timings["fine"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if fine:
+    if fine or refiner is not None:
         delta = np.where(mask, depth - d_med, 0.0)
         if feather_px > 0:
             # fade the change out towards the silhouette, where depth from shading is least reliable
@@ -355,6 +364,25 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         depth=depth, normals=normals, albedo=albedo, medium_depth=d_med, mask=mask, sh=sh, specular=spec,
         timings=timings, diagnostics=diag, stages={"coarse": coarse, "medium": med, "fine": fine_res},
     )
+
+
+def _apply_refiner(refiner, d_med, mask, img, fine, log):
+    """Run the learned refiner on the medium depth; returns (refined depth, report dict)."""
+    if isinstance(refiner, (str, os.PathLike)):
+        from .learned.refiner import Refiner
+
+        name = str(refiner)
+        refiner = Refiner.load(refiner)
+    else:
+        name = type(refiner).__name__
+    log(f"refiner: {name} ({getattr(refiner, 'config', '?')})")
+    lin = srgb_to_linear(img)
+    d = np.asarray(refiner.refine(np.where(mask, d_med, np.nan), mask, lin), dtype=np.float64)
+    change = np.abs(d - d_med)[mask]
+    return np.where(mask, d, np.nan), {
+        "refiner": name, "config": getattr(refiner, "config", None), "resolution": getattr(refiner, "resolution", None),
+        "applied": "after the medium stage, before the fine stage" if fine else "after the medium stage (alone)",
+        "mean_abs_change_px": float(change.mean()), "max_abs_change_px": float(change.max())}
 
 
 def _jsonable(x):
