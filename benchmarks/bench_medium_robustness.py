@@ -114,7 +114,8 @@ def table(rows_paper, rows_robust):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--grid", action="store_true", help="also sweep shrink x handle_scale x energy")
+    ap.add_argument("--grid", action="store_true", help="also sweep shrink x handle_scale x energy x shrinkage")
+    ap.add_argument("--only-grid", default="", help="comma list of 'energy:shrinkage' to sweep (default all)")
     a = ap.parse_args()
     model = resolve_model("sfm")
     t0 = time.perf_counter()
@@ -138,13 +139,16 @@ def main():
     print(out["table"])
     if a.grid:
         grid = []
-        for energy in ("biharmonic", "laplacian"):
+        combos = (("biharmonic", "soft"), ("biharmonic", "garrote"), ("laplacian", "soft"))
+        if a.only_grid:
+            combos = [tuple(x.split(":")) for x in a.only_grid.split(",")]
+        for energy, shr in combos:
             for hs in (3.0, 13.0, 50.0):
-                for k in (1.5, 2.0, 2.5):
-                    kw = dict(method="robust", energy=energy, handle_scale=hs, shrink=k)
+                for k in ((1.5, 2.0, 2.5) if shr == "soft" else (2.0, 2.5, 3.0)):
+                    kw = dict(method="robust", energy=energy, handle_scale=hs, shrink=k, shrinkage=shr)
                     rows = evaluate(model, cases, **kw)
                     orows = evaluate(model, oos, **kw)
-                    g = dict(energy=energy, handle_scale=hs, shrink=k, **summary(rows),
+                    g = dict(energy=energy, shrinkage=shr, handle_scale=hs, shrink=k, **summary(rows),
                              out_of_span=[round(x["medium"]["region"] / x["coarse"]["region"], 4) for x in orows])
                     grid.append(g)
                     print(g, flush=True)

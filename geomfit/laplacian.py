@@ -728,7 +728,7 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
                  index_map=None, laplacian: Optional[str] = None, method: str = "robust",
                  noise_px: Optional[float] = None, shrink: float = ROBUST_SHRINK,
                  handle_scale: float = ROBUST_HANDLE_SCALE, energy: Optional[str] = None,
-                 laplacian_weights: Optional[str] = None) -> MediumResult:
+                 shrinkage: str = "soft", laplacian_weights: Optional[str] = None) -> MediumResult:
     """Medium stage: tie image landmarks to vertices and deform the coarse mesh towards them.
 
     ``method="paper"`` is Jin et al. 2021, Sec. 3.3, as written; ``method="robust"`` (default) departs
@@ -839,6 +839,8 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
         energy = "biharmonic" if robust else "laplacian"
     if noise_px is not None and not (np.isfinite(noise_px) and noise_px >= 0):
         raise ValueError(f"medium_stage: noise_px must be finite and >= 0, got {noise_px!r}")
+    if shrinkage not in ("soft", "garrote"):
+        raise ValueError(f"medium_stage: shrinkage must be 'soft' or 'garrote', got {shrinkage!r}")
     if not (np.isfinite(shrink) and shrink >= 0):
         raise ValueError(f"medium_stage: shrink must be finite and >= 0, got {shrink!r}")
     if not (np.isfinite(handle_scale) and handle_scale > 0):
@@ -948,7 +950,11 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
         else:
             sigma = float(noise_px)
         mag = np.linalg.norm(r, axis=1)
-        factor = np.clip(1.0 - shrink * sigma / np.maximum(mag, 1e-300), 0.0, 1.0) * trust
+        if shrinkage == "soft":
+            factor = np.clip(1.0 - shrink * sigma / np.maximum(mag, 1e-300), 0.0, 1.0)
+        else:  # non-negative garrote
+            factor = np.clip(1.0 - (shrink * sigma) ** 2 / np.maximum(mag, 1e-300) ** 2, 0.0, 1.0)
+        factor = factor * trust
         move = r * factor[:, None]
         # image-plane move (dx, dy) in pixels, y down -> model space R^T (dx/s, -dy/s, 0)
         mu = v[h] + np.stack([move[:, 0] / s, -move[:, 1] / s, np.zeros(li.size)], 1) @ R
