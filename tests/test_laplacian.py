@@ -307,6 +307,17 @@ def test_cupy_path_matches_cpu(mesh):
     assert np.abs(cp.asnumpy(gpu) - cpu).max() < 1e-6
 
 
+def test_cupy_path_biharmonic_matches_cpu(mesh):
+    cp = pytest.importorskip("cupy")
+    v, f = mesh
+    h = np.arange(0, len(v), 6)
+    mu = v[h] + 0.1
+    mu[2] -= 0.3
+    cpu = LaplacianDeformer(v, f, h, 3.0, energy="biharmonic").deform(mu)
+    gpu = LaplacianDeformer(cp.asarray(v), f, h, 3.0, energy="biharmonic").deform(cp.asarray(mu))
+    assert np.abs(cp.asnumpy(gpu) - cpu).max() < 1e-6
+
+
 # -- medium_stage: the correspondence step ------------------------------------------------------------
 
 from geomfit.laplacian import medium_stage  # noqa: E402
