@@ -809,7 +809,7 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
 
     ``method="robust"`` (geomfit's departure, chosen by measurement):
 
-    1. Jaw-contour landmarks (iBUG 1-17, the chin's 9 included) mark the face's outline, so they are
+    1. Jaw-contour landmarks (iBUG 1-17 without a model vertex) mark the face's outline, so they are
        matched to the nearest pixel of the coarse mesh's silhouette (its vertex becomes the handle);
        their residual is the distance to that outline, normal to it.
     2. Each handle's 2D residual ``r`` (landmark minus its projection) is soft-thresholded at the noise
@@ -920,12 +920,9 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
     on_sil = np.zeros(k, dtype=bool)
     resid = lm - screen[np.maximum(vert, 0), :2]
     if robust:
-        # the whole jaw contour, iBUG 9 included even where the model has a vertex for it: an
-        # annotator or a detector puts these points on the face's outline in the image
-        col = np.floor(lm[:, 0]).astype(np.int64)
-        row = np.floor(lm[:, 1]).astype(np.int64)
-        in_img = (col >= 0) & (col < W) & (row >= 0) & (row < H)
-        on_sil = in_img & np.isin(ids, list(JAW_CONTOUR))
+        # jaw-contour landmarks without a model vertex (the chin's iBUG 9 keeps its vertex: measured,
+        # its residual along the outline is real information, docs/medium.md)
+        on_sil = inside & np.isin(ids, list(JAW_CONTOUR))
         if on_sil.any():
             sv, sr = _silhouette_match(lm[on_sil], imap)
             vert[on_sil] = sv
@@ -948,7 +945,7 @@ def medium_stage(coarse, landmarks_2d, image_size=None, *, model=None, faces=Non
         if (~sil).any():
             trust[~sil] = _pose_trust(v, f, R, screen, zbuf, h[~sil])
         if noise_px is None:
-            base = r[fixed[li] & ~sil & (trust > 0.5)]
+            base = r[fixed[li] & ~sil & (trust > 0.5)]  # semantic landmarks seen face-on
             if base.shape[0] < 5:
                 base = r
             sigma = estimate_landmark_noise(base)

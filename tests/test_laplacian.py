@@ -574,18 +574,19 @@ def test_robust_shrinks_residuals_by_the_noise_level(scene):
     scr = _screen(v, R, s, t, H)
     cand = np.flatnonzero((np.abs(scr[:, 0] - 64) < 25) & (np.abs(scr[:, 1] - 64) < 25))
     lmv = rng.choice(cand, 20, replace=False)
-    model = _Model(f, {i + 1: int(lmv[i]) for i in range(20)})
+    ids = np.arange(18, 38)  # iBUG numbers outside the jaw contour (those are matched to the silhouette)
+    model = _Model(f, {int(ids[i]): int(lmv[i]) for i in range(20)})
     cam = {"rotation": R, "scale": s, "translation": t}
     off = rng.standard_normal((20, 2))
     off *= (0.5 / np.linalg.norm(off, axis=1))[:, None]  # |r| = 0.5 px
     lm = scr[lmv, :2] + off
-    res = medium_stage(v, lm, (H, W), model=model, camera=cam, landmark_ids=np.arange(1, 21), noise_px=0.3,
+    res = medium_stage(v, lm, (H, W), model=model, camera=cam, landmark_ids=ids, noise_px=0.3,
                        shrink=2.0)
     assert np.array_equal(res.handle_indices, lmv) and res.method == "robust"
     assert np.allclose(res.residuals_px, off, atol=1e-9)
     assert np.all(res.displacement_px == 0) and np.abs(res.vertices - v).max() < 1e-12
     big = off * 10.0  # |r| = 5 px -> moved by 5 - 0.6 = 4.4 px along r
-    res = medium_stage(v, scr[lmv, :2] + big, (H, W), model=model, camera=cam, landmark_ids=np.arange(1, 21),
+    res = medium_stage(v, scr[lmv, :2] + big, (H, W), model=model, camera=cam, landmark_ids=ids,
                        noise_px=0.3, shrink=2.0)
     assert np.all(res.trust == 1.0)  # front-facing, unoccluded
     assert np.allclose(res.displacement_px, big * (4.4 / 5.0), atol=1e-9)
@@ -593,7 +594,7 @@ def test_robust_shrinks_residuals_by_the_noise_level(scene):
     assert np.allclose(ts[:, :2], scr[lmv, :2] + res.displacement_px, atol=1e-9)
     assert np.allclose(ts[:, 2], scr[lmv, 2], atol=1e-9)
     # the noise level is estimated from the residuals when not given
-    res = medium_stage(v, scr[lmv, :2] + off, (H, W), model=model, camera=cam, landmark_ids=np.arange(1, 21))
+    res = medium_stage(v, scr[lmv, :2] + off, (H, W), model=model, camera=cam, landmark_ids=ids)
     assert res.noise_px == pytest.approx(0.5 / np.sqrt(2 * np.log(2)))
     assert np.all(res.displacement_px == 0)
 
@@ -626,8 +627,9 @@ def test_robust_trust_is_zero_for_hidden_and_edge_on_handles():
     cam = {"rotation": np.eye(3), "scale": 1.0, "translation": np.zeros(2)}
     scr = _screen(v, np.eye(3), 1.0, np.zeros(2), H)
     lm = scr[lmv, :2] + [3.0, 0.0]
-    model = _Model(f, {i + 1: int(lmv[i]) for i in range(len(lmv))})
-    res = medium_stage(v, lm, (H, W), model=model, camera=cam, landmark_ids=np.arange(1, len(lmv) + 1),
+    ids = np.arange(18, 18 + len(lmv))  # outside the jaw contour
+    model = _Model(f, {int(ids[i]): int(lmv[i]) for i in range(len(lmv))})
+    res = medium_stage(v, lm, (H, W), model=model, camera=cam, landmark_ids=ids,
                        noise_px=0.0)
     tr = dict(zip(res.handle_indices.tolist(), res.trust.tolist()))
     assert all(tr[i] == 0.0 for i in back_hidden) and all(tr[i] == 0.0 for i in edge_on)
@@ -635,6 +637,30 @@ def test_robust_trust_is_zero_for_hidden_and_edge_on_handles():
     moved = dict(zip(res.handle_indices.tolist(), np.abs(res.displacement_px).sum(1).tolist()))
     assert all(moved[i] == 0.0 for i in np.r_[back_hidden, edge_on])
     assert all(moved[i] == pytest.approx(3.0) for i in np.r_[back_open, front])
+
+
+def test_robust_jaw_contour_landmark_matches_the_silhouette():
+    """A jaw-contour landmark (no model vertex) 4 px left of a face-on sheet's left edge: its handle is a
+    vertex on that edge and its residual points straight out of the outline."""
+    k = 21
+    x, y = np.meshgrid(np.linspace(30.0, 90.0, k), np.linspace(30.0, 90.0, k))
+    v = np.stack([x.ravel(), y.ravel(), np.zeros(k * k)], 1)
+    idx = np.arange(k * k).reshape(k, k)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    f = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
+    H = W = 128
+    cam = {"rotation": np.eye(3), "scale": 1.0, "translation": np.zeros(2)}
+    centre = idx[k // 2, k // 2]
+    model = _Model(f, {30: int(centre)})
+    lm = np.array([[30.0 - 4.0, H - 60.2], [60.0, H - 60.0]])  # iBUG 3 (jaw), iBUG 30 on its vertex
+    res = medium_stage(v, lm, (H, W), model=model, camera=cam, landmark_ids=np.array([3, 30]), noise_px=0.0)
+    j = int(np.flatnonzero(res.landmark_index == 0)[0])
+    assert res.silhouette[j] and not res.silhouette[1 - j]
+    assert v[res.handle_indices[j], 0] == 30.0  # a vertex of the left edge
+    rx, ry = res.residuals_px[j]
+    assert -4.5 <= rx <= -4.0 and abs(ry) <= 0.5  # to the nearest outline pixel centre
+    assert np.allclose(res.displacement_px[j], res.residuals_px[j])  # noise 0: moved fully
+    assert res.vertices[res.handle_indices[j], 0] < 30.0  # the outline moves out towards the landmark
 
 
 def test_robust_bad_options(scene):
