@@ -685,21 +685,26 @@ def _silhouette_match(lm, imap):
 def _pose_trust(v, f, R, screen, zbuf, vert, grazing=(0.2, 0.5), depth_tol=1.0):
     """Trust in [0, 1] of a handle from its pose: 0 when its vertex is hidden or seen edge-on.
 
-    ``n_z`` is the view component of the vertex normal (camera looks along -z, larger depth = closer):
+    ``n_z`` is the view component of the vertex normal (camera looks along -z, larger depth = closer;
+    the sign is flipped when most visible vertices face away, i.e. the faces are wound clockwise):
     the trust ramps linearly from 0 at ``n_z = grazing[0]`` (78 degrees from the view direction) to 1 at
     ``n_z = grazing[1]`` (60 degrees). A vertex more than ``depth_tol`` pixels behind the z-buffer at its
     pixel is self-occluded: trust 0.
     """
     from .mesh import vertex_normals
 
-    nz = (np.asarray(vertex_normals(v, f))[vert] @ R.T)[:, 2]
-    t = np.clip((nz - grazing[0]) / (grazing[1] - grazing[0]), 0.0, 1.0)
+    nz_all = (np.asarray(vertex_normals(v, f)) @ R.T)[:, 2]
     H, W = zbuf.shape
-    col = np.clip(np.floor(screen[vert, 0]).astype(np.int64), 0, W - 1)
-    row = np.clip(np.floor(screen[vert, 1]).astype(np.int64), 0, H - 1)
+    col = np.clip(np.floor(screen[:, 0]).astype(np.int64), 0, W - 1)
+    row = np.clip(np.floor(screen[:, 1]).astype(np.int64), 0, H - 1)
     z = zbuf[row, col]
-    hidden = np.isfinite(z) & (screen[vert, 2] < z - depth_tol)
-    return np.where(hidden, 0.0, t)
+    hidden_all = np.isfinite(z) & (screen[:, 2] < z - depth_tol)
+    seen = np.isfinite(z) & ~hidden_all
+    if seen.any() and np.median(nz_all[seen]) < 0:  # faces wound clockwise: normals point inwards
+        nz_all = -nz_all
+    nz = nz_all[vert]
+    t = np.clip((nz - grazing[0]) / (grazing[1] - grazing[0]), 0.0, 1.0)
+    return np.where(hidden_all[vert], 0.0, t)
 
 
 def estimate_landmark_noise(residuals_px) -> float:

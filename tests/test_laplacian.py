@@ -637,6 +637,10 @@ def test_robust_trust_is_zero_for_hidden_and_edge_on_handles():
     moved = dict(zip(res.handle_indices.tolist(), np.abs(res.displacement_px).sum(1).tolist()))
     assert all(moved[i] == 0.0 for i in np.r_[back_hidden, edge_on])
     assert all(moved[i] == pytest.approx(3.0) for i in np.r_[back_open, front])
+    # the other winding (normals pointing into the surface) gives the same trust
+    res2 = medium_stage(v, lm, (H, W), model=_Model(f[:, ::-1], model.landmarks), camera=cam, landmark_ids=ids,
+                        noise_px=0.0)
+    assert np.array_equal(res2.trust, res.trust)
 
 
 def test_robust_jaw_contour_landmark_matches_the_silhouette():
