@@ -211,7 +211,7 @@ _PAPER_REF = ('Jin, Wang, Zhao, Yang, Zhou, "High-fidelity 3D face reconstructio
 
 
 def _bilaplacian(v, f):
-    """Cotangent bi-Laplacian ``C^T (M / mbar)^-1 C`` (dimensionless, scale-invariant) as CSC.
+    """``(C, Q)``: cotangent Laplacian and bi-Laplacian ``Q = C^T (M / mbar)^-1 C`` (dimensionless, scale-invariant).
 
     ``C`` is the cotangent Laplacian, ``M`` the lumped Voronoi mass matrix and ``mbar`` its mean
     entry, so ``D^T Q D`` is ``mbar`` times the discrete integral of ``|Delta D|^2`` (Laplace-Beltrami
@@ -225,7 +225,7 @@ def _bilaplacian(v, f):
         bad = np.flatnonzero(~(m > 1e-12 * max(1e-300, float(np.abs(m).max()))))
         raise ValueError(f"energy='biharmonic': {bad.size} vertices have zero area (first {bad[:5].tolist()}): "
                          "degenerate triangles; use energy='laplacian' or clean the mesh")
-    return (C.T @ sp.diags(m.mean() / m) @ C).tocsc()
+    return C, (C.T @ sp.diags(m.mean() / m) @ C).tocsc()
 
 
 def _renamed(old, new, value, where):
@@ -350,8 +350,7 @@ class LaplacianDeformer:
             L = _laplacian(v, f, laplacian)
             Q = (L.T @ L).tocsc()
         else:
-            L = sp.csr_matrix(cotangent_laplacian(v, f))
-            Q = _bilaplacian(v, f)
+            L, Q = _bilaplacian(v, f)
         self.L = L
         self.Q = Q
         A = (Q + sp.csc_matrix((w, (h, h)), shape=(n, n))).tocsc()

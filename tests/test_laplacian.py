@@ -746,3 +746,19 @@ def test_robust_medium_improves_out_of_span_change(sfm_model):
         paper = medium_stage(co, lm, method="paper").vertices
         assert ms.shape_errors(sfm_model, paper, v, region)["region"] < ec
     assert max(ratios) < 0.99 and np.mean(ratios) < 0.97, ratios
+
+
+def test_pipeline_reports_folds_per_stage_and_medium_has_none(data):
+    """The shared photo with its hand landmarks: the robust medium stage folds
+    nothing, and report.json's counts are those of folded_triangles on the stage meshes."""
+    img, pts = data / "images" / "image_0010.png", data / "images" / "image_0010.pts"
+    if not (img.is_file() and pts.is_file()):
+        pytest.skip(f"{img} or {pts} not found")
+    pytest.importorskip("geomfit.data").resolve_model("sfm")
+    from geomfit.pipeline import reconstruct
+
+    rec = reconstruct(img, landmarks=pts, fine=False, max_side=256)
+    folds = rec.diagnostics["folded_triangles"]
+    assert folds["medium"] == folded_triangles(rec.coarse.vertices, rec.medium.vertices, rec.coarse.faces) == 0
+    assert folds["coarse"] == folded_triangles(rec.model.mean, rec.coarse.vertices, rec.coarse.faces)
+    assert rec.diagnostics["medium"]["method"] == "robust" and rec.diagnostics["medium"]["noise_px"] > 0
