@@ -19,22 +19,19 @@ Writes benchmarks/results/medium_robustness.json.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))
-from medium_synth import (face_landmarks, folded_triangles, local_offset, make_camera,  # noqa: E402
-                          sample_face, shape_errors)
+from _harness import tests_module, write_results  # noqa: E402  (sibling module)
 
 from geomfit.data import resolve_model  # noqa: E402
 from geomfit.fitting import fit_landmarks  # noqa: E402
 from geomfit.laplacian import medium_stage  # noqa: E402
+
+_ms = tests_module("medium_synth")  # the tests' synthetic faces
+face_landmarks, folded_triangles, local_offset = _ms.face_landmarks, _ms.folded_triangles, _ms.local_offset
+make_camera, sample_face, shape_errors = _ms.make_camera, _ms.sample_face, _ms.shape_errors
 
 YAWS = (0, 15, 30, 45)
 NOISES = (0.0, 0.5, 1.5, 2.5, 3.0)
@@ -153,9 +150,17 @@ def main():
                     grid.append(g)
                     print(g, flush=True)
         out["grid"] = grid
-    dst = ROOT / "benchmarks" / "results" / "medium_robustness.json"
-    dst.write_text(json.dumps(out, indent=1, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)))
+    dst = write_results("medium_robustness", _plain(out))
     print("wrote", dst)
+
+
+def _plain(x):
+    """JSON-ready copy (NumPy scalars and arrays to Python)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x.tolist() if hasattr(x, "tolist") else x
 
 
 if __name__ == "__main__":
