@@ -661,7 +661,7 @@ def _camera_params(camera):
 JAW_CONTOUR = frozenset(range(1, 18))
 
 #: Defaults of ``method="robust"`` (chosen by measurement, docs/medium.md).
-ROBUST_SHRINK = 2.0
+ROBUST_SHRINK = 2.5
 ROBUST_HANDLE_SCALE = 3.0
 
 
