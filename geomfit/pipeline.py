@@ -11,7 +11,8 @@ multi-scale details" (Pattern Recognition Letters 2021), with the coarse fit of 
    (:func:`geomfit.fitting.fit_landmarks`, Wang et al. Eq. 1): identity, expression and a
    scaled-orthographic camera;
 3. **medium** -- the landmark-driven Laplacian deformation of the coarse mesh
-   (:func:`geomfit.laplacian.medium_stage`, Jin et al. Eqs. 2-3);
+   (:func:`geomfit.laplacian.medium_stage`, Jin et al. Eqs. 2-3, made robust to landmark noise:
+   docs/medium.md);
 4. **fine** -- SH lighting, albedo and phased shape-from-shading on the depth map rendered from the
    medium mesh (:func:`geomfit.fine.fine_stage`, Jin et al. Eqs. 4-9);
 5. **fine mesh** -- the refined depth is carried back onto the mesh: the medium mesh is subdivided
@@ -170,12 +171,32 @@ def _complete_landmarks(pts, coarse, model):
 
 
 def _run_medium(model, coarse, landmarks, image_size, kwargs):
+    """The medium stage on the given (finite) landmarks: ``method="robust"`` unless the options say
+    otherwise (``medium_options={"method": "paper"}`` is Jin et al. 2021, Sec. 3.3 as written)."""
     from .laplacian import medium_stage
 
     ok = np.isfinite(landmarks).all(1)
     kw = dict(kwargs)
     kw.setdefault("landmark_ids", np.flatnonzero(ok) + 1)  # iBUG numbers of the given landmarks
     return medium_stage(coarse, landmarks[ok], image_size=image_size, model=model, **kw)
+
+
+def _fold_counts(model, v_coarse, v_medium, faces, v_fine=None, f_fine=None, subdivisions=0):
+    """Folded triangles (normal turned > 60 degrees) per stage, each against the stage before it:
+    coarse vs the model's mean shape, medium vs coarse, fine vs the medium mesh subdivided the same way."""
+    from .laplacian import folded_triangles
+
+    out = {"coarse": folded_triangles(np.asarray(model.mean, dtype=np.float64), v_coarse, faces),
+           "medium": folded_triangles(v_coarse, v_medium, faces)}
+    if v_fine is not None:
+        from .mesh import subdivide
+
+        vs, fs = (v_medium, faces) if subdivisions == 0 else subdivide(v_medium, faces, subdivisions)
+        vs = np.asarray(vs)
+        if vs.shape == v_fine.shape and np.array_equal(np.asarray(fs), f_fine):
+            out["fine"] = folded_triangles(vs, v_fine, f_fine)
+    out["max_angle_deg"] = 60.0
+    return out
 
 
 def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", max_side: Optional[int] = 512,
@@ -298,6 +319,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     med = _run_medium(mdl, coarse, pts, (H, W), medium_options or {})
     v_medium = np.asarray(med.vertices, dtype=np.float64)
     timings["medium"] = time.perf_counter() - t
+    diag["medium"] = {"method": med.method, "noise_px": float(med.noise_px), "handles": int(len(med.handle_indices)),
+                      "moved_handles": int((np.abs(np.asarray(med.displacement_px)) > 0).any(1).sum())}
 
     d_med = np.asarray(render_depth(v_medium, faces, cam, H, W))
     mask = np.isfinite(d_med)
@@ -354,6 +377,11 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     else:
         v_fine, f_fine = v_medium.copy(), faces
     timings["fine_mesh"] = time.perf_counter() - t
+    diag["folded_triangles"] = _fold_counts(mdl, v_coarse, v_medium, faces, v_fine if fine else None,
+                                            f_fine if fine else None,
+                                            int(diag.get("fine_mesh", {}).get("subdivisions", 0)) if fine else 0)
+    log(f"folded triangles (normal turned > 60 deg): medium {diag['folded_triangles']['medium']}"
+        + (f", fine {diag['folded_triangles'].get('fine')}" if fine else ""))
     timings["total"] = time.perf_counter() - t_all
     log(f"done in {timings['total']:.1f} s")
 
