@@ -51,6 +51,7 @@ __all__ = [
     "sparse_module",
     "ndimage_module",
     "sparse_to_device",
+    "sparse_on_device",
     "target",
     "force",
     "kernel",
@@ -129,10 +130,15 @@ def ndimage_module(xp: ModuleType) -> ModuleType:
 
 def sparse_to_device(A, xp: ModuleType):
     """A SciPy sparse matrix as CSR on the device of ``xp`` (SciPy for NumPy, cupyx for CuPy)."""
-    A = A.tocsr()
+    return sparse_on_device(A.tocsr(), xp)
+
+
+def sparse_on_device(A, xp: ModuleType):
+    """A SciPy sparse matrix on the device of ``xp``: unchanged (any format) for NumPy, CSR in
+    ``cupyx.scipy.sparse`` for CuPy. For solvers that factor on the CPU in CSC but solve on the GPU."""
     if xp is np:
         return A
-    return sparse_module(xp).csr_matrix(A)
+    return sparse_module(xp).csr_matrix(A.tocsr())
 
 
 def cuda_available() -> bool:

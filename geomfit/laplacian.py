@@ -36,7 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from . import ibug
 from .camera import ScaledOrthographic
 from .mesh import cotangent_laplacian, mass_matrix, uniform_laplacian
-from .backend import asnumpy, factorize_spd, get_array_module, is_cupy, sparse_module, to_device
+from .backend import asnumpy, factorize_spd, get_array_module, sparse_on_device, to_device
 
 __all__ = [
     "LaplacianDeformer",
@@ -355,8 +355,7 @@ class LaplacianDeformer:
         self.Q = Q
         A = (Q + sp.csc_matrix((w, (h, h)), shape=(n, n))).tocsc()
         A.sort_indices()
-        if xp is not np:
-            A = sparse_module(xp).csr_matrix(A)
+        A = sparse_on_device(A, xp)
         try:
             self.factor = factorize_spd(A, method=method, ordering=ordering,
                                         last=h if handles_last else None)
@@ -395,9 +394,7 @@ class LaplacianDeformer:
         """
         xp = self.xp
         mu = targets
-        if xp is np and is_cupy(mu):
-            mu = asnumpy(mu)
-        mu = xp.asarray(mu, dtype=xp.float64)
+        mu = to_device(mu, xp).astype(xp.float64, copy=False)
         m = self.n_handles
         if mu.ndim == 2:
             if mu.shape != (m, 3):
@@ -473,8 +470,7 @@ class LaplacianDeformer:
                 continue
             k = int(mask.sum())
             C = sp.csc_matrix((np.sqrt(np.abs(dw[mask])), (rows[mask], np.arange(k))), shape=(self.n, k))
-            if xp is not np:
-                C = sparse_module(xp).csr_matrix(C)
+            C = sparse_on_device(C, xp)
             self.factor.update(C, subtract=subtract)
         self.handle_weights = self.handle_weights.copy()
         self.handle_weights[idx] = nw
