@@ -126,7 +126,7 @@ def _contours(model: MorphableModel, path) -> dict:
 
 def load_model(path, expressions=None, landmarks=None, contours=None, *, format=None,
                dtype=np.float64) -> MorphableModel:
-    """Load a linear 3D morphable model (seed 004 Eq. 1) with its landmark annotations.
+    """Load a linear 3D morphable model (Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition Letters 2021, Eq. 1) with its landmark annotations.
 
     Parameters
     ----------
