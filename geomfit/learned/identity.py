@@ -522,6 +522,11 @@ def _similarity(src, dst):
 def _chip_to_image(L, size, padding):
     """dlib's chip -> image affine map (get_face_chip_details, chip_details, get_mapping_to_chip)."""
     idx = _chip_points()
+    finite = torch.isfinite(L[:, idx]).all(-1).all(0).cpu().numpy()
+    if not finite.all():  # missing points (NaN): the similarity from the others
+        idx = [i for i, ok in zip(idx, finite) if ok]
+        if len(idx) < 10:
+            raise ValueError(f"chip alignment needs at least 10 of dlib's 32 chip landmarks, {len(idx)} are finite")
     src = L[:, idx]
     tpl = torch.as_tensor(DLIB_CHIP_TEMPLATE[np.array(idx) - 17], dtype=src.dtype, device=src.device)
     chip_pts = ((padding + tpl) / (2 * padding + 1) * size).expand_as(src)
