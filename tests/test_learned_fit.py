@@ -162,3 +162,83 @@ def test_bad_input(sfm):
         fit_photometric(sfm, img2, L2, texture=NoLatent(), iterations=1)
     with pytest.raises(ValueError, match="2 images but 1"):
         fit_photometric_multi(sfm, [img2, img2], [L2])
+
+
+# ------------------------------------------------------------------------------------------------
+# FastGANFit and GANFit++
+# ------------------------------------------------------------------------------------------------
+def test_chip_camera_round_trip():
+    """The chip-frame camera projects exactly where the image camera lands after the chip similarity."""
+    from geomfit.fitting import project
+    from geomfit.learned.fastganfit import _chip_similarity, from_chip_camera, to_chip_camera
+
+    rng = np.random.default_rng(0)
+    R = euler_to_matrix(0.3, -0.2, 0.1)
+    s, t, h = 2.5, np.array([300.0, 250.0]), 480
+    V = rng.normal(size=(40, 3)) * 30
+    L = np.zeros((68, 2))
+    from geomfit.learned.identity import DLIB_CHIP_TEMPLATE
+
+    L[17:] = DLIB_CHIP_TEMPLATE * 200 + [220, 140] + rng.normal(0, 3, (51, 2))
+    M, off = _chip_similarity(L, 112)
+    Rc, sc, tc = to_chip_camera(R, s, t, h, M, off, 112)
+    P_img = project(V, R, s, t, (h, 640))
+    P_chip = project(V, Rc, sc, tc, (112, 112))
+    np.testing.assert_allclose(P_img @ M.T + off, P_chip, atol=1e-9)
+    R2, s2, t2 = from_chip_camera(Rc, sc, tc, h, M, off, 112)
+    np.testing.assert_allclose(R2, R, atol=1e-12)
+    np.testing.assert_allclose([s2, *t2], [s, *t], atol=1e-9)
+
+
+def _write_folder(model, folder, seeds):
+    import cv2
+
+    from geomfit.photo import linear_to_srgb
+
+    for sd in seeds:
+        img, L, _, _ = synthetic_face(model, sd, yaw=float(np.random.default_rng(sd).uniform(-25, 25)))
+        # finite jaw points for the .pts file: projected contour candidates are good enough here
+        fit = fit_landmarks(model, L, img.shape[:2])
+        cv = np.asarray(model.contours["right"])[np.linspace(0, len(model.contours["right"]) - 1, 8).astype(int)]
+        cl = np.asarray(model.contours["left"])[np.linspace(0, len(model.contours["left"]) - 1, 8).astype(int)]
+        L[:8] = fit.projected[cv]
+        L[9:17] = fit.projected[cl]
+        L[8] = fit.projected[model.landmarks[9]] if 9 in model.landmarks else L[7]
+        for i in np.nonzero(~np.isfinite(L).all(1))[0]:  # inner-mouth corners the SFM does not map
+            L[i] = (L[i - 1] + L[i + 1]) / 2 if np.isfinite(L[i - 1]).all() and np.isfinite(L[i + 1]).all() else L[48]
+        u8 = np.round(linear_to_srgb(img) * 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"face{sd}.png"), u8[..., ::-1])
+        from geomfit.io import write_pts
+
+        write_pts(folder / f"face{sd}.pts", L)
+
+
+def test_fastganfit_trains_saves_loads_and_starts_ganfit_pp(sfm, tmp_path):
+    from geomfit.learned import FastGANFit, ganfit_plus_plus, train_fastganfit
+    from geomfit.learned.fastganfit import collect_targets
+
+    _write_folder(sfm, tmp_path, [31, 32, 33, 34])
+    net, log = train_fastganfit(sfm, tmp_path, epochs=60, batch_size=4, fit="landmarks", chip_size=64, width=8,
+                                checkpoint=tmp_path / "net.pt")
+    assert log["loss"][-1] < 0.2 * log["loss"][0]
+    again = FastGANFit.load(tmp_path / "net.pt")
+    chips, targets, names = collect_targets(sfm, tmp_path, fit="landmarks", chip_size=64)
+    with torch.no_grad():
+        a, b = net.predict(chips), again.predict(chips)
+    torch.testing.assert_close(a, b)
+    # the regressor reproduces its training fits much better than the spread of the targets
+    K = sfm.n_id
+    err = (a[:, :K] - targets[:, :K]).pow(2).mean().sqrt()
+    spread = (targets[:, :K] - targets[:, :K].mean(0)).pow(2).mean().sqrt()
+    assert float(err) < 0.5 * float(spread)
+    # GANFit++ from the regressed start, in the photo's pixels
+    from geomfit.io import read_pts
+    from geomfit.photo import read_image, srgb_to_linear
+
+    img = srgb_to_linear(read_image(tmp_path / "face31.png"))
+    L = read_pts(tmp_path / "face31.pts")
+    pf = ganfit_plus_plus(net, sfm, img, L, iterations=20, warmup=10, max_side=None)
+    assert np.isfinite(pf.photometric_error) and pf.photometric_error < 0.05
+    with pytest.raises(ValueError, match="not a FastGANFit checkpoint"):
+        (tmp_path / "bad.pt").write_bytes(b"nonsense")
+        FastGANFit.load(tmp_path / "bad.pt")

@@ -259,7 +259,7 @@ def _prep_landmarks(landmarks, shape):
 class _Scene:
     """Per-photo state of the optimisation (image, landmarks, camera, light)."""
 
-    def __init__(self, img, L, lf_i, f, device, dtype):
+    def __init__(self, img, L, lf_i, f, device, dtype, sh_init=None):
         self.h, self.w = img.shape[:2]
         self.photo = torch.as_tensor(img, dtype=dtype, device=device)
         Lw = L * f
@@ -275,7 +275,9 @@ class _Scene:
         self.exp = torch.as_tensor(np.asarray(lf_i["exp_coeffs"]), dtype=dtype, device=device).clone().requires_grad_(True)
         sh = torch.zeros(9, 3, dtype=dtype, device=device)
         sh[0] = 1.0 / _SH_C[0]
-        self.sh = sh.requires_grad_(True)
+        if sh_init is not None:
+            sh = torch.as_tensor(np.asarray(sh_init, dtype=np.float64).reshape(9, 3), dtype=dtype, device=device)
+        self.sh = sh.clone().requires_grad_(True)
         self.lv = torch.as_tensor(np.asarray(lf_i["landmark_vertices"]), dtype=torch.int64, device=device)
         self.chip_T = None
         self.id_target = None
@@ -299,7 +301,7 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
     fs = []
     for img, L, lf_i in zip(images, landmarks, lfs):
         im, f = _prep_image(img, max_side)
-        scenes.append(_Scene(im, _prep_landmarks(L, im.shape), lf_i, f, device, dtype))
+        scenes.append(_Scene(im, _prep_landmarks(L, im.shape), lf_i, f, device, dtype, lf_i.get("sh")))
         fs.append(f)
     idc = torch.as_tensor(np.asarray(lfs[0]["id_coeffs"])[:tm.n_id], dtype=dtype, device=device).clone()
     idc.requires_grad_(True)
@@ -413,7 +415,7 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
     for sc, f in zip(scenes, fs):
         R = sc.rotation().detach().cpu().numpy().astype(np.float64)
         out.append(dict(exp=sc.exp.detach().cpu().numpy().astype(np.float64), R=R,
-                        s=float(torch.exp(sc.log_s)) / f, t=sc.t.detach().cpu().numpy().astype(np.float64) / f,
+                        s=float(torch.exp(sc.log_s.detach())) / f, t=sc.t.detach().cpu().numpy().astype(np.float64) / f,
                         sh=sc.sh.detach().cpu().numpy().astype(np.float64),
                         rendered=torch.where(sc.out_mask[..., None], sc.out_img, sc.photo).cpu().numpy(),
                         mask=sc.out_mask.cpu().numpy(), err=sc.out_err, f=f))
@@ -463,7 +465,7 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
                     w_pix: float = 1.0, w_lan: float = 1.0, w_id: float = 2.0, w_con: float = 50.0,
                     w_shape: float = 1e-4, w_exp: float = 1e-3, w_light: float = 1e-3, w_albedo: float = 10.0,
                     max_side: Optional[int] = 256, fit_geometry: bool = True, landmark_fit=None,
-                    device: str = "cpu", dtype=torch.float32, num_threads: Optional[int] = None,
+                    sh_init=None, device: str = "cpu", dtype=torch.float32, num_threads: Optional[int] = None,
                     verbose: bool = False) -> PhotometricFit:
     """Fit shape, expression, pose, SH light and texture to a photo by analysis-by-synthesis.
 
@@ -511,6 +513,8 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
         texture (the photometric error of the landmark fit's geometry).
     landmark_fit : LandmarkFit, optional
         Start point; default ``fit_landmarks(model, landmarks, image.shape[:2])``.
+    sh_init : ndarray (9, 3), optional
+        Start light (default: ambient, shading 1).
     device, dtype
         Where and in which precision to optimise (``"cuda"`` renders with geomfit's CUDA kernel).
     num_threads : int, optional
@@ -551,9 +555,12 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
     if landmark_fit is None:
         landmark_fit = fit_landmarks(model, L, img.shape[:2], n_id=n_id, n_exp=n_exp)
     lrs = dict(_DEFAULT_LR, **(lr or {}))
+    start = _lf_dict(landmark_fit)
+    if sh_init is not None:
+        start["sh"] = sh_init
     with _threads(num_threads):
         idn, out, albedo, hist, seconds, parts = _fit(
-        model, [img], [L], [_lf_dict(landmark_fit)], texture=texture, identity=identity, n_id=n_id, n_exp=n_exp,
+        model, [img], [L], [start], texture=texture, identity=identity, n_id=n_id, n_exp=n_exp,
         iterations=iterations, warmup=warmup, lr=lrs, w_pix=w_pix, w_lan=w_lan, w_id=w_id, w_con=w_con, w_shape=w_shape,
         w_exp=w_exp, w_light=w_light, w_albedo=w_albedo, max_side=max_side, fit_geometry=fit_geometry,
         device=device, dtype=dtype, verbose=verbose)
