@@ -242,3 +242,24 @@ def test_fastganfit_trains_saves_loads_and_starts_ganfit_pp(sfm, tmp_path):
     with pytest.raises(ValueError, match="not a FastGANFit checkpoint"):
         (tmp_path / "bad.pt").write_bytes(b"nonsense")
         FastGANFit.load(tmp_path / "bad.pt")
+
+
+def test_pipeline_coarse_photometric(data):
+    from geomfit.pipeline import reconstruct
+
+    kw = dict(landmarks=str(data / "images" / "image_0010.pts"), max_side=256, fine=False)
+    ph = reconstruct(str(data / "images" / "image_0010.png"), coarse="photometric",
+                     photometric_options=dict(iterations=20, warmup=10, num_threads=1), **kw)
+    assert np.isfinite(ph.diagnostics["photometric_error"])
+    lm = reconstruct(str(data / "images" / "image_0010.png"), **kw)
+    assert not np.allclose(ph.id_coeffs, lm.id_coeffs)
+    with pytest.raises(ValueError, match="coarse must be"):
+        reconstruct(str(data / "images" / "image_0010.png"), coarse="gan", **kw)
+
+
+def test_cli_has_coarse_option():
+    from geomfit.cli import build_parser
+
+    a = build_parser().parse_args(["reconstruct", "x.png", "-o", "out", "--coarse", "photometric"])
+    assert a.coarse == "photometric"
+    assert build_parser().parse_args(["reconstruct", "x.png", "-o", "out"]).coarse == "landmarks"
