@@ -560,10 +560,10 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
         start["sh"] = sh_init
     with _threads(num_threads):
         idn, out, albedo, hist, seconds, parts = _fit(
-        model, [img], [L], [start], texture=texture, identity=identity, n_id=n_id, n_exp=n_exp,
-        iterations=iterations, warmup=warmup, lr=lrs, w_pix=w_pix, w_lan=w_lan, w_id=w_id, w_con=w_con, w_shape=w_shape,
-        w_exp=w_exp, w_light=w_light, w_albedo=w_albedo, max_side=max_side, fit_geometry=fit_geometry,
-        device=device, dtype=dtype, verbose=verbose)
+            model, [img], [L], [start], texture=texture, identity=identity, n_id=n_id, n_exp=n_exp,
+            iterations=iterations, warmup=warmup, lr=lrs, w_pix=w_pix, w_lan=w_lan, w_id=w_id, w_con=w_con, w_shape=w_shape,
+            w_exp=w_exp, w_light=w_light, w_albedo=w_albedo, max_side=max_side, fit_geometry=fit_geometry,
+            device=device, dtype=dtype, verbose=verbose)
     o = out[0]
     return PhotometricFit(id_coeffs=idn, exp_coeffs=o["exp"], rotation=o["R"], scale=o["s"], translation=o["t"],
                           albedo=albedo, sh=o["sh"], rendered=o["rendered"], mask=o["mask"], loss_history=hist,
@@ -615,9 +615,9 @@ def fit_photometric_multi(model, images: Sequence, landmarks_list: Sequence, *, 
         d["id_coeffs"] = np.asarray(lf.id_coeffs)
     with _threads(num_threads):
         idn, out, albedo, hist, seconds, parts = _fit(
-        model, imgs, Ls, lfs, texture=texture, identity=identity, n_id=n_id, n_exp=n_exp, iterations=iterations, warmup=warmup,
-        lr=lrs, w_pix=w_pix, w_lan=w_lan, w_id=w_id, w_con=w_con, w_shape=w_shape, w_exp=w_exp, w_light=w_light,
-        w_albedo=w_albedo, max_side=max_side, fit_geometry=fit_geometry, device=device, dtype=dtype, verbose=verbose)
+            model, imgs, Ls, lfs, texture=texture, identity=identity, n_id=n_id, n_exp=n_exp, iterations=iterations, warmup=warmup,
+            lr=lrs, w_pix=w_pix, w_lan=w_lan, w_id=w_id, w_con=w_con, w_shape=w_shape, w_exp=w_exp, w_light=w_light,
+            w_albedo=w_albedo, max_side=max_side, fit_geometry=fit_geometry, device=device, dtype=dtype, verbose=verbose)
     return PhotometricFit(id_coeffs=idn, exp_coeffs=np.stack([o["exp"] for o in out]),
                           rotation=np.stack([o["R"] for o in out]), scale=np.array([o["s"] for o in out]),
                           translation=np.stack([o["t"] for o in out]), albedo=albedo,
