@@ -10,10 +10,18 @@ colours. Peers in the same run:
   (every pixel centre of every triangle's bounding box, ``scatter_reduce(amax)``);
 * the visibility alone (geomfit's Numba z-buffer) and the torch part alone, to show where time goes.
 
-Reports medians (and min) of 15 runs after warm-up with torch on 2 threads, the load average, and that
+Reports medians (and min) of 15 runs after warm-up with torch on one thread (on a machine shared with
+other jobs two threads were up to 20x slower from contention), the load average, and that
 the two renderers give the same image. Writes benchmarks/results/learned_render.json.
 
-Run:  GEOMFIT_DATA=/work/shared/data nice -n 10 python benchmarks/bench_learned_render.py
+With ``--fit`` it also times :func:`geomfit.learned.fit_photometric` (one torch thread) and records
+its accuracy: on synthetic faces (``tests/test_learned_fit.py``'s generator: known identity, expression,
+pose, albedo, SH light, 1 % noise, jaw landmarks missing) the aligned 3D shape error against
+:func:`geomfit.fit_landmarks` on the same landmarks (peer in the same run), and on the shared photo
+``image_0010`` the photometric error against the landmark fit's geometry with the same light and
+texture optimisation. Writes benchmarks/results/learned_fit.json.
+
+Run:  GEOMFIT_DATA=/work/shared/data nice -n 10 python benchmarks/bench_learned_render.py [--fit]
 """
 from __future__ import annotations
 
@@ -38,14 +46,14 @@ def _time(fn, reps):
     return float(np.median(ts)), float(np.min(ts))
 
 
-def main(sizes=(224, 512), reps=15, out=None):
+def main(sizes=(224, 512), reps=15, out=None, threads=1):
     import torch
 
     from geomfit.camera import euler_to_matrix
     from geomfit.data import resolve_model
     from geomfit.learned.diffrender import _ids, barycentric_interpolate, reference_render, render
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = resolve_model("sfm")
     V = model.mean @ euler_to_matrix(*np.deg2rad([20.0, 10.0, 0.0])).T
     f = model.faces
@@ -68,7 +76,7 @@ def main(sizes=(224, 512), reps=15, out=None):
 
         a, ma = render(vt, f, at, (S, S))
         b, mb = reference_render(vt, f, at, (S, S))
-        same = bool(torch.equal(ma, mb)) and float((a - b).abs().max()) < 1e-5
+        same = bool(torch.equal(ma, mb)) and float((a - b).detach().abs().max()) < 1e-5
         for fn in (render, reference_render):
             step(fn)  # warm-up (JIT)
         ids = _ids(vt.detach()[None], ft, S, S)
@@ -99,5 +107,63 @@ def main(sizes=(224, 512), reps=15, out=None):
     return res
 
 
+def fit_section(seeds=(1, 2, 3, 4), sizes=(128, 256), out=None):
+    import torch
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from test_learned_fit import shape_error, synthetic_face
+
+    from geomfit.data import data_dir, resolve_model
+    from geomfit.fitting import fit_landmarks
+    from geomfit.io import read_pts
+    from geomfit.learned import fit_photometric
+    from geomfit.photo import read_image, srgb_to_linear
+
+    torch.set_num_threads(1)
+    model = resolve_model("sfm")
+    rows = []
+    for size in sizes:
+        for seed in seeds:
+            img, L, V, _ = synthetic_face(model, seed, size=size)
+            t0 = time.perf_counter()
+            lf = fit_landmarks(model, L, img.shape[:2])
+            t_lm = time.perf_counter() - t0
+            load0 = os.getloadavg()[0]
+            pf = fit_photometric(model, img, L, landmark_fit=lf, max_side=None)
+            e0, e1 = shape_error(lf.vertices, V), shape_error(pf.vertices, V)
+            row = dict(kind="synthetic", size=size, seed=seed, landmark_fit_mm=e0, photometric_mm=e1, ratio=e1 / e0,
+                       photometric_error=pf.photometric_error, fit_s=pf.seconds, landmark_fit_s=t_lm,
+                       iterations=len(pf.loss_history) - 1, load=load0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    d = data_dir()
+    if d is not None and (d / "images" / "image_0010.png").is_file():
+        img = srgb_to_linear(read_image(d / "images" / "image_0010.png"))
+        L = read_pts(d / "images" / "image_0010.pts")
+        lf = fit_landmarks(model, L, img.shape[:2])
+        for ms in (256, 512):
+            load0 = os.getloadavg()[0]
+            fixed = fit_photometric(model, img, L, landmark_fit=lf, fit_geometry=False, max_side=ms)
+            full = fit_photometric(model, img, L, landmark_fit=lf, max_side=ms)
+            both = fixed.mask & full.mask
+            from geomfit.learned.photometric import _prep_image
+
+            im, _ = _prep_image(img, ms)
+            row = dict(kind="image_0010", max_side=ms, landmark_geometry_error=fixed.photometric_error,
+                       photometric_fit_error=full.photometric_error,
+                       landmark_geometry_error_common_mask=float(abs(fixed.rendered - im)[both].mean()),
+                       photometric_fit_error_common_mask=float(abs(full.rendered - im)[both].mean()),
+                       face_pixels=int(full.mask.sum()), fit_s=full.seconds, fixed_s=fixed.seconds, load=load0)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    res = dict(benchmark="learned_fit", torch=torch.__version__, threads=1, rows=rows)
+    if out is None:
+        out = pathlib.Path(__file__).resolve().parent / "results" / "learned_fit.json"
+    pathlib.Path(out).write_text(json.dumps(res, indent=1))
+    return res
+
+
 if __name__ == "__main__":
     main()
+    if "--fit" in sys.argv:
+        fit_section()
