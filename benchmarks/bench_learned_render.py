@@ -21,7 +21,7 @@ pose, albedo, SH light, 1 % noise, jaw landmarks missing) the aligned 3D shape e
 ``image_0010`` the photometric error against the landmark fit's geometry with the same light and
 texture optimisation. Writes benchmarks/results/learned_fit.json.
 
-Run:  GEOMFIT_DATA=/work/shared/data nice -n 10 python benchmarks/bench_learned_render.py [--fit]
+Run:  GEOMFIT_DATA=../shared/data nice -n 10 python benchmarks/bench_learned_render.py [--fit]
 """
 from __future__ import annotations
 
