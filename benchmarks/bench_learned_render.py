@@ -27,23 +27,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from _harness import Timer, ratio, tests_module, write_results
 
 
 def _time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts)), float(np.min(ts))
+    t = Timer(repeats=reps).run(fn)
+    return t.median * 1e3, t.min * 1e3
 
 
 def main(sizes=(224, 512), reps=15, out=None, threads=1):
@@ -94,24 +87,21 @@ def main(sizes=(224, 512), reps=15, out=None, threads=1):
         row = dict(size=S, covered_pixels=int(ma.sum()), same_image=same,
                    geomfit_fwd_bwd_ms=t_geo[0], geomfit_min_ms=t_geo[1],
                    plain_torch_fwd_bwd_ms=t_ref[0], plain_torch_min_ms=t_ref[1],
-                   speedup=t_ref[0] / t_geo[0], visibility_only_ms=t_vis[0], torch_part_ms=t_tor[0],
+                   speedup=ratio(t_ref[0], t_geo[0]), visibility_only_ms=t_vis[0], torch_part_ms=t_tor[0],
                    load_before=load0, load_after=os.getloadavg()[0])
         rows.append(row)
         print(json.dumps(row))
     res = dict(benchmark="learned_render", mesh="SFM 3448 mean shape, 6736 triangles", dtype="float32",
-               torch=torch.__version__, threads=torch.get_num_threads(), reps=reps, machine=platform.machine(),
-               cpus=os.cpu_count(), rows=rows)
-    if out is None:
-        out = pathlib.Path(__file__).resolve().parent / "results" / "learned_render.json"
-    pathlib.Path(out).write_text(json.dumps(res, indent=1))
+               torch=torch.__version__, threads=torch.get_num_threads(), reps=reps, rows=rows)
+    write_results("learned_render", res, out)
     return res
 
 
 def fit_section(seeds=(1, 2, 3, 4), sizes=(128, 256), out=None):
     import torch
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    from test_learned_fit import shape_error, synthetic_face
+    T = tests_module("test_learned_fit")
+    shape_error, synthetic_face = T.shape_error, T.synthetic_face
 
     from geomfit.data import data_dir, resolve_model
     from geomfit.fitting import fit_landmarks
@@ -157,13 +147,17 @@ def fit_section(seeds=(1, 2, 3, 4), sizes=(128, 256), out=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = dict(benchmark="learned_fit", torch=torch.__version__, threads=1, rows=rows)
-    if out is None:
-        out = pathlib.Path(__file__).resolve().parent / "results" / "learned_fit.json"
-    pathlib.Path(out).write_text(json.dumps(res, indent=1))
+    write_results("learned_fit", res, out)
     return res
 
 
 if __name__ == "__main__":
-    main()
-    if "--fit" in sys.argv:
-        fit_section()
+    if "--quick" in sys.argv:  # smoke run: small sizes, few repeats, results not kept
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            main(sizes=(64,), reps=2, out=os.path.join(d, "r.json"))
+    else:
+        main()
+        if "--fit" in sys.argv:
+            fit_section()
