@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install torch==2.13.0)")
 
 import geomfit  # noqa: E402
-from geomfit.learned import barycentric_interpolate, reference_render, render  # noqa: E402
+from geomfit.learned import reference_render, render  # noqa: E402
 
 
 def _grid_mesh(n=6, size=16.0, seed=0):
@@ -141,19 +141,22 @@ def test_bad_input(bad, match):
 
 @pytest.mark.cudasim
 def test_cuda_kernel_ids_give_same_image():
-    """The CUDA z-buffer (here Numba's simulator) feeds the same torch interpolation to the same image."""
-    from geomfit import render as R
+    """geomfit's CUDA z-buffer (here Numba's simulator) gives the same image and gradients as the CPU one."""
+    from geomfit import backend
 
-    host = getattr(R, "_rasterize_cuda_host", None)
-    if host is None:
-        pytest.skip("geomfit.render has no host entry to the CUDA kernel")
     v, f = _two_layers()
-    attr = torch.tensor(np.random.default_rng(8).random((len(v), 3)))
-    ids = torch.from_numpy(host(v, f, 12, 12).triangle_id.astype(np.int64))[None]
-    a, ma = barycentric_interpolate(torch.tensor(v)[None], torch.tensor(f), attr, ids)
-    b, mb = render(torch.tensor(v), f, attr, (12, 12))
-    assert torch.equal(ma[0], mb)
-    torch.testing.assert_close(a[0], b, atol=1e-12, rtol=0)
+    attr = np.random.default_rng(8).random((len(v), 3))
+    vt = torch.tensor(v, requires_grad=True)
+    b, mb = render(vt, f, torch.tensor(attr), (12, 12))
+    b.sum().backward()
+    g_cpu = vt.grad.clone()
+    vt.grad = None
+    with backend.force("cuda"):
+        a, ma = render(vt, f, torch.tensor(attr), (12, 12))
+    a.sum().backward()
+    assert torch.equal(ma, mb)
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    torch.testing.assert_close(vt.grad, g_cpu, atol=1e-12, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with CuPy")

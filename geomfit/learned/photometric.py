@@ -329,8 +329,6 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
 
     # --- identity targets (photo chips) once
     if identity is not None:
-        from .identity import _chip_to_image, identity_loss  # noqa: F401
-
         identity = identity.to(device)
         for p in identity.parameters():
             p.requires_grad_(False)
