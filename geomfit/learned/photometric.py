@@ -460,7 +460,7 @@ def _lf_dict(lf, i=None):
 def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_id: Optional[int] = None,
                     n_exp: Optional[int] = None, iterations: int = 300, warmup: int = 100,
                     lr: Optional[dict] = None,
-                    w_pix: float = 1.0, w_lan: float = 1.0, w_id: float = 2.0, w_con: float = 50.0,
+                    w_pix: float = 1.0, w_lan: float = 1.0, w_id: float = 0.2, w_con: float = 5.0,
                     w_shape: float = 1e-4, w_exp: float = 1e-3, w_light: float = 1e-3, w_albedo: float = 10.0,
                     max_side: Optional[int] = 256, fit_geometry: bool = True, landmark_fit=None,
                     sh_init=None, device: str = "cpu", dtype=torch.float32, num_threads: Optional[int] = None,
@@ -497,7 +497,11 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
     w_pix, w_lan, w_id, w_con : float
         Weights of the pixel (Eq. 11), landmark (Eq. 12), identity (Eq. 9) and content (Eq. 10)
         losses. The landmark loss is normalised by the squared RMS landmark radius, the pixel
-        loss is a mean over the face pixels.
+        loss is a mean over the face pixels. The paper's weights (2 and 50 for identity and
+        content) belong to ArcFace and a texture GAN; with dlib's network and a free per-vertex
+        albedo they let the albedo chase the identity network (on the shared photo: dlib distance
+        of rendering and photo 0.42 -> 0.08, but pixel error 0.013 -> 0.043), hence 0.2 and 5
+        (0.42 -> 0.10, pixel error 0.016).
     w_shape, w_exp, w_light : float
         Priors: mean squared identity/expression coefficients, squared deviation of the SH
         coefficients from an ambient light.
@@ -571,8 +575,8 @@ def fit_photometric(model, image, landmarks, *, texture=None, identity=None, n_i
 
 def fit_photometric_multi(model, images: Sequence, landmarks_list: Sequence, *, texture=None, identity=None,
                           n_id: Optional[int] = None, n_exp: Optional[int] = None, iterations: int = 300,
-                          warmup: int = 100, lr: Optional[dict] = None, w_pix: float = 1.0, w_lan: float = 1.0, w_id: float = 2.0,
-                          w_con: float = 50.0, w_shape: float = 1e-4, w_exp: float = 1e-3, w_light: float = 1e-3,
+                          warmup: int = 100, lr: Optional[dict] = None, w_pix: float = 1.0, w_lan: float = 1.0, w_id: float = 0.2,
+                          w_con: float = 5.0, w_shape: float = 1e-4, w_exp: float = 1e-3, w_light: float = 1e-3,
                           w_albedo: float = 10.0, max_side: Optional[int] = 256, fit_geometry: bool = True,
                           device: str = "cpu", dtype=torch.float32, num_threads: Optional[int] = None,
                           verbose: bool = False) -> PhotometricFit:
