@@ -93,12 +93,14 @@ def _cmd_reconstruct_one(a) -> int:
         try:
             rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
                               max_side=None if a.max_side <= 0 else a.max_side, fine=not a.no_fine, progress=say,
-                              refiner=getattr(a, "refiner", None))
+                              refiner=getattr(a, "refiner", None),
+                              coarse=getattr(a, "coarse", "landmarks"))
         except NoFaceError as e:  # the message names the photo (reconstruct is given the path)
             raise CLIError(str(e) if str(src) in str(e) else f"{src}: {e}") from e
         say(f"writing outputs to {rd.path}")
         params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
-                  "fine": not a.no_fine, "landmarks_file": a.landmarks, "refiner": getattr(a, "refiner", None)}
+                  "fine": not a.no_fine, "landmarks_file": a.landmarks, "refiner": getattr(a, "refiner", None),
+                  "coarse": getattr(a, "coarse", "landmarks")}
         write_outputs(rec, rd.staging, ply=a.ply, image=src, model_argument=a.model, parameters=params,
                       final=rd.path)
         atomic.test_hook("commit")
@@ -456,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-fine", action="store_true", help="skip the fine (shape-from-shading) stage")
     r.add_argument("--refiner", metavar="default|PATH",
                    help="apply the learned depth refiner after the medium stage (needs torch)")
+    r.add_argument("--coarse", default="landmarks", choices=["landmarks", "photometric"],
+                   help="coarse stage: landmark fit, or refined by differentiable rendering (needs torch) [landmarks]")
     r.add_argument("--ply", action="store_true", help="also write .ply meshes")
     r.add_argument("--force", action="store_true", help="replace an existing result in OUTDIR (as a whole)")
     r.add_argument("--resume", action="store_true", help="skip photos whose result is complete, do the rest")

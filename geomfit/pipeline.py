@@ -203,7 +203,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
                 fine: bool = True, coarse_options: Optional[dict] = None, medium_options: Optional[dict] = None,
                 fine_options: Optional[dict] = None, target_edge_px: float = 1.0, max_subdivisions: int = 2,
                 feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None,
-                refiner=None) -> Reconstruction:
+                refiner=None,
+                coarse: str = "landmarks", photometric_options: Optional[dict] = None) -> Reconstruction:
     """Reconstruct a detailed 3D face from one photo: coarse -> medium -> fine.
 
     Parameters
@@ -236,6 +237,12 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     refiner : None, "default", path or geomfit.learned.Refiner
         Apply the learned depth refiner (Galteri et al., CVIU 2019; needs torch) to the medium
         depth, alone or before the fine stage; ``diagnostics["refiner"]`` records which.
+    coarse : {"landmarks", "photometric"}
+        ``"photometric"`` refines the landmark fit by analysis-by-synthesis through the
+        differentiable renderer (:func:`geomfit.learned.fit_photometric`, Gecer et al.,
+        Fast-GANFIT, TPAMI 2021; needs torch) before the medium stage.
+    photometric_options : dict, optional
+        Keyword arguments for :func:`geomfit.learned.fit_photometric`.
 
     Returns
     -------
@@ -257,6 +264,9 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     """
     from .data import resolve_model
 
+    coarse_kind = coarse
+    if coarse_kind not in ("landmarks", "photometric"):
+        raise ValueError(f"coarse must be 'landmarks' or 'photometric', got {coarse_kind!r}")
     log = progress or (lambda s: None)
     t_all = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -295,7 +305,18 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
 
     log("coarse: fitting the morphable model to the landmarks")
     t = time.perf_counter()
-    coarse = fit_landmarks(mdl, pts, image_size=(H, W), **(coarse_options or {}))
+    coarse_fit = fit_landmarks(mdl, pts, image_size=(H, W), **(coarse_options or {}))
+    if coarse_kind == "photometric":
+        import dataclasses
+
+        from .learned import fit_photometric
+
+        log("coarse: photometric refinement (differentiable rendering)")
+        pf = fit_photometric(mdl, srgb_to_linear(img), pts, landmark_fit=coarse_fit, **(photometric_options or {}))
+        coarse_fit = dataclasses.replace(coarse_fit, id_coeffs=pf.id_coeffs, exp_coeffs=pf.exp_coeffs,
+                                         rotation=pf.rotation, scale=pf.scale, translation=pf.translation)
+        diag["photometric_error"] = pf.photometric_error
+    coarse = coarse_fit
     timings["coarse"] = time.perf_counter() - t
     if not np.isfinite(np.asarray(coarse.rmse_px)):
         raise RuntimeError("coarse fit failed: non-finite landmark residual")

@@ -1,16 +1,27 @@
-"""Learned components of geomfit (optional: they need torch).
+"""geomfit.learned: the optional torch layer (learned refiner, differentiable rendering, identity network,
+photometric fitting).
 
-Names are imported lazily, like :mod:`geomfit`'s, so ``import geomfit.learned`` does not import torch;
-the first use of a torch-backed name does.
+Everything here needs torch (``pip install geomfit[torch]``); ``import geomfit`` never imports this
+package, and ``import geomfit.learned`` itself does not import torch: public names are resolved lazily
+from the table below on first access (the same scheme as :mod:`geomfit`). To add a module, add one
+row ``"geomfit.learned.<module>": ("Name", ...)`` to ``_MODULES``. A module must not share a name with a
+function it exports (importing ``geomfit.learned.render`` would shadow the function ``render``), hence
+``diffrender`` for :func:`render`.
 """
 from importlib import import_module
 
-# defining module -> public names re-exported here
+# defining module -> public names re-exported here (one row per module)
 _MODULES = {
     "geomfit.learned.refiner": ("Refiner", "ProgressiveGenerator", "ProgressiveDiscriminator", "train_refiner",
                                 "gradient_penalty", "discriminator_loss", "generator_loss"),
     "geomfit.learned.refiner_data": ("make_synthetic_pairs", "load_pairs", "encode_depth", "RefinerPairs"),
     "geomfit.learned.pix2pix": ("UNetGenerator", "PatchDiscriminator"),
+    "geomfit.learned.diffrender": ("render", "rasterize_ids", "barycentric_interpolate", "reference_render"),
+    "geomfit.learned.identity": ("FaceIdentity", "read_dlib_net", "align_chip", "chip_transform",
+                                 "dlib_model_path", "identity_loss"),
+    "geomfit.learned.photometric": ("fit_photometric", "fit_photometric_multi", "PhotometricFit",
+                                    "VertexAlbedo", "TorchModel"),
+    "geomfit.learned.fastganfit": ("FastGANFit", "train_fastganfit", "ganfit_plus_plus", "collect_targets"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
 
