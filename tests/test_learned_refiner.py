@@ -180,7 +180,7 @@ def test_kappa_and_discriminator_sees_depth_only():
     loss, terms = rf.generator_loss(lin, c, target, out)
     adv = lin(torch.cat([c, out[:, :1]], 1)).mean()
     assert terms["kappa"] == pytest.approx(3e-5)
-    assert float(loss.detach()) == pytest.approx(float((target - out).abs().mean() + 3e-5 * adv), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(((target - out).abs().mean() + 3e-5 * adv).detach()), rel=1e-6)
     assert set(lin.seen) == {1 + 1}  # condition depth + output depth
     # curvature/elevation channels reach the loss through L1 only: their gradient is sign(.)/N
     loss.backward()
