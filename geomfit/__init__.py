@@ -59,6 +59,7 @@ _MODULES = {
     "geomfit.multigrid": ("solve_screened_poisson",),
     "geomfit.sh": ("sh_basis", "shade", "fit_sh_lighting"),
     "geomfit.fine": ("fine_stage", "FineResult", "solve_albedo", "solve_specular", "solve_depth"),
+    "geomfit.uv": ("uv_texture", "uv_render", "UVTexture"),
     "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
 _EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}

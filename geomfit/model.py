@@ -36,7 +36,8 @@ class MorphableModel:
     faces : ndarray of int, shape (F, 3)
         Triangles, counter-clockwise seen from the front.
     texcoords : ndarray, shape (N, 2), optional
-        Per-vertex texture coordinates where the file has them.
+        Per-vertex texture coordinates ``(u, v)`` in [0, 1] where the file has them, u right and v up
+        (the OBJ convention: texture row = (1 - v) * height). eos files store v down; their loader flips it.
     landmarks : dict of int -> int
         iBUG 68-point number (1-based) to vertex index, for the fixed (non-contour) landmarks.
     contours : dict of str -> list of int

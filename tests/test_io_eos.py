@@ -42,7 +42,8 @@ def test_sfm_shape_model_matches_eos(sfm_dir):
     np.testing.assert_array_equal(m.mean, np.asarray(sm.get_mean()).reshape(n, 3))
     _assert_rescaled_close(m.id_basis, np.asarray(sm.get_rescaled_pca_basis()).reshape(n, 3, 63))
     np.testing.assert_array_equal(m.faces, np.asarray(sm.get_triangle_list()))
-    np.testing.assert_array_equal(m.texcoords, np.asarray(ref.get_texture_coordinates()))
+    tc = np.asarray(ref.get_texture_coordinates())  # eos: v down; geomfit: OBJ's v up
+    np.testing.assert_array_equal(m.texcoords, np.column_stack([tc[:, 0], 1.0 - tc[:, 1]]))
     assert m.faces.shape == (6736, 3)
     # The scaled columns square-sum to the eigenvalues (orthonormal basis times sqrt(variance)).
     np.testing.assert_allclose((m.id_basis ** 2).sum(axis=(0, 1)), raw.shape.eigenvalues, rtol=1e-4)
@@ -138,7 +139,7 @@ def test_eos_written_version4_file(tmp_path, expr):
     np.testing.assert_array_equal(raw.texture_triangles, [[0, 1, 2]])
     np.testing.assert_array_equal(raw.color.mean, np.asarray(color.get_mean()).reshape(-1))
     m = load_model(path)
-    np.testing.assert_array_equal(m.texcoords, np.asarray(uv))
+    np.testing.assert_array_equal(m.texcoords, np.column_stack([np.asarray(uv)[:, 0], 1.0 - np.asarray(uv)[:, 1]]))
     _assert_rescaled_close(m.color_basis, np.asarray(color.get_rescaled_pca_basis()).reshape(n, 3, -1))
     if expr == "blendshapes":
         assert raw.blendshape_names == ["b0", "b1"]

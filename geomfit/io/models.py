@@ -59,7 +59,9 @@ def _from_eos(path, dtype) -> MorphableModel:
         exp_basis = f.expression_pca.rescaled_basis.reshape(n, 3, -1).astype(dtype)
     elif f.blendshapes is not None and f.blendshapes.size:
         exp_basis = f.blendshapes.reshape(n, 3, -1).astype(dtype)
-    texcoords = f.texcoords.astype(dtype) if len(f.texcoords) == n else None
+    texcoords = None
+    if len(f.texcoords) == n:  # eos stores v down (image rows); geomfit uses OBJ's v up
+        texcoords = np.column_stack([f.texcoords[:, 0], 1.0 - f.texcoords[:, 1]]).astype(dtype)
     color_mean = color_basis = None
     if f.color.mean.size:
         color_mean = f.color.mean.reshape(n, 3).astype(dtype)
