@@ -53,6 +53,9 @@ class UVTexture:
         camera), 0 outside ``mask``.
     normals : float array (S, S, 3)
         Unit surface normal (interpolated vertex normals) in the same camera frame, 0 outside.
+    dpdu, dpdv : float array (S, S, 3)
+        Surface tangents per unit texture coordinate (camera frame, model units): the derivative of the
+        texel's 3D point along u and along v (constant over each triangle), 0 outside.
     image_xy : float array (S, S, 2)
         Where the texel lands in the photo (pixels: x = column, y = row, top-left origin).
     triangle_id : int array (S, S)
@@ -66,6 +69,8 @@ class UVTexture:
     normals: Any
     image_xy: Any
     triangle_id: Any
+    dpdu: Any = None
+    dpdv: Any = None
 
     @property
     def size(self) -> int:
@@ -298,8 +303,20 @@ def uv_texture(image, fit, size: int = 256, *, faces=None, texcoords=None, depth
     normals[m] = nrm
     ixy = xp.zeros((size, size, 2))
     ixy[m] = pts[:, :2]
+    # per-triangle Jacobian dP/d(u, v): [P1 - P0, P2 - P0] = J [uv1 - uv0, uv2 - uv0]
+    E = xp.stack([cam[f[:, 1]] - cam[f[:, 0]], cam[f[:, 2]] - cam[f[:, 0]]], axis=2)      # (F, 3, 2)
+    T = xp.stack([tc[f[:, 1]] - tc[f[:, 0]], tc[f[:, 2]] - tc[f[:, 0]]], axis=2)          # (F, 2, 2)
+    detT = T[:, 0, 0] * T[:, 1, 1] - T[:, 0, 1] * T[:, 1, 0]
+    okT = xp.abs(detT) > 1e-14
+    detT = xp.where(okT, detT, 1.0)
+    Tinv = xp.stack([xp.stack([T[:, 1, 1], -T[:, 0, 1]], 1), xp.stack([-T[:, 1, 0], T[:, 0, 0]], 1)], 1) / detT[:, None, None]
+    J = xp.einsum("fij,fjk->fik", E, Tinv) * okT[:, None, None]                           # (F, 3, 2)
+    dpdu = xp.zeros((size, size, 3))
+    dpdv = xp.zeros((size, size, 3))
+    dpdu[m] = J[tid[m], :, 0]
+    dpdv[m] = J[tid[m], :, 1]
     return UVTexture(texture=tex, visible=visible, mask=m, points=points, normals=normals, image_xy=ixy,
-                     triangle_id=tid)
+                     triangle_id=tid, dpdu=dpdu, dpdv=dpdv)
 
 
 def uv_render(texture, fit, image_shape, *, faces=None, texcoords=None, valid=None):
