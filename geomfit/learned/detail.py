@@ -40,6 +40,7 @@ __all__ = [
     "masked_l1", "bnet_loss", "gan_discriminator_loss", "gan_generator_loss", "perceptual_loss",
     "fan_generator_loss", "drn_loss", "image_gradients",
     "train_bnet", "train_fan", "train_drn", "save_detail_model", "load_detail_model", "perceptual_network",
+    "synthetic_detail_set", "normal_error_deg",
 ]
 
 #: The paper's settings (Sec. 4.1).
@@ -695,6 +696,21 @@ def _fit_sh(texture, visible, albedo, normals, ridge=1e-4):
     return torch.stack(out, -1)
 
 
+def _default_albedo_light(tex, vis, nrm, sigma_px):
+    """The documented stand-in when B-Net/FAN are not given: SH lighting fitted with a constant (unit)
+    albedo, then the albedo = the shading-divided texture low-passed by a Gaussian of ``sigma_px``
+    texels (visibility-normalised), then the lighting re-fitted against that albedo."""
+    ones = torch.ones_like(tex)
+    gamma = _fit_sh(tex, vis, ones, nrm)
+    shading = sh_shade(nrm, gamma)
+    v = vis.to(tex.dtype)
+    v = v[:, None] if v.ndim == 3 else v
+    ok = v * (shading.min(1, keepdim=True).values > 0.05).to(tex.dtype)
+    ratio = torch.where(ok > 0, tex / torch.clamp(shading, min=0.05), torch.zeros_like(tex))
+    albedo = torch.clamp(_lowpass(ratio, ok, sigma_px), 0.0, 1.0)
+    return albedo, _fit_sh(tex, vis, albedo, nrm)
+
+
 def _device(device):
     return torch.device(device if device is not None else "cpu")
 
@@ -791,9 +807,9 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
 
     With ``bnet`` (the paper): B-Net gives each texture's lighting ``gamma`` and its PCA albedo, which
     is the "real" sample ``x`` of Eq. 6; FAN's albedo times the SH shading is ``I_syn`` for Eq. 7.
-    Without it (documented default): the real samples are the textures low-passed by a Gaussian of
-    ``S/32`` texels (visibility-normalised) and the lighting is fitted per texture by least squares
-    against that low-passed albedo.
+    Without it (documented default): the lighting is fitted per texture by least squares with a unit
+    albedo, the real samples are the shading-divided textures low-passed by a Gaussian of ``S/32``
+    texels (visibility-normalised), and the lighting is re-fitted against them.
 
     Parameters
     ----------
@@ -835,8 +851,7 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
         if bnet is not None:
             real, gamma = _bnet_outputs(bnet, albedo_model, tex)
         else:
-            real = _lowpass(tex, vis, S / 32)
-            gamma = _fit_sh(tex, vis, real, nrm)
+            real, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
         shading = sh_shade(nrm, gamma)
         albedo = G(tex)
         # discriminator step (Eq. 6); none when the GAN term is switched off
@@ -868,9 +883,10 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
 
     ``I_syn = A * sum_b gamma_b H_b(n')`` with ``n'`` the normals of the surface displaced by DRN's
     rate along the normals (:func:`displaced_normals`); the albedo ``A`` is FAN's (the paper trains
-    DRN "based on FAN") and the lighting B-Net's. Defaults when they are not passed: ``A`` = the
-    texture low-passed by a Gaussian of ``S/32`` texels, ``gamma`` fitted per texture by least squares
-    against ``A`` with the undisplaced normals.
+    DRN "based on FAN") and the lighting B-Net's. Defaults when they are not passed: the stand-in of
+    :func:`train_fan` (lighting fitted with a unit albedo, ``A`` = the shading-divided texture
+    low-passed by a Gaussian of ``S/32`` texels) and, with FAN but no B-Net, lighting fitted against
+    FAN's albedo with the undisplaced normals.
 
     Returns
     -------
@@ -894,8 +910,13 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
         b = dataset.batch(idx, dev)
         tex, vis, nrm, mask = b["texture"], b["visible"], b["normals"], b["mask"]
         with torch.no_grad():
-            albedo = fan(tex) if fan is not None else _lowpass(tex, vis, S / 32)
-            gamma = _bnet_outputs(bnet, albedo_model, tex)[1] if bnet is not None else _fit_sh(tex, vis, albedo, nrm)
+            if fan is not None:
+                albedo = fan(tex)
+                gamma = _bnet_outputs(bnet, albedo_model, tex)[1] if bnet is not None else _fit_sh(tex, vis, albedo, nrm)
+            else:
+                albedo, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
+                if bnet is not None:
+                    gamma = _bnet_outputs(bnet, albedo_model, tex)[1]
         rate = net(tex)
         n2 = displaced_normals(nrm, b["dpdu"], b["dpdv"], rate, mask)
         synth = albedo * sh_shade(n2, gamma)
@@ -963,3 +984,85 @@ def load_detail_model(path, map_location="cpu") -> nn.Module:
     m.load_state_dict(d["state"])
     m.checkpoint_extra = d.get("extra", {})
     return m.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic data with a known displacement map
+# ------------------------------------------------------------------------------------------------
+def synthetic_detail_set(n: int = 8, size: int = 64, seed: int = 0, amplitude: float = 0.012,
+                         wavelength_texels: float = 8.0):
+    """Texture maps rendered from a surface with known fine displacement (for testing DRN).
+
+    Each sample is a spherical cap ``P(u, v) = (2u - 1, 2v - 1, h)`` (model units) displaced along its
+    normal by a procedural wrinkle map ``r(u, v)`` (a few sinusoidal ridges of random direction and
+    phase, about ``wavelength_texels`` texels long, ``amplitude`` high, faded by a random smooth
+    envelope), with a smooth random albedo and random SH lighting (ambient plus a directional term).
+    The texture is ``albedo * shading(n_true)``, where ``n_true`` are the normals of the exact displaced
+    surface ``P + r n`` by central differences (so the curvature term that :func:`displaced_normals`
+    drops is in the data). The UV dataset carries the *undisplaced* normals and tangents, as a 3DMM
+    fit would.
+
+    Returns
+    -------
+    (UVDataset, rates (n, S, S), true_normals (n, S, S, 3))
+    """
+    from .uv_dataset import UVDataset
+
+    rng = np.random.default_rng(seed)
+    S = int(size)
+    t = (np.arange(S) + 0.5) / S
+    U, V = np.meshgrid(t, 1.0 - t)                 # row 0 is v = 1 (v up)
+    x, y = 2 * U - 1, 2 * V - 1
+    c = 3.0
+    h = np.sqrt(c - x ** 2 - y ** 2)
+    P = np.stack([x, y, h], -1)
+    dpdu = np.stack([np.full_like(x, 2.0), np.zeros_like(x), -2 * x / h], -1)
+    dpdv = np.stack([np.zeros_like(x), np.full_like(x, 2.0), -2 * y / h], -1)
+    nrm = np.cross(dpdu, dpdv)
+    nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True)
+    from ..sh import sh_basis
+
+    tex, rates, ntrue = [], [], []
+    for _ in range(n):
+        r = np.zeros((S, S))
+        for _k in range(4):
+            ang = rng.uniform(0, np.pi)
+            k = 2 * np.pi / (wavelength_texels / S * rng.uniform(0.8, 1.5))
+            ph = rng.uniform(0, 2 * np.pi)
+            env = np.exp(-((U - rng.uniform(0.2, 0.8)) ** 2 + (V - rng.uniform(0.2, 0.8)) ** 2) / 0.08)
+            r += amplitude * env * np.sin(k * (np.cos(ang) * U + np.sin(ang) * V) + ph)
+        Q = P + r[..., None] * nrm
+        qu = np.gradient(Q, axis=1) * S            # d/du: columns step 1/S
+        qv = -np.gradient(Q, axis=0) * S           # d/dv: rows go down
+        nt = np.cross(qu, qv)
+        nt /= np.linalg.norm(nt, axis=-1, keepdims=True)
+        alb = np.stack([0.55 + 0.1 * np.sin(rng.uniform(1, 3) * x + rng.uniform(0, 6)),
+                        0.42 + 0.08 * np.cos(rng.uniform(1, 3) * y + rng.uniform(0, 6)),
+                        0.33 + 0.05 * np.sin(rng.uniform(1, 3) * (x + y))], -1)
+        g = np.zeros((9, 3))
+        g[0] = 0.6 / 0.282095
+        d = rng.normal(size=3)
+        d[2] = abs(d[2]) + 0.5
+        d /= np.linalg.norm(d)
+        g[[3, 1, 2]] = (0.9 * d)[:, None] / 0.488603 * np.array([1.0, 0.97, 0.93])[None]
+        tex.append(np.clip(alb * (sh_basis(nt.reshape(-1, 3)) @ g).reshape(S, S, 3), 0, 1))
+        rates.append(r)
+        ntrue.append(nt)
+    nb = lambda a: np.broadcast_to(a, (n,) + a.shape).copy()  # noqa: E731
+    ds = UVDataset(texture=np.array(tex), visible=np.ones((n, S, S), bool), mask=np.ones((n, S, S), bool),
+                   normals=nb(nrm), dpdu=nb(dpdu), dpdv=nb(dpdv), sources=[f"synthetic#{i}" for i in range(n)])
+    return ds, np.array(rates), np.array(ntrue)
+
+
+def normal_error_deg(drn: Optional[nn.Module], dataset, true_normals) -> float:
+    """Mean angle (degrees) between the normals of the surface displaced by ``drn``'s rate (``None``: no
+    displacement) and ``true_normals`` (N, S, S, 3), over the dataset's mask."""
+    with torch.no_grad():
+        b = dataset.batch(np.arange(len(dataset)))
+        rate = drn.eval()(b["texture"]) if drn is not None else torch.zeros_like(b["texture"][:, :1])
+        n2 = displaced_normals(b["normals"], b["dpdu"], b["dpdv"], rate, b["mask"])
+    nt = torch.from_numpy(np.ascontiguousarray(true_normals)).float().permute(0, 3, 1, 2)
+    cos = torch.clamp((n2 * nt).sum(1), -1, 1)
+    ang = torch.rad2deg(torch.arccos(cos))
+    m = b["mask"][:, 0] > 0
+    return float(ang[m].mean())
