@@ -9,6 +9,7 @@
     geomfit download-model sfm [--url-base URL] [--dest DIR] [--force]
     geomfit evaluate PRED GT [--pred-nose I] [--gt-nose I] [--radius 95] [--json FILE]
     geomfit train-refiner -o refiner.pt [--config DCE+RGB] [--resolution 64] [--minutes N] [--pairs N | --data DIR]
+    geomfit train-detail PHOTOS_DIR -o DIR [--size 256] [--steps N] [--albedo-model FILE] [--perceptual SPEC]
 
 Every command exits with 0 on success and, on failure, prints one line ``geomfit: error: <reason>``
 on stderr and exits with 1 (2 for command-line usage errors, 130 when interrupted, 143 on SIGTERM).
@@ -61,6 +62,8 @@ def _cmd_reconstruct(a) -> int:
     if _is_batch(a):
         if getattr(a, "refiner", None):
             raise CLIError("--refiner applies to one photo at a time; batches do not support it yet")
+        if a.detail:
+            raise CLIError("--detail works on one photo at a time")
         return _cmd_reconstruct_batch(a)
     return _cmd_reconstruct_one(a)
 
@@ -85,6 +88,11 @@ def _cmd_reconstruct_one(a) -> int:
     if a.landmarks is not None:
         read_pts_checked(a.landmarks, image.shape)
     model = resolve_model(a.model)
+    detail = None
+    if a.detail:  # B-Net/FAN/DRN checkpoints (train-detail), checked before the long work
+        from .learned.detail_cli import parse_detail_specs
+
+        detail = parse_detail_specs(a.detail)
     _import_trimesh()  # now, not in the write phase: its import catches BaseException (Ctrl-C)
     rd = atomic.ResultDir(a.output, force=a.force or a.resume)
     rd.claim()  # OUTDIR writable, not in use by another run, empty or --force: before the long work
@@ -101,8 +109,15 @@ def _cmd_reconstruct_one(a) -> int:
         params = {"detector": a.detector if a.landmarks is None else None, "max_side": a.max_side,
                   "fine": not a.no_fine, "landmarks_file": a.landmarks, "refiner": getattr(a, "refiner", None),
                   "coarse": getattr(a, "coarse", "landmarks")}
+        if detail:
+            params["detail"] = {k: str(v) for k, v in detail.items()}
         write_outputs(rec, rd.staging, ply=a.ply, image=src, model_argument=a.model, parameters=params,
                       final=rd.path)
+        if detail:
+            from .learned.detail_cli import write_detail_outputs
+
+            say("applying " + ", ".join(sorted(detail)))
+            write_detail_outputs(rec, detail, rd.staging)
         atomic.test_hook("commit")
         out = rd.commit()
     finally:
@@ -437,6 +452,15 @@ def _cmd_train_refiner(a) -> int:
     return run_train_refiner(a, _Progress(a.quiet))
 
 
+# -- train-detail ---------------------------------------------------------------------------------
+def _cmd_train_detail(a) -> int:
+    from .learned.detail_cli import run_train_detail
+
+    if a.perceptual == "none":
+        a.perceptual = None
+    return run_train_detail(a, _Progress(a.quiet))
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="geomfit", description="Detailed 3D faces from single photos "
@@ -467,7 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scheduler", metavar="ADDRESS", help="batch: run on an existing Dask cluster "
                    "(e.g. tcp://host:8786); OUTDIR must be on a file system its workers share")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.add_argument("--detail", action="append", metavar="drn:PATH|fan:PATH|DIR",
+                   help="apply train-detail networks: DRN displaces the medium mesh (detail.obj), FAN writes albedo_uv.png")
     r.set_defaults(func=_cmd_reconstruct)
+
+    t = sub.add_parser("train-detail", help="train B-Net, FAN and DRN (Wang et al.) on a folder of photos")
+    t.add_argument("photos", metavar="PHOTOS_DIR", help="photos (.pts landmarks next to them are used, else detected)")
+    t.add_argument("-o", "--output", required=True, metavar="DIR", help="checkpoints and dataset cache (resumable)")
+    t.add_argument("--model", default="sfm", help="3DMM with texture coordinates [sfm]")
+    t.add_argument("--albedo-model", metavar="FILE", help="PCA albedo model (e.g. BFM); default: PCA of the textures")
+    t.add_argument("--perceptual", default="auto", help="identity | vgg16:PATH | none | auto [auto]")
+    t.add_argument("--size", type=int, default=256, help="UV map size [256]")
+    t.add_argument("--steps", type=int, default=1000, help="steps per stage [1000]")
+    t.add_argument("--batch", type=int, default=4, help="batch size [4]")
+    t.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate [2e-5, the paper's]")
+    t.add_argument("--detector", default="auto", choices=["auto", "dlib", "fan"])
+    t.add_argument("--threads", type=int, default=1, help="torch threads [1]")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train_detail)
 
     f = sub.add_parser("fit-landmarks", help="coarse 3DMM fits for a batch of .pts files")
     f.add_argument("pts", nargs="+", metavar="FILE.pts")

@@ -469,3 +469,43 @@ def test_uvdataset_validation(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="UVDataset"):
         L.UVDataset.load(tmp_path / "x.npz")
+
+
+# ------------------------------------------------------------------------------------------------
+# command line: train-detail (resumable) and reconstruct --detail
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_SFM, reason="GEOMFIT_DATA with sfm/ and images/image_0010.pts not available")
+def test_cli_train_detail_and_reconstruct_detail(tmp_path, capsys):
+    import trimesh
+
+    from geomfit.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("image_0010.png", "image_0010.pts"):
+        (photos / name).symlink_to(DATA / "images" / name)
+    out = tmp_path / "nets"
+    args = ["train-detail", str(photos), "-o", str(out), "--size", "64", "--steps", "2", "--batch", "1",
+            "--perceptual", "none", "-q"]
+    assert main(args) == 0
+    for k in ("bnet", "fan", "drn"):
+        assert L.load_detail_model(out / f"{k}.pt").checkpoint_extra["steps"] == 2
+    stamp = (out / "fan.pt").stat().st_mtime_ns
+    assert main(args) == 0                                   # resumed: nothing retrained
+    assert (out / "fan.pt").stat().st_mtime_ns == stamp
+    rec = tmp_path / "rec"
+    assert main(["reconstruct", str(DATA / "images" / "image_0010.png"), "--landmarks",
+                 str(DATA / "images" / "image_0010.pts"), "-o", str(rec), "--no-fine", "--max-side", "256", "-q",
+                 "--detail", f"drn:{out / 'drn.pt'}", "--detail", f"fan:{out / 'fan.pt'}"]) == 0
+    med = trimesh.load(rec / "medium.obj", process=False)
+    det = trimesh.load(rec / "detail.obj", process=False)
+    assert len(det.vertices) > 10 * len(med.vertices)       # subdivided twice before displacement
+    np.testing.assert_allclose(det.vertices[:len(med.vertices)], med.vertices, atol=1.0)  # small rates
+    z = np.load(rec / "detail_maps.npz")
+    assert z["rate"].shape == (64, 64) and z["albedo"].shape == (64, 64, 3)
+    assert (rec / "albedo_uv.png").is_file()
+    capsys.readouterr()
+    assert main(["reconstruct", str(DATA / "images" / "image_0010.png"), "-o", str(tmp_path / "x"),
+                 "--detail", str(tmp_path / "missing.pt")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
