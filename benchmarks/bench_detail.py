@@ -22,10 +22,8 @@ Run:  GEOMFIT_DATA=/work/shared/data python benchmarks/bench_detail.py [--quick]
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -34,45 +32,33 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _harness import Timer, tests_module, write_results  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 import geomfit  # noqa: E402
 from geomfit.learned import detail as D  # noqa: E402
 from geomfit.learned.uv_dataset import UVDataset  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "detail.json"
 QUICK = "--quick" in sys.argv
 DATA = pathlib.Path(os.environ.get("GEOMFIT_DATA", "/nonexistent"))
 torch.set_num_threads(1)
-results = {"meta": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
-                    "machine": platform.machine(), "quick": QUICK}}
+results = {"meta": {"torch": torch.__version__, "torch_threads": 1, "quick": QUICK}}
 
 
 def save():
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    results["meta"]["load_end"] = os.getloadavg()
-    OUT.write_text(json.dumps(results, indent=1))
+    write_results("detail", results)
 
 
 def timed(fn, n=3):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(1e3 * (time.perf_counter() - t))
-    return float(np.median(ts)), float(np.min(ts))
+    """(median, min) ms of ``n`` calls after one warm-up call."""
+    t = Timer(repeats=n, warmup=1).run(fn)
+    return 1e3 * t.median, 1e3 * t.min
 
 
 def bench_uv():
     if not (DATA / "sfm" / "sfm_shape_3448.bin").exists():
         results["uv_texture"] = "skipped: no GEOMFIT_DATA"
         return None
-    from _fit_helpers import load_sfm
-
-    m = load_sfm(DATA / "sfm")
+    m = tests_module("_fit_helpers").load_sfm(DATA / "sfm")
     img = geomfit.read_image(DATA / "images" / "image_0010.png")
     pts = geomfit.read_pts(DATA / "images" / "image_0010.pts")
     fit = geomfit.fit_landmarks(m, pts, img.shape[:2])
@@ -226,11 +212,10 @@ def bench_synthetic_drn():
 
 
 if __name__ == "__main__":
-    results["meta"]["load_start"] = os.getloadavg()
     model = bench_uv()
     bench_steps("cpu")
     if torch.cuda.is_available():
         bench_steps("cuda")
     bench_synthetic_drn()
     bench_photo_training(model)
-    print(json.dumps(results, indent=1))
+    print("wrote benchmarks/results/detail.json")
