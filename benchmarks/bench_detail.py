@@ -1,5 +1,5 @@
 """B-Net / FAN / DRN benchmark (Wang et al., "Low-frequency guided self-supervised learning for
-high-fidelity 3D face reconstruction in the wild", 2020).
+high-fidelity 3D face reconstruction in the wild", ICME 2020).
 
 Sections (each written to benchmarks/results/detail.json as soon as it finishes):
 

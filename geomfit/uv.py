@@ -1,7 +1,7 @@
 """UV texture maps: a photo resampled into the model's texture space through a 3DMM fit.
 
 Wang, Lin, Xu, Che and Wang, "Low-frequency guided self-supervised learning for high-fidelity 3D
-face reconstruction in the wild" (2020), Sec. 3.1: after the landmark fit (their Eq. 1) "we extract
+face reconstruction in the wild", ICME 2020, Sec. 3.1: after the landmark fit (their Eq. 1) "we extract
 the corresponding texture map, denoted as I_t(UV)"; the texture map, its visibility and the vertex
 normals in UV space are what B-Net, FAN and DRN (:mod:`geomfit.learned.detail`) train on.
 
@@ -201,7 +201,7 @@ def uv_texture(image, fit, size: int = 256, *, faces=None, texcoords=None, depth
     """Resample a photo into the model's texture (UV) space through a 3DMM fit.
 
     Wang et al., "Low-frequency guided self-supervised learning for high-fidelity 3D face
-    reconstruction in the wild" (2020), Sec. 3.1: the texture map ``I_t(UV)`` extracted after the
+    reconstruction in the wild", ICME 2020, Sec. 3.1: the texture map ``I_t(UV)`` extracted after the
     landmark fit of their Eq. (1).
 
     Parameters

@@ -1,7 +1,7 @@
 """B-Net, FAN and DRN: self-supervised albedo and detail networks on UV texture maps.
 
 Wang, Lin, Xu, Che and Wang, "Low-frequency guided self-supervised learning for high-fidelity 3D face
-reconstruction in the wild" (2020), Secs. 3.2-3.4 and 4.1. Three networks are trained one after the
+reconstruction in the wild", ICME 2020, Secs. 3.2-3.4 and 4.1. Three networks are trained one after the
 other on texture maps ``I_t(UV)`` (:func:`geomfit.uv_texture`, cached by
 :class:`geomfit.learned.UVDataset`):
 
@@ -62,7 +62,7 @@ def sh_basis_t(normals: torch.Tensor) -> torch.Tensor:
 
 
 def sh_shade(normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Lambertian SH shading ``sum_b gamma_b H_b(n)`` per colour channel (Wang et al. Eq. 3).
+    """Lambertian SH shading ``sum_b gamma_b H_b(n)`` per colour channel (Wang et al., ICME 2020, Eq. 3).
 
     Parameters
     ----------
@@ -100,7 +100,7 @@ class _Block(nn.Module):
 
 
 class BNet(nn.Module):
-    """B-Net (Wang et al. Sec. 3.2): ResNet-18 with expansion 2 -> PCA albedo + 27 SH coefficients.
+    """B-Net (Wang et al., ICME 2020, Sec. 3.2): ResNet-18 with expansion 2 -> PCA albedo + 27 SH coefficients.
 
     Choice made for "expansion 2" (the paper gives only the resulting 1024-d feature): ResNet-18's
     basic blocks with their *second* 3x3 convolution widened to ``2 * planes`` channels (64, 128,
@@ -162,7 +162,7 @@ class BNet(nn.Module):
 
 
 class _UNetFlip(nn.Module):
-    """U-Net with flipped features (the FAN/DRN structure of Wang et al. Sec. 3.3)."""
+    """U-Net with flipped features (the FAN/DRN structure of Wang et al., ICME 2020, Sec. 3.3)."""
 
     def __init__(self, out_channels, ngf=16, size=256, in_channels=3, activation="sigmoid", zero_last=False):
         super().__init__()
@@ -210,7 +210,7 @@ class _UNetFlip(nn.Module):
 
 
 class FAN(_UNetFlip):
-    """Facial Albedo Network (Wang et al. Sec. 3.3): texture map (B, 3, S, S) -> albedo (B, 3, S, S).
+    """Facial Albedo Network (Wang et al., ICME 2020, Sec. 3.3): texture map (B, 3, S, S) -> albedo (B, 3, S, S).
 
     pix2pix's U-Net-8 with ngf 16 and the paper's three changes: (1) ngf = 16; (2) the first and last
     convolutions are 3x3 with stride 1, so, for the deepest layer to be 1x1, the encoder has
@@ -234,7 +234,7 @@ class FAN(_UNetFlip):
 
 
 class DRN(_UNetFlip):
-    """Detail Recovering Network (Wang et al. Sec. 3.4): texture map -> displacement rate (B, 1, S, S).
+    """Detail Recovering Network (Wang et al., ICME 2020, Sec. 3.4): texture map -> displacement rate (B, 1, S, S).
 
     FAN's structure with one output channel and no output activation: ``r_d(UV)`` in model units
     along the vertex normal (``v' = v + r_d n``). The last convolution starts at zero, so an untrained
@@ -270,7 +270,7 @@ class PatchDiscriminator(nn.Module):
 
 
 class PCAAlbedo(nn.Module):
-    """A linear albedo model in UV space, ``R_a = m_a + U_a p_a`` (Wang et al. Eq. 2).
+    """A linear albedo model in UV space, ``R_a = m_a + U_a p_a`` (Wang et al., ICME 2020, Eq. 2).
 
     ``basis`` columns are scaled by the standard deviations, so ``p_a ~ N(0, I)`` under the model and
     ``E_a = ||p_a||^2`` (Eq. 4) is its prior. Build it with :meth:`from_model` (a per-vertex colour
@@ -440,7 +440,7 @@ class _IdentityFeatures(nn.Module):
 
 
 def perceptual_network(spec="auto") -> Optional[Callable]:
-    """Resolve the feature network ``F`` of the perceptual loss (Wang et al. Eq. 8).
+    """Resolve the feature network ``F`` of the perceptual loss (Wang et al., ICME 2020, Eq. 8).
 
     Parameters
     ----------
@@ -487,13 +487,13 @@ def masked_l1(a, b, mask):
 
 
 def bnet_loss(texture, visible, synth, p_a, w_a: float = PAPER["w_a"]):
-    """Wang et al. Eq. 4: ``E_pixel + w_a E_a`` with ``E_pixel = |I_t(UV) - I_syn(UV)|`` (mean over visible
+    """Wang et al., ICME 2020, Eq. 4: ``E_pixel + w_a E_a`` with ``E_pixel = |I_t(UV) - I_syn(UV)|`` (mean over visible
     texels and channels) and ``E_a = ||p_a||^2`` (mean over the batch)."""
     return masked_l1(texture, synth, visible) + w_a * (p_a ** 2).sum(1).mean()
 
 
 def gan_discriminator_loss(d_real, d_fake):
-    """The discriminator's side of Wang et al. Eq. 6: maximising ``E[log D(x)] + E[log(1 - D(G(z)))]``,
+    """The discriminator's side of Wang et al., ICME 2020, Eq. 6: maximising ``E[log D(x)] + E[log(1 - D(G(z)))]``,
     written as the loss ``-E[log D(x)] - E[log(1 - D(G(z)))]`` on logits (D = sigmoid of the logit)."""
     return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
             + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
@@ -506,7 +506,7 @@ def gan_generator_loss(d_fake):
 
 
 def perceptual_loss(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]):
-    """Wang et al. Eq. 8: ``(1/n) sum_j ||F_j(a) - F_j(b)||_2 / (H_j W_j C_j)``, per sample, mean over the batch."""
+    """Wang et al., ICME 2020, Eq. 8: ``(1/n) sum_j ||F_j(a) - F_j(b)||_2 / (H_j W_j C_j)``, per sample, mean over the batch."""
     if len(feats_a) != len(feats_b) or not feats_a:
         raise ValueError("perceptual_loss: need the same non-zero number of feature maps for both images")
     tot = 0.0
@@ -624,7 +624,7 @@ def displaced_normals(normals, dpdu, dpdv, rate, mask, size=None):
 
 
 def apply_displacement(vertices, faces, texcoords, rate_map, normals=None):
-    """Move vertices along their normals by a displacement-rate UV map: ``v' = v + r_d n`` (Wang et al. Sec. 3.4).
+    """Move vertices along their normals by a displacement-rate UV map: ``v' = v + r_d n`` (Wang et al., ICME 2020, Sec. 3.4).
 
     Parameters
     ----------
@@ -733,7 +733,7 @@ def _progress(progress, stage, step, steps, loss):
 def train_bnet(dataset, albedo_model=None, *, steps: int = 1000, batch_size: int = 8, lr: float = PAPER["lr"],
                w_a: float = PAPER["w_a"], n_components: int = 10, bnet: Optional[BNet] = None, width: int = 64,
                device=None, seed: int = 0, progress=None):
-    """Train B-Net by self-supervision (Wang et al. Sec. 3.2, Eq. 4).
+    """Train B-Net by self-supervision (Wang et al., ICME 2020, Sec. 3.2, Eq. 4).
 
     The synthetic texture is ``I_syn = R_a(p_a) * sum_b gamma_b H_b(n)`` (Eqs. 2-3) with B-Net's ``p_a``
     and ``gamma``, the PCA albedo model ``albedo_model`` and the dataset's UV normals; the loss is
@@ -803,7 +803,7 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
               w_gan: float = 1.0, perceptual="auto", fan: Optional[FAN] = None,
               discriminator: Optional[PatchDiscriminator] = None, ngf: int = 16, ndf: int = 64, device=None,
               seed: int = 0, progress=None):
-    """Train FAN with a PatchGAN and pixel + perceptual terms (Wang et al. Sec. 3.3, Eqs. 5-8).
+    """Train FAN with a PatchGAN and pixel + perceptual terms (Wang et al., ICME 2020, Sec. 3.3, Eqs. 5-8).
 
     With ``bnet`` (the paper): B-Net gives each texture's lighting ``gamma`` and its PCA albedo, which
     is the "real" sample ``x`` of Eq. 6; FAN's albedo times the SH shading is ``I_syn`` for Eq. 7.
@@ -879,7 +879,7 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
               batch_size: int = 4, lr: float = PAPER["lr"], w_grad: float = PAPER["w_grad"],
               w_const: float = PAPER["w_const"], w_smooth: float = PAPER["w_smooth"], drn: Optional[DRN] = None,
               ngf: int = 16, device=None, seed: int = 0, progress=None):
-    """Train DRN by self-supervision on image gradients (Wang et al. Sec. 3.4, Eq. 9).
+    """Train DRN by self-supervision on image gradients (Wang et al., ICME 2020, Sec. 3.4, Eq. 9).
 
     ``I_syn = A * sum_b gamma_b H_b(n')`` with ``n'`` the normals of the surface displaced by DRN's
     rate along the normals (:func:`displaced_normals`); the albedo ``A`` is FAN's (the paper trains

@@ -1,7 +1,7 @@
 """The ``train-detail`` command and the ``reconstruct --detail`` hook (B-Net, FAN, DRN).
 
 Wang, Lin, Xu, Che and Wang, "Low-frequency guided self-supervised learning for high-fidelity 3D face
-reconstruction in the wild" (2020): the three networks are trained one after the other (Fig. 2 (b)-(g));
+reconstruction in the wild", ICME 2020: the three networks are trained one after the other (Fig. 2 (b)-(g));
 at inference only the texture map, FAN and DRN are needed (Fig. 2 (a), (d), (f)).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A cached set of UV texture maps for training B-Net, FAN and DRN.
 
 Wang, Lin, Xu, Che and Wang, "Low-frequency guided self-supervised learning for high-fidelity 3D face
-reconstruction in the wild" (2020), Sec. 3.1 and Fig. 2 (a): every training photo is fitted (landmarks,
+reconstruction in the wild", ICME 2020, Sec. 3.1 and Fig. 2 (a): every training photo is fitted (landmarks,
 Eq. 1) and turned into a texture map ``I_t(UV)`` with its visibility and the vertex normals in UV space;
 these are computed once and reused by all three networks.
 """
@@ -90,7 +90,7 @@ class UVDataset:
                     cache=None, progress: Optional[Callable[[int, int, str], None]] = None) -> "UVDataset":
         """Fit each photo's landmarks and cache its UV texture, visibility and normals.
 
-        Wang et al. (2020), Sec. 3.1: landmark fit (Eq. 1, :func:`geomfit.fit_landmarks`) then
+        Wang et al., ICME 2020, Sec. 3.1: landmark fit (Eq. 1, :func:`geomfit.fit_landmarks`) then
         :func:`geomfit.uv_texture`.
 
         Parameters
