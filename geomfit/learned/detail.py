@@ -744,8 +744,8 @@ def train_bnet(dataset, albedo_model=None, *, steps: int = 1000, batch_size: int
     dataset : UVDataset
     albedo_model : PCAAlbedo, optional
         The paper uses BFM's 199-component model (:meth:`PCAAlbedo.from_model`). Default: the PCA
-        (``n_components``) of the dataset's own low-passed textures, which is *not* an albedo model
-        (lighting stays in it) but lets the stage run without one.
+        (``n_components``) of the dataset's own low-passed textures (the first 512), which is *not* an
+        albedo model (lighting stays in it) but lets the stage run without one.
     steps, batch_size, lr, w_a : training settings (paper: Adam, lr 2e-5, w_a = 1).
     bnet : BNet, optional
         Continue training this network (resume).
@@ -762,9 +762,10 @@ def train_bnet(dataset, albedo_model=None, *, steps: int = 1000, batch_size: int
     """
     dev = _device(device)
     torch.manual_seed(seed)
-    if albedo_model is None:
-        lp = _lowpass(dataset.tensor("texture"), dataset.tensor("visible"), sigma_px=dataset.size / 32)
-        albedo_model = PCAAlbedo.from_textures(lp.permute(0, 2, 3, 1).numpy(), dataset.visible, n_components)
+    if albedo_model is None:  # stand-in: PCA of (at most 512 of) the low-passed textures
+        sub = np.arange(min(len(dataset), 512))
+        lp = _lowpass(dataset.tensor("texture", sub), dataset.tensor("visible", sub), sigma_px=dataset.size / 32)
+        albedo_model = PCAAlbedo.from_textures(lp.permute(0, 2, 3, 1).numpy(), dataset.visible[sub], n_components)
     if albedo_model.size != dataset.size:
         raise ValueError(f"train_bnet: albedo model is {albedo_model.size}x{albedo_model.size}, dataset {dataset.size}")
     albedo_model = albedo_model.to(dev)
@@ -854,15 +855,17 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
             real, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
         shading = sh_shade(nrm, gamma)
         albedo = G(tex)
+        m = b["mask"]  # D sees the UV layout only (outside it the PCA albedo is 0, FAN's output free)
+        real = real * m
         # discriminator step (Eq. 6); none when the GAN term is switched off
         d_loss = torch.zeros(())
         if w_gan:
-            d_loss = gan_discriminator_loss(D(real), D(albedo.detach()))
+            d_loss = gan_discriminator_loss(D(real), D(albedo.detach() * m))
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
         # generator step (Eqs. 5, 7, 8)
-        g_loss, parts = fan_generator_loss(tex, vis, albedo * shading, D(albedo) if w_gan else None, feat,
+        g_loss, parts = fan_generator_loss(tex, vis, albedo * shading, D(albedo * m) if w_gan else None, feat,
                                        w_pixel, w_percep, w_gan)
         opt_g.zero_grad()
         g_loss.backward()
