@@ -522,3 +522,8 @@ def test_synthetic_detail_set_is_consistent_with_displaced_normals():
     true = D.normal_error_deg(Fixed(), ds, nt)
     print("synthetic normal error: none", none, "true rate", true)
     assert none > 1.0 and true < 0.1 * none   # the first-order displaced normals reproduce the exact surface's
+
+
+def test_every_learned_export_resolves():
+    for name in L.__all__:
+        assert getattr(L, name) is not None, name
