@@ -79,7 +79,7 @@ class UVDataset:
         """Stack :class:`geomfit.uv.UVTexture` results (from :func:`geomfit.uv_texture`)."""
         if not textures:
             raise ValueError("UVDataset.from_textures: no textures given")
-        g = lambda a: np.asarray(a.get() if hasattr(a, "get") else a)  # noqa: E731  (CuPy -> NumPy)
+        from ..backend import asnumpy as g  # CuPy maps come to the host
         return cls(texture=np.stack([g(t.texture) for t in textures]), visible=np.stack([g(t.visible) for t in textures]),
                    mask=np.stack([g(t.mask) for t in textures]), normals=np.stack([g(t.normals) for t in textures]),
                    dpdu=np.stack([g(t.dpdu) for t in textures]), dpdv=np.stack([g(t.dpdv) for t in textures]),
