@@ -527,3 +527,16 @@ def test_synthetic_detail_set_is_consistent_with_displaced_normals():
 def test_every_learned_export_resolves():
     for name in L.__all__:
         assert getattr(L, name) is not None, name
+
+
+def test_top_level_patch_discriminator_is_compatible_with_pix2pix():
+    from geomfit.learned import pix2pix
+
+    torch.manual_seed(0)
+    theirs = pix2pix.PatchDiscriminator(2, 4).eval()
+    ours = L.PatchDiscriminator(2, 4).eval()
+    ours.load_state_dict(theirs.state_dict())          # same keys and shapes
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    assert L.PatchDiscriminator()(torch.rand(1, 3, 64, 64)).shape == (1, 1, 6, 6)
