@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from geomfit.fine import (DATA_WEIGHT, PHASE1, PHASE2, _depth_normals, _DepthProblem, fine_stage,  # noqa: E402
-                          solve_depth, solve_specular, synthetic_scene)
+                          solve_depth, solve_specular)
+from geomfit.scenes import synthetic_scene  # noqa: E402
 from geomfit.sh import _C0, _C1, _C2, _C3, _C4, fit_sh_lighting, shade  # noqa: E402
 
 ADAM_STEPS = 500

@@ -37,7 +37,8 @@ import traceback
 import numpy as np
 
 from _harness import ROOT, Timer, environment, tests_module
-from geomfit.fine import _depth_normals, fine_stage, synthetic_scene
+from geomfit.fine import _depth_normals, fine_stage
+from geomfit.scenes import synthetic_scene
 from geomfit.fitting import fit_landmarks
 from geomfit.laplacian import LaplacianDeformer
 from geomfit.render import rasterize

@@ -983,60 +983,16 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic scene (tests, benchmarks, docs)
+# Synthetic scene (moved)
 # ----------------------------------------------------------------------------------------------
 
-def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, blur_sigma=3.0, albedo_gradient=0.0,
-                    n_blotches=6, edge_width=1.0, blotch_radius=(0.05, 0.12)):
-    """A synthetic face-like test scene with known geometry, albedo and light.
+def synthetic_scene(*args, **kwargs):
+    """Deprecated alias of :func:`geomfit.scenes.synthetic_scene` (moved there; this alias goes in
+    the next release)."""
+    import warnings
 
-    An ellipsoid (pixel units, larger = closer) plus sinusoidal wrinkles on the upper half and a few
-    Gaussian bumps, rendered with a known SH light (geomfit's convention) and a piecewise-smooth
-    textured albedo (coloured blotches on a skin tone). The start depth blurs the details away.
+    from .scenes import synthetic_scene as _scene
 
-    Returns
-    -------
-    dict with ``image`` (H, W, 3), ``depth`` (true), ``depth_blur`` (start), ``mask``, ``albedo``,
-    ``sh`` (9, 3), ``normals`` (true), ``detail`` (the wrinkle/bump height field), ``regions``
-    (1 = skin, one label per blotch: the segmentation the skin-colour term uses).
-    """
-    from scipy.ndimage import gaussian_filter
-
-    rng = np.random.default_rng(seed)
-    H = W = int(size)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    R = 0.46 * size
-    u, v = (xx - cx) / (0.85 * R), (yy - cy) / R
-    rr = u * u + v * v
-    mask = rr < 0.92
-    base = 0.8 * R * np.sqrt(np.clip(1.0 - rr, 0.0, None)) + 10.0
-    detail = wrinkle_amplitude * np.sin(2 * np.pi * yy / wrinkle_period) * np.exp(-((v + 0.35) / 0.25) ** 2)
-    for _ in range(4):
-        bx, by = rng.uniform(-0.5, 0.5, 2)
-        detail += 1.5 * wrinkle_amplitude * np.exp(-((u - bx) ** 2 + (v - by) ** 2) / (2 * 0.06 ** 2))
-    depth = base + detail
-    depth_blur = base + gaussian_filter(detail, blur_sigma)
-    skin = np.array([0.75, 0.55, 0.45])
-    alb = np.broadcast_to(skin, (H, W, 3)).copy()
-    regions = mask.astype(np.int64)
-    for _ in range(int(n_blotches)):
-        bx, by = rng.uniform(-0.6, 0.6, 2)
-        rad = rng.uniform(*blotch_radius)
-        col = skin * rng.uniform(0.6, 0.9, 3)
-        dist = np.sqrt((u - bx) ** 2 + (v - by) ** 2) * R  # pixels
-        w = 1.0 / (1.0 + np.exp((dist - rad * R) / max(edge_width, 1e-6)))
-        alb = alb * (1 - w[..., None]) + col * w[..., None]
-        regions[mask & (w > 0.5)] = regions.max() + 1
-    alb *= (1.0 + albedo_gradient * (u + 0.5 * v))[..., None]
-    sh = np.zeros((9, 3))
-    sh[0] = 2.6
-    sh[1] = 0.35
-    sh[2] = 0.7
-    sh[3] = -0.45
-    sh[4:] = 0.08 * rng.standard_normal((5, 1))
-    sh = sh * np.array([1.0, 0.97, 0.94])
-    n = _depth_normals(depth)
-    img = np.clip(alb * shade(n, sh), 0, 1)
-    return dict(image=img, depth=depth, depth_blur=depth_blur, mask=mask, albedo=alb, sh=sh, normals=n,
-                detail=detail, regions=regions)
+    warnings.warn("geomfit.fine.synthetic_scene moved to geomfit.scenes.synthetic_scene",
+                  DeprecationWarning, stacklevel=2)
+    return _scene(*args, **kwargs)

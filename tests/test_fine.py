@@ -4,7 +4,8 @@ import pytest
 import scipy.sparse as sp
 
 from geomfit.fine import (PHASE1, PHASE2, _DepthProblem, _depth_normals, fine_stage, landmark_regions, prepare_image,
-                          region_mean_albedo, solve_albedo, solve_depth, solve_specular, synthetic_scene)
+                          region_mean_albedo, solve_albedo, solve_depth, solve_specular)
+from geomfit.scenes import synthetic_scene
 from geomfit.grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                           laplacian_operator)
 from geomfit.sh import shade
