@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -32,11 +32,13 @@ from .grid import (central_gradient_operators, edge_masks, forward_difference_op
                    laplacian_operator)
 from .photo import as_float_image
 from .render import depth_normals
-from .rtv import rtv_weights, solve_screened_poisson
+from .rtv import _ndimage, rtv_weights, solve_screened_poisson
 from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
 
 __all__ = [
     "FineResult",
+    "FineOptions",
+    "band_light",
     "fine_stage",
     "solve_albedo",
     "solve_specular",
@@ -429,7 +431,7 @@ class _DepthProblem:
     """
 
     def __init__(self, image, mask, albedo, sh, specular, depth, depth0, lam, data_mask=None, data_weight=1.0,
-                 gradient_scale=1.0, grid=None):
+                 gradient_scale=1.0, grid=None, pixel_weight=None, laplacian_on_displacement=False):
         xp = get_array_module(image, depth)
         self.xp = xp
         H, W, C = image.shape
@@ -460,6 +462,14 @@ class _DepthProblem:
         if not data_weight > 0:
             raise ValueError(f"data_weight must be > 0, got {data_weight}")
         self.sw = float(np.sqrt(data_weight))
+        if pixel_weight is not None:
+            pw = xp.asarray(pixel_weight, dtype=xp.float64)
+            if pw.shape != (H, W):
+                raise ValueError(f"pixel_weight must have shape {(H, W)}, got {pw.shape}")
+            if not bool(xp.isfinite(pw).all()) or bool((pw < 0).any()):
+                raise ValueError("pixel_weight must be finite and >= 0")
+            self.sw = self.sw * xp.sqrt(pw.ravel()[ridx])[:, None]
+        self.lap_disp = bool(laplacian_on_displacement)
 
     @property
     def Cst(self):
@@ -495,7 +505,8 @@ class _DepthProblem:
     def const_residual(self, u):
         xp = self.xp
         l1, l2, l3, l4 = self.lam
-        return xp.concatenate([np.sqrt(l1) * (u - self.u0), np.sqrt(l2) * (self.L @ u),
+        lu = self.L @ (u - self.u0) if self.lap_disp else self.L @ u
+        return xp.concatenate([np.sqrt(l1) * (u - self.u0), np.sqrt(l2) * lu,
                                np.sqrt(l3) * (l4 * (self.D @ (u - self.u0)) - self.Dg)])
 
     def residuals(self, u):
@@ -532,7 +543,8 @@ class _DepthProblem:
 
     def gradient_const(self, u):
         l1, l2, l3, l4 = self.lam
-        return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ u)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
+        ul = u - self.u0 if self.lap_disp else u
+        return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ ul)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
 
 
 @dataclass
@@ -553,7 +565,8 @@ class DepthInfo:
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
                 tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
-                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20):
+                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20, pixel_weight=None,
+                laplacian_on_displacement=False):
     """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -640,7 +653,8 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     if len(lam) != 4:
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
-                         grid=getattr(factor, "_depth_grid", None))
+                         grid=getattr(factor, "_depth_grid", None), pixel_weight=pixel_weight,
+                         laplacian_on_displacement=laplacian_on_displacement)
     grid = prob.grid
     u = prob.u_init
     E = prob.energy(u)
@@ -781,6 +795,267 @@ def region_mean_albedo(image, regions, mask=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FineOptions:
+    """Settings of :func:`fine_stage`.  Two methods, each with a preset:
+
+    * ``FineOptions.robust()`` (the default, ``method="robust"``): geomfit's method for real photos
+      (docs/fine.md "The robust method"): a first-order light from the band-pass correlation of the
+      log image with the input normals, a smooth albedo (the low-passed ratio image), a noise- and
+      texture-aware data weight, a bounded high-frequency displacement over the input, and a
+      confidence that keeps the input depth where the image cannot tell detail from texture.
+    * ``FineOptions.paper()`` (``method="paper"``): Jin et al. 2021's Eqs. 4-9 as published (RTV
+      albedo, specular, the two depth phases), with geomfit's solvers.
+
+    Fields of the paper method
+    --------------------------
+    phases, lam_skin, lam_rtv, lam_spec, specular, shared_light, init_rounds, outer_iterations,
+    depth_iterations, rtv_iterations, data_weight, gradient_scale, albedo_data_weight, inexact_depth:
+    see :func:`fine_stage` (the paper's lambda_d1..d4, lambda_gamma1/2, lambda_beta; the data weight
+    255^2 puts intensities on the 8-bit scale).
+
+    Fields of the robust method
+    ---------------------------
+    light_scale : float
+        Band-pass scale of the light fit, as a fraction of the face size ``sqrt(mask pixels)``.
+    albedo_scale : float
+        Gaussian sigma (fraction of the face size) of the low-passed ratio image used as albedo.
+    noise_window : float
+        Gaussian sigma (pixels) of the local high-frequency residual energy.
+    noise_quantile : float
+        Quantile of that local energy taken as the image's noise floor ``sigma_n``.
+    texture_power : float
+        Per-pixel data weight ``(sigma_n / e_local) ** texture_power`` (textured pixels weigh little).
+    kappa : float
+        Data weight ``kappa / sigma_n^2`` (the noise-aware weight).
+    pin : float
+        Weight of ``||d - d0||^2`` relative to the data term's scale (pins the low frequencies).
+    smoothness : float
+        Weight of ``||L (d - d0)||^2`` (Laplacian of the displacement).
+    robust_iterations : int
+        Levenberg-Marquardt steps of the depth solve.
+    curvature_quantile : float
+        The displacement is kept in proportion to the local curvature of the input depth, full from
+        this quantile of it up (detail is lost where the blurred input bends; 0 turns the gate off).
+    dark : float
+        Pixels darker than ``dark`` times the median skin brightness (hair, brows, frames, nostrils)
+        get no data weight.
+
+    Shared: ``saturation``, ``min_pixels`` (see :func:`fine_stage`).
+    """
+
+    method: str = "robust"
+    # paper
+    phases: Tuple[Tuple[float, float, float, float], ...] = (PHASE1, PHASE2)
+    lam_skin: float = 0.3
+    lam_rtv: float = 2.5
+    lam_spec: float = 0.5
+    specular: bool = True
+    shared_light: bool = False
+    init_rounds: int = 2
+    outer_iterations: int = 2
+    depth_iterations: int = 3
+    rtv_iterations: int = 3
+    data_weight: float = DATA_WEIGHT
+    gradient_scale: float = 1.0
+    albedo_data_weight: Optional[float] = None
+    inexact_depth: bool = True
+    # robust
+    light_scale: float = 0.1
+    albedo_scale: float = 0.02
+    noise_window: float = 3.0
+    noise_quantile: float = 0.2
+    texture_power: float = 4.0
+    kappa: float = 3e-4
+    pin: float = 0.3
+    smoothness: float = 0.01
+    robust_iterations: int = 8
+    curvature_quantile: float = 0.9
+    dark: float = 0.35
+    # shared
+    saturation: float = 0.995
+    min_pixels: int = 64
+
+    def __post_init__(self):
+        if self.method not in ("robust", "paper"):
+            raise ValueError(f"FineOptions.method must be 'robust' or 'paper', got {self.method!r}")
+        for name in ("light_scale", "albedo_scale", "noise_window", "kappa"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FineOptions.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pin", "smoothness", "texture_power", "dark"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"FineOptions.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("noise_quantile", "curvature_quantile"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"FineOptions.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def robust(cls, **changes) -> "FineOptions":
+        """geomfit's default method for real photos (see the class docstring)."""
+        return cls(method="robust", **changes)
+
+    @classmethod
+    def paper(cls, **changes) -> "FineOptions":
+        """Jin et al. 2021, Eqs. 4-9 and Sec. 4.1's weights (the published formulation)."""
+        return cls(method="paper", **changes)
+
+
+_LEGACY_STAGE_KEYS = ("phases", "lam_skin", "lam_rtv", "lam_spec", "specular", "shared_light", "init_rounds",
+                      "outer_iterations", "depth_iterations", "rtv_iterations", "saturation", "min_pixels",
+                      "data_weight", "gradient_scale", "albedo_data_weight", "inexact_depth")
+
+
+def _resolve_options(options, legacy) -> FineOptions:
+    import dataclasses
+    import warnings
+
+    if isinstance(options, dict):
+        options = FineOptions(**options)
+    if options is not None and not isinstance(options, FineOptions):
+        raise TypeError(f"options must be a FineOptions or a dict, got {type(options).__name__}")
+    if legacy:
+        bad = sorted(set(legacy) - set(_LEGACY_STAGE_KEYS))
+        if bad:
+            raise TypeError(f"fine_stage() got unexpected keyword arguments {bad}")
+        warnings.warn("fine_stage(..., " + ", ".join(sorted(legacy)) + "=...) is deprecated: pass "
+                      "options=FineOptions.paper(...) (these keywords select the paper's method and go in the "
+                      "next release)", DeprecationWarning, stacklevel=3)
+        base = options if options is not None else FineOptions.paper()
+        options = dataclasses.replace(base, **legacy)
+    return options if options is not None else FineOptions()
+
+
+# ----------------------------------------------------------------------------------------------
+# The robust method's pieces
+# ----------------------------------------------------------------------------------------------
+
+def _masked_gauss(a, m, sigma, xp):
+    """Gaussian filter of ``a`` (H, W) or (H, W, C) restricted to the bool mask ``m`` (normalised
+    convolution); 0 where the mask has no support."""
+    nd = _ndimage(xp)
+    mf = m.astype(xp.float64)
+    den = nd.gaussian_filter(mf, sigma, mode="nearest")
+    if a.ndim == 3:
+        num = xp.stack([nd.gaussian_filter(xp.where(m, a[..., c], 0.0), sigma, mode="nearest")
+                        for c in range(a.shape[2])], -1)
+        return num / xp.maximum(den, 1e-12)[..., None]
+    return nd.gaussian_filter(xp.where(m, a, 0.0), sigma, mode="nearest") / xp.maximum(den, 1e-12)
+
+
+def band_light(image, normals, mask, scale, iterations=5):
+    """First-order SH light from the band-pass correlation of the log image with the normals.
+
+    Fits ``hp(log g) ~ l . hp(n)`` over ``mask`` (``g`` the grey image, ``hp(x) = x - G_scale * x``
+    the high-pass of a masked Gaussian of sigma ``scale`` pixels) by iteratively re-weighted least
+    squares (Huber weights at 2 robust sigmas), and returns SH irradiance coefficients (geomfit's
+    convention) whose shading is ``1 + l . (n - n_mean)`` to first order.  An albedo that varies
+    slowly (below the band) drops out of ``hp(log g)``, and texture finer than the input normals is
+    uncorrelated with ``hp(n)``: the light comes from the face's own mid-scale shape (nose, brows,
+    cheeks) rather than from the albedo, which is what the fit of Jin et al. 2021 Eq. 5 with a
+    region-mean albedo confuses on real skin (docs/fine.md).
+
+    Parameters
+    ----------
+    image : array (H, W, 3)
+        Linear RGB.
+    normals : array (H, W, 3)
+        Normals of the input depth.
+    mask : bool array (H, W)
+        Pixels to fit on (skin).
+    scale : float
+        Band-pass sigma in pixels.
+
+    Returns
+    -------
+    sh : array (9, 3)
+        The same first-order light in every channel.
+    """
+    from .sh import _C0, _C1
+
+    xp = get_array_module(image, normals)
+    m = xp.asarray(mask, dtype=bool)
+    if int(m.sum()) < 16:
+        raise ValueError("band_light: fewer than 16 pixels to fit the light on")
+    L = xp.log(xp.maximum(image.mean(-1), 1e-3))
+    y = (L - _masked_gauss(L, m, scale, xp))[m]
+    X = xp.stack([(normals[..., k] - _masked_gauss(normals[..., k], m, scale, xp))[m] for k in range(3)], -1)
+    w = xp.ones(y.shape[0])
+    ell = xp.zeros(3)
+    for _ in range(int(iterations)):
+        A = (X * w[:, None]).T @ X + 1e-9 * xp.eye(3)
+        ell = xp.linalg.solve(A, (X * w[:, None]).T @ y)
+        r = y - X @ ell
+        s = 1.4826 * float(xp.median(xp.abs(r))) + 1e-12
+        w = 1.0 / xp.maximum(1.0, xp.abs(r) / (2.0 * s))
+    nb = normals[m].mean(0)
+    sh = xp.zeros((9, 3))
+    sh[3] = ell[0] / _C1
+    sh[1] = ell[1] / _C1
+    sh[2] = ell[2] / _C1
+    sh[0] = (1.0 - float(ell @ nb)) / _C0
+    return sh
+
+
+_HF_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0  # unit-gain on white noise
+
+
+def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
+    """The robust method (see :class:`FineOptions`): returns depth, albedo, sh, pixel weights, info."""
+    nd = _ndimage(xp)
+    t = time.perf_counter()
+    face = float(np.sqrt(float(m.sum())))
+    n0 = _depth_normals(d_in, m)
+    skin = dm & ((reg == REGIONS["skin"]) if bool((reg == REGIONS["skin"]).any()) else (reg > 0))
+    if int(skin.sum()) < 16:
+        skin = dm
+    sh = band_light(I, n0, skin, o.light_scale * face)
+    S0 = xp.maximum(shade(n0, sh), 1e-3)
+    albedo = _masked_gauss(I / S0, dm, o.albedo_scale * face, xp)
+    timings["light_albedo"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # noise- and texture-aware weights (discrepancy of the residual the smooth model leaves)
+    res = xp.where(dm, (I - albedo * S0).mean(-1), 0.0)
+    hf = nd.convolve(res, xp.asarray(_HF_KERNEL), mode="nearest")
+    inner = xp.asarray(nd.binary_erosion(dm, iterations=2)) if int(dm.sum()) > 64 else dm
+    e = xp.sqrt(xp.maximum(_masked_gauss(hf * hf, inner, o.noise_window, xp), 0.0))
+    ref = skin & inner if bool((skin & inner).any()) else dm
+    sigma_n = max(float(xp.quantile(e[ref], o.noise_quantile)), 1e-6)
+    weight = (sigma_n / xp.maximum(e, sigma_n)) ** o.texture_power
+    lum = I.mean(-1)
+    lref = float(xp.median(lum[ref]))
+    weight = weight * xp.clip((lum / max(lref, 1e-6) - o.dark) / 0.2, 0.0, 1.0)
+    if bool((reg > REGIONS["skin"]).any()):  # eyes, brows, mouth interior from landmarks; lips kept
+        weight = weight * ((reg <= REGIONS["skin"]) | (reg == REGIONS["lips"]))
+    weight = xp.where(dm, weight, 0.0)
+    w = o.kappa / sigma_n ** 2
+    l1 = o.pin * w * float((I[dm] ** 2).mean()) + 1e-6
+    timings["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
+    d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, lam=(l1, o.smoothness, 0.0, 0.0),
+                          iterations=o.robust_iterations, data_mask=dm, data_weight=w, return_info=True,
+                          pcg_maxiter=20 if o.inexact_depth else 0, pixel_weight=weight,
+                          laplacian_on_displacement=True)
+    timings["depth"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dd = xp.where(m, d - d_in, 0.0)
+    if o.curvature_quantile > 0:
+        lap = nd.laplace(xp.where(m, d_in, 0.0), mode="nearest")
+        inner3 = xp.asarray(nd.binary_erosion(m, iterations=3)) if int(m.sum()) > 64 else m
+        cv = xp.sqrt(xp.maximum(_masked_gauss(xp.where(m, lap, 0.0) ** 2, inner3, 2.0, xp), 0.0))
+        c_ref = float(xp.quantile(cv[inner3], o.curvature_quantile)) if bool(inner3.any()) else 0.0
+        gate = xp.clip(cv / c_ref, 0.0, 1.0) if c_ref > 0 else xp.zeros_like(cv)
+        dd = dd * gate
+    d = xp.where(m, d_in + dd, d_in)
+    timings["gate"] = time.perf_counter() - t
+    stats = {"factorizations": info.factorizations, "pcg_iterations": info.pcg_iterations,
+             "noise_sigma": sigma_n, "data_weight": w, "pin": l1}
+    return d, albedo, sh, weight, info.energies, stats
+
+
+# ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
 
@@ -812,16 +1087,29 @@ class FineResult:
     timings: Dict[str, float]
     data_mask: object
     depth_stats: Dict[str, int] = field(default_factory=dict)
+    confidence: object = None
+    method: str = "paper"
 
 
-def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
-               phases: Sequence[Sequence[float]] = (PHASE1, PHASE2), lam_skin=0.3, lam_rtv=2.5,
-               lam_spec=0.5, specular=True, shared_light=False, init_rounds=2, outer_iterations=2,
-               depth_iterations=3, rtv_iterations=3, saturation=0.995, min_pixels=64, data_weight=DATA_WEIGHT,
-               gradient_scale=1.0, albedo_data_weight=None, inexact_depth=True):
-    """Seed 004's fine stage: lighting, albedo, specular, then phased depth shape from shading.
+def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None, options=None, **legacy):
+    """The fine stage: lighting, albedo and shape from shading on a depth map.
 
-    Steps (seed 004, Sec. 3.4 and 4.1):
+    Two methods (``options.method``, :class:`FineOptions`):
+
+    ``"robust"`` (default; geomfit's method for real photos, docs/fine.md "The robust method"):
+
+    1. a first-order light from the band-pass correlation of the log image with the input normals
+       (:func:`band_light`), the albedo = the low-passed ratio ``I / S`` (smooth by construction);
+    2. a noise-aware data weight ``kappa / sigma_n^2`` with ``sigma_n`` the noise floor of the
+       residual's high-pass energy, and per-pixel weights that fall as ``(sigma_n / e)^p`` where the
+       local residual energy ``e`` says texture, and vanish on dark (hair, frames) and non-skin
+       landmark regions (eyes, brows, mouth interior);
+    3. a Levenberg-Marquardt depth solve of the weighted shading term plus ``pin ||d - d0||^2 +
+       smoothness ||L (d - d0)||^2`` (a bounded displacement, low frequencies pinned to the input);
+    4. the displacement is kept in proportion to the input's local curvature (detail is missing where
+       the blurred input bends) and the input depth is kept elsewhere.
+
+    ``"paper"`` (Jin et al. 2021, Sec. 3.4 and 4.1, with geomfit's solvers):
 
     1. ``gamma_avg`` per region (mean image colour; regions from ``regions``, else from
        ``landmarks`` with :func:`landmark_regions`, else the mask as one skin region); the albedo
@@ -847,7 +1135,12 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     regions : int array (H, W), optional
         Region labels (> 0) overriding ``landmarks``.
     albedo : array (H, W, 3) or (3,), optional
-        Initial albedo (e.g. the 3DMM mean texture rendered); default ``gamma_avg``.
+        Initial albedo of the paper method (e.g. the 3DMM mean texture rendered); default ``gamma_avg``.
+    options : FineOptions or dict, optional
+        The method and its settings (default ``FineOptions()``, the robust method).
+    **legacy
+        The keyword arguments of earlier releases (below), accepted for one release with a
+        ``DeprecationWarning``; they select the paper method unless ``options`` is given.
     phases : sequence of 4-tuples
         ``(lambda_d1, lambda_d2, lambda_d3, lambda_d4)`` per depth phase.
     lam_skin, lam_rtv, lam_spec : float
@@ -895,6 +1188,10 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern
     Recognition Letters 2021 (seed 004), Sec. 3.4 (Eqs. 4-9) and 4.1 (hyper-parameters).
     """
+    o = _resolve_options(options, legacy)
+    (phases, lam_skin, lam_rtv, lam_spec, specular, shared_light, init_rounds, outer_iterations, depth_iterations,
+     rtv_iterations, saturation, min_pixels, data_weight, gradient_scale, albedo_data_weight, inexact_depth) = (
+        getattr(o, k) for k in _LEGACY_STAGE_KEYS)
     timings: Dict[str, float] = {}
     t_all = time.perf_counter()
     xp = get_array_module(image, depth, mask)
@@ -921,6 +1218,14 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     else:
         reg = m.astype(xp.int64)
     reg_np = asnumpy(reg)
+    if o.method == "robust":
+        d, gamma, sh, weight, hist, stats = _robust_stage(I, d_in, m, dm, reg, o, xp, timings)
+        timings["total"] = time.perf_counter() - t_all
+        if not bool(xp.isfinite(d[m]).all()) or not bool(xp.isfinite(gamma).all()):
+            raise FloatingPointError("fine_stage produced non-finite values (please report this input)")
+        return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=xp.zeros_like(I),
+                          regions=reg_np, albedo_avg=gamma, energy={"robust": hist}, timings=timings, data_mask=dm,
+                          depth_stats=stats, confidence=weight, method="robust")
     avg = region_mean_albedo(I, xp.where(dm, reg, 0) if bool(((reg > 0) & dm).any()) else reg, None)
     if albedo is None:
         gamma = avg.copy()
@@ -979,7 +1284,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
             raise FloatingPointError(f"fine_stage produced non-finite {name} (please report this input)")
     return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=beta,
                       regions=reg_np, albedo_avg=avg, energy=energy, timings=timings, data_mask=dm,
-                      depth_stats=stats)
+                      depth_stats=stats, method="paper")
 
 
 # ----------------------------------------------------------------------------------------------
