@@ -826,9 +826,18 @@ class FineOptions:
     noise_window : float
         Gaussian sigma (pixels) of the local high-frequency residual energy.
     noise_quantile : float
-        Quantile of that local energy taken as the image's noise floor ``sigma_n``.
+        Quantile of that local energy taken as the image's noise level ``sigma_n`` (and of the
+        chromaticity's high-pass energy taken as its noise level ``sigma_c``).
+    noise_floor : float
+        Lower bound of ``sigma_n`` (about the quantisation noise of 8-bit images; keeps noise-free
+        renders from getting an unbounded weight).
     texture_power : float
-        Per-pixel data weight ``(sigma_n / e_local) ** texture_power`` (textured pixels weigh little).
+        Per-pixel data weight ``(sigma_c / e_c) ** texture_power`` with ``e_c`` the local
+        high-pass energy of the chromaticity ``I / sum(I)``: shading detail under white light leaves
+        the chromaticity alone, pigment, hair, stubble and frames do not.
+    residual_texture : bool
+        Also multiply by ``(sigma_n / e) ** texture_power`` with ``e`` the local high-pass energy of
+        the residual (achromatic texture such as grey stubble; it also damps strong true detail).
     kappa : float
         Data weight ``kappa / sigma_n^2`` (the noise-aware weight).
     pin : float
@@ -875,6 +884,8 @@ class FineOptions:
     robust_iterations: int = 8
     curvature_quantile: float = 0.9
     dark: float = 0.35
+    noise_floor: float = 1e-3
+    residual_texture: bool = True
     # shared
     saturation: float = 0.995
     min_pixels: int = 64
@@ -1018,12 +1029,21 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     t = time.perf_counter()
     # noise- and texture-aware weights (discrepancy of the residual the smooth model leaves)
     res = xp.where(dm, (I - albedo * S0).mean(-1), 0.0)
-    hf = nd.convolve(res, xp.asarray(_HF_KERNEL), mode="nearest")
+    K = xp.asarray(_HF_KERNEL)
+    hf = nd.convolve(res, K, mode="nearest")
     inner = xp.asarray(nd.binary_erosion(dm, iterations=2)) if int(dm.sum()) > 64 else dm
     e = xp.sqrt(xp.maximum(_masked_gauss(hf * hf, inner, o.noise_window, xp), 0.0))
     ref = skin & inner if bool((skin & inner).any()) else dm
-    sigma_n = max(float(xp.quantile(e[ref], o.noise_quantile)), 1e-6)
-    weight = (sigma_n / xp.maximum(e, sigma_n)) ** o.texture_power
+    sigma_n = max(float(xp.quantile(e[ref], o.noise_quantile)), o.noise_floor)
+    # texture: high-frequency energy of the chromaticity (white light shades all channels alike, so
+    # shading detail leaves the chromaticity unchanged; pigment, hair and frames change it)
+    chrom = I / xp.maximum(I.sum(-1, keepdims=True), 1e-6)
+    hc = sum(nd.convolve(xp.where(dm, chrom[..., c], 0.0), K, mode="nearest") ** 2 for c in range(3))
+    ec = xp.sqrt(xp.maximum(_masked_gauss(hc, inner, o.noise_window, xp), 0.0))
+    sigma_c = max(float(xp.quantile(ec[ref], o.noise_quantile)), o.noise_floor / 3.0)
+    weight = (sigma_c / xp.maximum(ec, sigma_c)) ** o.texture_power
+    if o.residual_texture:  # and where the residual itself is far above the noise level
+        weight = weight * (sigma_n / xp.maximum(e, sigma_n)) ** o.texture_power
     lum = I.mean(-1)
     lref = float(xp.median(lum[ref]))
     weight = weight * xp.clip((lum / max(lref, 1e-6) - o.dark) / 0.2, 0.0, 1.0)
