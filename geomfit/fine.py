@@ -882,7 +882,7 @@ class FineOptions:
     pin: float = 0.3
     smoothness: float = 0.01
     robust_iterations: int = 8
-    curvature_quantile: float = 0.9
+    curvature_quantile: float = 0.95
     dark: float = 0.35
     noise_floor: float = 1e-3
     residual_texture: bool = True
