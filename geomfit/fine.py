@@ -829,8 +829,8 @@ class FineOptions:
         Quantile of that local energy taken as the image's noise level ``sigma_n`` (and of the
         chromaticity's high-pass energy taken as its noise level ``sigma_c``).
     noise_floor : float
-        Lower bound of ``sigma_n`` (about the quantisation noise of 8-bit images; keeps noise-free
-        renders from getting an unbounded weight).
+        Lower bound of ``sigma_n`` (about the noise of a clean 8-bit photo in linear units; keeps
+        noise-free renders and smooth JPEGs from getting an unbounded weight).
     texture_power : float
         Per-pixel data weight ``(sigma_c / e_c) ** texture_power`` with ``e_c`` the local
         high-pass energy of the chromaticity ``I / sum(I)``: shading detail under white light leaves
@@ -881,10 +881,10 @@ class FineOptions:
     kappa: float = 3e-4
     pin: float = 0.3
     smoothness: float = 0.01
-    robust_iterations: int = 8
+    robust_iterations: int = 4
     curvature_quantile: float = 0.95
     dark: float = 0.35
-    noise_floor: float = 1e-3
+    noise_floor: float = 2e-3
     residual_texture: bool = True
     # shared
     saturation: float = 0.995
@@ -1055,7 +1055,7 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
     d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, lam=(l1, o.smoothness, 0.0, 0.0),
-                          iterations=o.robust_iterations, data_mask=dm, data_weight=w, return_info=True,
+                          iterations=o.robust_iterations, tol=1e-3, data_mask=dm, data_weight=w, return_info=True,
                           pcg_maxiter=20 if o.inexact_depth else 0, pixel_weight=weight,
                           laplacian_on_displacement=True)
     timings["depth"] = time.perf_counter() - t
