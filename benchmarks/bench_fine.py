@@ -1,4 +1,4 @@
-"""Benchmark of the fine stage (seed 004, Sec. 3.4) against the paper's optimiser.
+"""Benchmark of the fine stage (Jin et al. 2021, Sec. 3.4) against the paper's optimiser.
 
 1. SH lighting least squares at 1 megapixel x 3 channels: geomfit (9 x 9 normal equations) vs
    ``numpy.linalg.lstsq`` on the 1M x 9 design matrix per channel (the plain-NumPy peer).

@@ -1,18 +1,25 @@
-"""Fine stage: SH lighting, RTV albedo, specular and phased depth shape-from-shading (seed 004, Sec. 3.4).
+"""Fine stage: lighting, albedo and shape from shading on a depth map.
 
-The image model is seed 004's Eq. 4, ``I = gamma * S(n(d)) + epsilon * beta`` with albedo ``gamma``,
-second-order SH shading ``S`` (:mod:`geomfit.sh`, Eq. 5), specular ``beta`` and normals ``n`` of the
-depth map ``d``. The paper optimises every term with Adam; here each block is solved with a method
-that uses its structure:
+Two methods (:class:`FineOptions`):
 
-* lighting: linear least squares (9 x 9 normal equations), :func:`geomfit.sh.fit_sh_lighting`;
-* albedo (Eq. 6): the data and skin-colour terms are quadratic; the RTV term (Eq. 7) is handled by
-  iteratively re-weighted least squares with :func:`geomfit.rtv.rtv_weights`, every step one
-  screened-Poisson solve :func:`geomfit.rtv.solve_screened_poisson`;
-* specular (Eq. 8): closed form per pixel;
-* depth (Eq. 9): Levenberg-Marquardt on the depth values inside the mask, with the analytic
-  Jacobian of the shading through the normals and sparse normal equations factored by
-  :func:`geomfit.backend.factorize_spd` (CHOLMOD on the CPU, preconditioned CG on the GPU).
+* ``method="robust"`` (the default; docs/fine.md "The robust method"): geomfit's method for real,
+  noisy, textured photos: a first-order light from the band-pass correlation of the log image with
+  the input normals (:func:`band_light`), the albedo as the low-passed ratio image, a noise-aware
+  data weight with per-pixel weights that fall where the chromaticity (pigment, hair, frames) or
+  the residual says texture, a Levenberg-Marquardt solve for a displacement over the input with its
+  low frequencies pinned, and a gate that keeps the input depth where it has no curvature to lose.
+* ``method="paper"``: Jin et al., "High-fidelity 3D face reconstruction with multi-scale details",
+  Pattern Recognition Letters 2021, Sec. 3.4, Eqs. 4-9, with the image model
+  ``I = gamma * S(n(d)) + epsilon * beta`` (albedo ``gamma``, second-order SH shading ``S``
+  (:mod:`geomfit.sh`, Eq. 5), specular ``beta``, normals ``n`` of the depth ``d``).  The paper
+  optimises every term with Adam; here each block is solved with a method that uses its structure:
+
+  - lighting: linear least squares (9 x 9 normal equations), :func:`geomfit.sh.fit_sh_lighting`;
+  - albedo (Eq. 6): the RTV term (Eq. 7) by iteratively re-weighted least squares with
+    :func:`geomfit.rtv.rtv_weights`, every step one screened-Poisson solve;
+  - specular (Eq. 8): closed form per pixel;
+  - depth (Eq. 9): Levenberg-Marquardt with the analytic Jacobian and sparse normal equations
+    factored by :func:`geomfit.backend.factorize_spd` (CHOLMOD on the CPU, CG on the GPU).
 
 Conventions: image (H, W, 3) linear RGB in [0, 1]; depth (H, W) orthographic in pixel units, larger
 = closer to the camera; normals ``n ~ (-dd/dx, +dd/drow, 1)`` (x right, y up, z towards the camera)
@@ -54,7 +61,7 @@ __all__ = [
     "REGIONS",
 ]
 
-#: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (seed 004, Sec. 4.1).
+#: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (Jin et al. 2021, Sec. 4.1).
 PHASE1 = (0.001, 0.05, 0.001, 0.001)
 PHASE2 = (0.001, 0.03, 0.025, 2.5)
 #: Default weight of the data terms ``||I' - I||^2`` of Eqs. 6 and 9: intensities on the 8-bit scale
@@ -171,7 +178,7 @@ def _as_hwc(x, H, W, C, xp, name):
 def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_skin=0.3, lam_rtv=2.5,
                  iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=DATA_WEIGHT,
                  tol=1e-8):
-    """Albedo with the skin-colour and RTV detail-reducing terms (seed 004, Eqs. 6-7).
+    """Albedo with the skin-colour and RTV detail-reducing terms (Jin et al. 2021, Eqs. 6-7).
 
     Minimises over ``gamma`` (per channel)::
 
@@ -213,7 +220,7 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
 
     References
     ----------
-    Jin et al. 2021 (seed 004), Sec. 3.4, Eqs. 6-7; L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure
+    Jin et al. 2021, Sec. 3.4, Eqs. 6-7; L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure
     extraction from texture via relative total variation", SIGGRAPH Asia 2012.
     """
     xp = get_array_module(image, shading)
@@ -253,7 +260,7 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
 
 
 def solve_specular(image, diffuse, beta0, mask=None, lam=0.5, nonnegative=True):
-    """Specular term by Eq. 8 of seed 004, in closed form per pixel.
+    """Specular term by Eq. 8 of Jin et al. 2021, in closed form per pixel.
 
     Minimises ``||diffuse + beta - I||^2 + lam ||beta - beta0||^2``:
     ``beta = (I - diffuse + lam beta0) / (1 + lam)``, clipped at 0 when ``nonnegative`` (the exact
@@ -567,7 +574,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
                 tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
                 factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20, pixel_weight=None,
                 laplacian_on_displacement=False):
-    """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
+    """Refine a depth map by shape from shading (Jin et al. 2021, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
 
@@ -636,7 +643,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
 
     References
     ----------
-    Jin et al. 2021 (seed 004), Sec. 3.4, Eq. 9 and Sec. 4.1 (weights); Dembo, Eisenstat and
+    Jin et al. 2021, Sec. 3.4, Eq. 9 and Sec. 4.1 (weights); Dembo, Eisenstat and
     Steihaug, "Inexact Newton methods", SIAM J. Numer. Anal. 19 (1982) (the truncated steps).
     """
     t0 = time.perf_counter()
@@ -1206,7 +1213,7 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None, op
     References
     ----------
     Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern
-    Recognition Letters 2021 (seed 004), Sec. 3.4 (Eqs. 4-9) and 4.1 (hyper-parameters).
+    Recognition Letters 2021, Sec. 3.4 (Eqs. 4-9) and 4.1 (hyper-parameters).
     """
     o = _resolve_options(options, legacy)
     (phases, lam_skin, lam_rtv, lam_spec, specular, shared_light, init_rounds, outer_iterations, depth_iterations,

@@ -1,4 +1,4 @@
-"""Fine stage (seed 004, Sec. 3.4): grid operators, albedo, specular, depth SFS and the whole stage."""
+"""Fine stage (Jin et al. 2021, Sec. 3.4): grid operators, albedo, specular, depth SFS and the whole stage."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -200,7 +200,7 @@ def _detail_correlation(albedo, true_albedo, detail_shading, m):
 
 
 def test_rtv_term_reduces_geometry_in_albedo():
-    """Seed 004's Fig. 8 ablation, measured: the albedo correlates less with the missing shading detail
+    """Jin et al.'s (2021) Fig. 8 ablation, measured: the albedo correlates less with the missing shading detail
     when the RTV detail-reducing term is on."""
     s = synthetic_scene(96, n_blotches=3, blotch_radius=(0.15, 0.25))
     m = interior_mask(interior_mask(s["mask"]))
