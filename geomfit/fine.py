@@ -34,12 +34,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import asnumpy, factorize_spd, get_array_module, pcg, sparse_module
+from .backend import asnumpy, factorize_spd, get_array_module, ndimage_module, pcg, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
 from .photo import as_float_image
 from .render import depth_normals
-from .rtv import _ndimage, rtv_weights, solve_screened_poisson
+from .rtv import rtv_weights, solve_screened_poisson
 from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
 
 __all__ = [
@@ -573,7 +573,7 @@ class DepthInfo:
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
                 tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
                 factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20, pixel_weight=None,
-                laplacian_on_displacement=False):
+                laplacian_on_displacement=False, linear_solver="factor"):
     """Refine a depth map by shape from shading (Jin et al. 2021, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -635,6 +635,14 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         step refactors, e.g. when the weights ``lam`` changed).
     pcg_tol, pcg_maxiter : float, int
         Forcing tolerance and iteration cap of the inexact steps.
+    pixel_weight : array (H, W), optional
+        Non-negative per-pixel factor on the data term (the robust method's confidence).
+    laplacian_on_displacement : bool
+        The Laplacian term acts on ``d - d0`` instead of ``d`` (keeps the input's own curvature).
+    linear_solver : {"factor", "jacobi"}
+        ``"factor"``: as described above; ``"jacobi"``: every step by Jacobi-preconditioned CG
+        (``pcg_tol``, ``pcg_maxiter``), no factorisation (for well-conditioned, strongly pinned
+        problems such as the robust method's).
 
     Returns
     -------
@@ -657,6 +665,8 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     d0 = d if depth0 is None else _prepare_depth(depth0, m, xp)
     alb = xp.ascontiguousarray(_as_hwc(albedo, H, W, C, xp, "albedo"))
     spec = None if specular is None else xp.ascontiguousarray(_as_hwc(specular, H, W, C, xp, "specular"))
+    if linear_solver not in ("factor", "jacobi"):
+        raise ValueError(f"linear_solver must be 'factor' or 'jacobi', got {linear_solver!r}")
     if len(lam) != 4:
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
@@ -685,7 +695,13 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         for _try in range(10):
             A = grid.matrix(vals, mu)
             inexact = not stale and F.exact and pcg_maxiter > 0
-            if inexact:
+            if linear_solver == "jacobi":  # no factorisation: Jacobi-preconditioned CG, truncated
+                dinv = 1.0 / A.diagonal()
+                step, k, ok = pcg(A, -g, lambda r: dinv * r, tol=pcg_tol, maxiter=pcg_maxiter)
+                info.pcg_iterations += k
+                info.solves += k
+                inexact = True
+            elif inexact:
                 step, k, ok = pcg(A, -g, F.solve, tol=pcg_tol, maxiter=pcg_maxiter)
                 info.pcg_iterations += k
                 info.solves += k if ok else k + 1  # preconditioner applications inside pcg
@@ -853,6 +869,10 @@ class FineOptions:
         Weight of ``||L (d - d0)||^2`` (Laplacian of the displacement).
     robust_iterations : int
         Levenberg-Marquardt steps of the depth solve.
+    cg_tol, cg_maxiter : float, int
+        Each step is solved by Jacobi-preconditioned CG to this relative residual (the pin makes the
+        system well conditioned; no factorisation). ``inexact_depth=False`` solves every step
+        exactly with a factorisation instead.
     curvature_quantile : float
         The displacement is kept in proportion to the local curvature of the input depth, full from
         this quantile of it up (detail is lost where the blurred input bends; 0 turns the gate off).
@@ -888,10 +908,12 @@ class FineOptions:
     kappa: float = 3e-4
     pin: float = 0.3
     smoothness: float = 0.01
-    robust_iterations: int = 4
+    robust_iterations: int = 3
     curvature_quantile: float = 0.95
     dark: float = 0.35
     noise_floor: float = 2e-3
+    cg_tol: float = 0.05
+    cg_maxiter: int = 30
     residual_texture: bool = True
     # shared
     saturation: float = 0.995
@@ -953,7 +975,7 @@ def _resolve_options(options, legacy) -> FineOptions:
 def _masked_gauss(a, m, sigma, xp):
     """Gaussian filter of ``a`` (H, W) or (H, W, C) restricted to the bool mask ``m`` (normalised
     convolution); 0 where the mask has no support."""
-    nd = _ndimage(xp)
+    nd = ndimage_module(xp)
     mf = m.astype(xp.float64)
     den = nd.gaussian_filter(mf, sigma, mode="nearest")
     if a.ndim == 3:
@@ -1022,7 +1044,7 @@ _HF_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) /
 
 def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     """The robust method (see :class:`FineOptions`): returns depth, albedo, sh, pixel weights, info."""
-    nd = _ndimage(xp)
+    nd = ndimage_module(xp)
     t = time.perf_counter()
     face = float(np.sqrt(float(m.sum())))
     n0 = _depth_normals(d_in, m)
@@ -1063,8 +1085,8 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     t = time.perf_counter()
     d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, lam=(l1, o.smoothness, 0.0, 0.0),
                           iterations=o.robust_iterations, tol=1e-3, data_mask=dm, data_weight=w, return_info=True,
-                          pcg_maxiter=20 if o.inexact_depth else 0, pixel_weight=weight,
-                          laplacian_on_displacement=True)
+                          pcg_tol=o.cg_tol, pcg_maxiter=o.cg_maxiter, pixel_weight=weight,
+                          laplacian_on_displacement=True, linear_solver="jacobi" if o.inexact_depth else "factor")
     timings["depth"] = time.perf_counter() - t
     t = time.perf_counter()
     dd = xp.where(m, d - d_in, 0.0)
