@@ -373,7 +373,7 @@ def _noise_aware_weights(img, albedo, sh, d0, m):
     return o.kappa / sig ** 2, sig
 
 
-def bench_realistic(size=512, runs=3):
+def bench_realistic(size=512, runs=3, progress=None):
     """The issue's yardstick: the james scan at ``size`` px (geomfit.scenes), default (robust) and paper
     methods; per scene the input and output normal error (deg), ratio, wall and CPU seconds (median of
     ``runs`` for the robust method), per-block timings; and the depth solve alone with the true albedo
@@ -383,10 +383,11 @@ def bench_realistic(size=512, runs=3):
     ok, why = james_available()
     if not ok:
         return {"skipped": why}
-    specs = [dict(light="frontal", noise=0.003), dict(light="frontal", noise=0.008), dict(light="side", noise=0.003),
-             dict(light="side", noise=0.008), dict(light="top", noise=0.003), dict(light="top", noise=0.008),
+    # six of the suite's scenes (the paper method at 512 px takes minutes each on the shared 2-core box;
+    # tests/test_scenes.py runs the whole suite at 112 px)
+    specs = [dict(light="frontal", noise=0.003), dict(light="side", noise=0.008), dict(light="top", noise=0.003),
              dict(light="frontal", noise=0.003, albedo="smooth"), dict(light="side", noise=0.003, albedo="smooth"),
-             dict(light="top", noise=0.003, albedo="smooth"), dict(light="frontal", noise=0.003, occluder="glasses")]
+             dict(light="frontal", noise=0.003, occluder="glasses")]
     out = {"size": size, "loadavg_at_start": os.getloadavg(), "scenes": {}}
     for kw in specs:
         s = james_scene(size, **kw)
@@ -435,6 +436,8 @@ def bench_realistic(size=512, runs=3):
                 "noise_aware_weak_pin_deg": en2, "noise_aware_weak_pin_ratio": en2 / e0,
                 "sigma_n": sig, "data_weight": w}
         out["scenes"][s["name"]] = row
+        if progress is not None:
+            progress(out)
         print(s["name"], json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()
                                                                             if "ratio" in kk or "wall_s_median" in kk})
                                      for k, v in row.items()}, default=float), flush=True)
@@ -456,8 +459,10 @@ def main():
     outp = pathlib.Path(__file__).resolve().parent / "results" / ("fine_quick.json" if QUICK else "fine.json")
     if "--realistic-only" in sys.argv:  # refresh the realistic-scene table of an existing results file
         res = json.loads(outp.read_text()) if outp.exists() else res
-        res["realistic_512"] = bench_realistic(256 if QUICK else 512, runs=1 if QUICK else 3)
-        outp.write_text(json.dumps(res, indent=1, default=float))
+        def save(part):
+            res["realistic_512"] = part
+            outp.write_text(json.dumps(res, indent=1, default=float))
+        save(bench_realistic(256 if QUICK else 512, runs=1 if QUICK else 3, progress=save))
         return
     if "--quality-only" in sys.argv:  # refresh the quality tables of an existing results file
         res = json.loads(outp.read_text())
