@@ -37,7 +37,10 @@ import traceback
 import numpy as np
 
 from _harness import ROOT, Timer, environment, tests_module
-from geomfit.fine import _depth_normals, fine_stage, synthetic_scene
+from geomfit.fine import FineOptions, _depth_normals, fine_stage
+
+EXACT = FineOptions(inexact_depth=False)  # the default (robust) method, exact depth steps (as on the GPU)
+from geomfit.scenes import synthetic_scene
 from geomfit.fitting import fit_landmarks
 from geomfit.laplacian import LaplacianDeformer
 from geomfit.render import rasterize
@@ -128,10 +131,10 @@ def bench_fine(dev, a):
     small = synthetic_scene(96)
     # exact Levenberg-Marquardt steps on both sides (the GPU path without cholespy solves every step
     # to its CG tolerance), so the CPU/GPU difference measures the device, not the step rule
-    fine_stage(dev.to(small["image"]), dev.to(small["depth_blur"]), dev.to(small["mask"]), inexact_depth=False)
+    fine_stage(dev.to(small["image"]), dev.to(small["depth_blur"]), dev.to(small["mask"]), options=EXACT)
     s = synthetic_scene(a.size_fine)
     args = (dev.to(s["image"]), dev.to(s["depth_blur"]), dev.to(s["mask"]))
-    med, mn, r = dev.time(lambda: fine_stage(*args, inexact_depth=False), max(a.repeats // 2, 1))
+    med, mn, r = dev.time(lambda: fine_stage(*args, options=EXACT), max(a.repeats // 2, 1))
     m = s["mask"]
     n = dev.host(r.normals)
 
@@ -142,7 +145,7 @@ def bench_fine(dev, a):
            "timings": {k: float(v) for k, v in r.timings.items()}, "depth_stats": dict(r.depth_stats),
            "normal_error_deg": {"start": err(_depth_normals(s["depth_blur"])), "after": err(n)}}
     if a.cpu_peers:
-        t_cpu, rc = cpu_time(lambda: fine_stage(s["image"], s["depth_blur"], s["mask"], inexact_depth=False))
+        t_cpu, rc = cpu_time(lambda: fine_stage(s["image"], s["depth_blur"], s["mask"], options=EXACT))
         res.update(cpu_s_exact_steps=t_cpu, cpu_over_device=t_cpu / med,
                    max_abs_depth_diff_vs_cpu=float(np.abs(dev.host(r.depth) - rc.depth)[m].max()))
     return res

@@ -1,18 +1,25 @@
-"""Fine stage: SH lighting, RTV albedo, specular and phased depth shape-from-shading (seed 004, Sec. 3.4).
+"""Fine stage: lighting, albedo and shape from shading on a depth map.
 
-The image model is seed 004's Eq. 4, ``I = gamma * S(n(d)) + epsilon * beta`` with albedo ``gamma``,
-second-order SH shading ``S`` (:mod:`geomfit.sh`, Eq. 5), specular ``beta`` and normals ``n`` of the
-depth map ``d``. The paper optimises every term with Adam; here each block is solved with a method
-that uses its structure:
+Two methods (:class:`FineOptions`):
 
-* lighting: linear least squares (9 x 9 normal equations), :func:`geomfit.sh.fit_sh_lighting`;
-* albedo (Eq. 6): the data and skin-colour terms are quadratic; the RTV term (Eq. 7) is handled by
-  iteratively re-weighted least squares with :func:`geomfit.rtv.rtv_weights`, every step one
-  screened-Poisson solve :func:`geomfit.rtv.solve_screened_poisson`;
-* specular (Eq. 8): closed form per pixel;
-* depth (Eq. 9): Levenberg-Marquardt on the depth values inside the mask, with the analytic
-  Jacobian of the shading through the normals and sparse normal equations factored by
-  :func:`geomfit.backend.factorize_spd` (CHOLMOD on the CPU, preconditioned CG on the GPU).
+* ``method="robust"`` (the default; docs/fine.md "The robust method"): geomfit's method for real,
+  noisy, textured photos: a first-order light from the band-pass correlation of the log image with
+  the input normals (:func:`band_light`), the albedo as the low-passed ratio image, a noise-aware
+  data weight with per-pixel weights that fall where the chromaticity (pigment, hair, frames) or
+  the residual says texture, a Levenberg-Marquardt solve for a displacement over the input with its
+  low frequencies pinned, and a gate that keeps the input depth where it has no curvature to lose.
+* ``method="paper"``: Jin et al., "High-fidelity 3D face reconstruction with multi-scale details",
+  Pattern Recognition Letters 2021, Sec. 3.4, Eqs. 4-9, with the image model
+  ``I = gamma * S(n(d)) + epsilon * beta`` (albedo ``gamma``, second-order SH shading ``S``
+  (:mod:`geomfit.sh`, Eq. 5), specular ``beta``, normals ``n`` of the depth ``d``).  The paper
+  optimises every term with Adam; here each block is solved with a method that uses its structure:
+
+  - lighting: linear least squares (9 x 9 normal equations), :func:`geomfit.sh.fit_sh_lighting`;
+  - albedo (Eq. 6): the RTV term (Eq. 7) by iteratively re-weighted least squares with
+    :func:`geomfit.rtv.rtv_weights`, every step one screened-Poisson solve;
+  - specular (Eq. 8): closed form per pixel;
+  - depth (Eq. 9): Levenberg-Marquardt with the analytic Jacobian and sparse normal equations
+    factored by :func:`geomfit.backend.factorize_spd` (CHOLMOD on the CPU, CG on the GPU).
 
 Conventions: image (H, W, 3) linear RGB in [0, 1]; depth (H, W) orthographic in pixel units, larger
 = closer to the camera; normals ``n ~ (-dd/dx, +dd/drow, 1)`` (x right, y up, z towards the camera)
@@ -22,12 +29,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import asnumpy, factorize_spd, get_array_module, pcg, sparse_module
+from .backend import asnumpy, factorize_spd, get_array_module, ndimage_module, pcg, sparse_module
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
 from .photo import as_float_image
@@ -37,6 +44,8 @@ from .sh import _sh_basis_grad, fit_sh_lighting, sh_basis, shade
 
 __all__ = [
     "FineResult",
+    "FineOptions",
+    "band_light",
     "fine_stage",
     "solve_albedo",
     "solve_specular",
@@ -52,7 +61,7 @@ __all__ = [
     "REGIONS",
 ]
 
-#: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (seed 004, Sec. 4.1).
+#: Eq. 9 weights (lambda_d1..lambda_d4) of the two depth phases (Jin et al. 2021, Sec. 4.1).
 PHASE1 = (0.001, 0.05, 0.001, 0.001)
 PHASE2 = (0.001, 0.03, 0.025, 2.5)
 #: Default weight of the data terms ``||I' - I||^2`` of Eqs. 6 and 9: intensities on the 8-bit scale
@@ -169,7 +178,7 @@ def _as_hwc(x, H, W, C, xp, name):
 def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_skin=0.3, lam_rtv=2.5,
                  iterations=3, sigma=3.0, sharpness=0.02, eps=1e-3, albedo0=None, data_weight=DATA_WEIGHT,
                  tol=1e-8):
-    """Albedo with the skin-colour and RTV detail-reducing terms (seed 004, Eqs. 6-7).
+    """Albedo with the skin-colour and RTV detail-reducing terms (Jin et al. 2021, Eqs. 6-7).
 
     Minimises over ``gamma`` (per channel)::
 
@@ -211,7 +220,7 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
 
     References
     ----------
-    Jin et al. 2021 (seed 004), Sec. 3.4, Eqs. 6-7; L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure
+    Jin et al. 2021, Sec. 3.4, Eqs. 6-7; L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure
     extraction from texture via relative total variation", SIGGRAPH Asia 2012.
     """
     xp = get_array_module(image, shading)
@@ -251,7 +260,7 @@ def solve_albedo(image, shading, specular=None, mask=None, albedo_avg=None, lam_
 
 
 def solve_specular(image, diffuse, beta0, mask=None, lam=0.5, nonnegative=True):
-    """Specular term by Eq. 8 of seed 004, in closed form per pixel.
+    """Specular term by Eq. 8 of Jin et al. 2021, in closed form per pixel.
 
     Minimises ``||diffuse + beta - I||^2 + lam ||beta - beta0||^2``:
     ``beta = (I - diffuse + lam beta0) / (1 + lam)``, clipped at 0 when ``nonnegative`` (the exact
@@ -429,7 +438,7 @@ class _DepthProblem:
     """
 
     def __init__(self, image, mask, albedo, sh, specular, depth, depth0, lam, data_mask=None, data_weight=1.0,
-                 gradient_scale=1.0, grid=None):
+                 gradient_scale=1.0, grid=None, pixel_weight=None, laplacian_on_displacement=False):
         xp = get_array_module(image, depth)
         self.xp = xp
         H, W, C = image.shape
@@ -460,6 +469,14 @@ class _DepthProblem:
         if not data_weight > 0:
             raise ValueError(f"data_weight must be > 0, got {data_weight}")
         self.sw = float(np.sqrt(data_weight))
+        if pixel_weight is not None:
+            pw = xp.asarray(pixel_weight, dtype=xp.float64)
+            if pw.shape != (H, W):
+                raise ValueError(f"pixel_weight must have shape {(H, W)}, got {pw.shape}")
+            if not bool(xp.isfinite(pw).all()) or bool((pw < 0).any()):
+                raise ValueError("pixel_weight must be finite and >= 0")
+            self.sw = self.sw * xp.sqrt(pw.ravel()[ridx])[:, None]
+        self.lap_disp = bool(laplacian_on_displacement)
 
     @property
     def Cst(self):
@@ -495,7 +512,8 @@ class _DepthProblem:
     def const_residual(self, u):
         xp = self.xp
         l1, l2, l3, l4 = self.lam
-        return xp.concatenate([np.sqrt(l1) * (u - self.u0), np.sqrt(l2) * (self.L @ u),
+        lu = self.L @ (u - self.u0) if self.lap_disp else self.L @ u
+        return xp.concatenate([np.sqrt(l1) * (u - self.u0), np.sqrt(l2) * lu,
                                np.sqrt(l3) * (l4 * (self.D @ (u - self.u0)) - self.Dg)])
 
     def residuals(self, u):
@@ -532,7 +550,8 @@ class _DepthProblem:
 
     def gradient_const(self, u):
         l1, l2, l3, l4 = self.lam
-        return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ u)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
+        ul = u - self.u0 if self.lap_disp else u
+        return l1 * (u - self.u0) + l2 * (self.L.T @ (self.L @ ul)) + l3 * l4 * (self.D.T @ (l4 * (self.D @ (u - self.u0)) - self.Dg))
 
 
 @dataclass
@@ -553,8 +572,9 @@ class DepthInfo:
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
                 tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
-                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20):
-    """Refine a depth map by shape from shading (seed 004, Eq. 9) with Levenberg-Marquardt.
+                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20, pixel_weight=None,
+                laplacian_on_displacement=False, linear_solver="factor"):
+    """Refine a depth map by shape from shading (Jin et al. 2021, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
 
@@ -615,6 +635,14 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         step refactors, e.g. when the weights ``lam`` changed).
     pcg_tol, pcg_maxiter : float, int
         Forcing tolerance and iteration cap of the inexact steps.
+    pixel_weight : array (H, W), optional
+        Non-negative per-pixel factor on the data term (the robust method's confidence).
+    laplacian_on_displacement : bool
+        The Laplacian term acts on ``d - d0`` instead of ``d`` (keeps the input's own curvature).
+    linear_solver : {"factor", "jacobi"}
+        ``"factor"``: as described above; ``"jacobi"``: every step by Jacobi-preconditioned CG
+        (``pcg_tol``, ``pcg_maxiter``), no factorisation (for well-conditioned, strongly pinned
+        problems such as the robust method's).
 
     Returns
     -------
@@ -623,7 +651,7 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
 
     References
     ----------
-    Jin et al. 2021 (seed 004), Sec. 3.4, Eq. 9 and Sec. 4.1 (weights); Dembo, Eisenstat and
+    Jin et al. 2021, Sec. 3.4, Eq. 9 and Sec. 4.1 (weights); Dembo, Eisenstat and
     Steihaug, "Inexact Newton methods", SIAM J. Numer. Anal. 19 (1982) (the truncated steps).
     """
     t0 = time.perf_counter()
@@ -637,10 +665,13 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     d0 = d if depth0 is None else _prepare_depth(depth0, m, xp)
     alb = xp.ascontiguousarray(_as_hwc(albedo, H, W, C, xp, "albedo"))
     spec = None if specular is None else xp.ascontiguousarray(_as_hwc(specular, H, W, C, xp, "specular"))
+    if linear_solver not in ("factor", "jacobi"):
+        raise ValueError(f"linear_solver must be 'factor' or 'jacobi', got {linear_solver!r}")
     if len(lam) != 4:
         raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
-                         grid=getattr(factor, "_depth_grid", None))
+                         grid=getattr(factor, "_depth_grid", None), pixel_weight=pixel_weight,
+                         laplacian_on_displacement=laplacian_on_displacement)
     grid = prob.grid
     u = prob.u_init
     E = prob.energy(u)
@@ -664,7 +695,13 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         for _try in range(10):
             A = grid.matrix(vals, mu)
             inexact = not stale and F.exact and pcg_maxiter > 0
-            if inexact:
+            if linear_solver == "jacobi":  # no factorisation: Jacobi-preconditioned CG, truncated
+                dinv = 1.0 / A.diagonal()
+                step, k, ok = pcg(A, -g, lambda r: dinv * r, tol=pcg_tol, maxiter=pcg_maxiter)
+                info.pcg_iterations += k
+                info.solves += k
+                inexact = True
+            elif inexact:
                 step, k, ok = pcg(A, -g, F.solve, tol=pcg_tol, maxiter=pcg_maxiter)
                 info.pcg_iterations += k
                 info.solves += k if ok else k + 1  # preconditioner applications inside pcg
@@ -781,6 +818,293 @@ def region_mean_albedo(image, regions, mask=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FineOptions:
+    """Settings of :func:`fine_stage`.  Two methods, each with a preset:
+
+    * ``FineOptions.robust()`` (the default, ``method="robust"``): geomfit's method for real photos
+      (docs/fine.md "The robust method"): a first-order light from the band-pass correlation of the
+      log image with the input normals, a smooth albedo (the low-passed ratio image), a noise- and
+      texture-aware data weight, a bounded high-frequency displacement over the input, and a
+      confidence that keeps the input depth where the image cannot tell detail from texture.
+    * ``FineOptions.paper()`` (``method="paper"``): Jin et al. 2021's Eqs. 4-9 as published (RTV
+      albedo, specular, the two depth phases), with geomfit's solvers.
+
+    Fields of the paper method
+    --------------------------
+    phases, lam_skin, lam_rtv, lam_spec, specular, shared_light, init_rounds, outer_iterations,
+    depth_iterations, rtv_iterations, data_weight, gradient_scale, albedo_data_weight, inexact_depth:
+    see :func:`fine_stage` (the paper's lambda_d1..d4, lambda_gamma1/2, lambda_beta; the data weight
+    255^2 puts intensities on the 8-bit scale).
+
+    Fields of the robust method
+    ---------------------------
+    light_scale : float
+        Band-pass scale of the light fit, as a fraction of the face size ``sqrt(mask pixels)``.
+    albedo_scale : float
+        Gaussian sigma (fraction of the face size) of the low-passed ratio image used as albedo.
+    noise_window : float
+        Gaussian sigma (pixels) of the local high-frequency residual energy.
+    noise_quantile : float
+        Quantile of that local energy taken as the image's noise level ``sigma_n`` (and of the
+        chromaticity's high-pass energy taken as its noise level ``sigma_c``).
+    noise_floor : float
+        Lower bound of ``sigma_n`` (about the noise of a clean 8-bit photo in linear units; keeps
+        noise-free renders and smooth JPEGs from getting an unbounded weight).
+    texture_power : float
+        Per-pixel data weight ``(sigma_c / e_c) ** texture_power`` with ``e_c`` the local
+        high-pass energy of the chromaticity ``I / sum(I)``: shading detail under white light leaves
+        the chromaticity alone, pigment, hair, stubble and frames do not.
+    residual_texture : bool
+        Also multiply by ``(sigma_n / e) ** texture_power`` with ``e`` the local high-pass energy of
+        the residual (achromatic texture such as grey stubble; it also damps strong true detail).
+    kappa : float
+        Data weight ``kappa / sigma_n^2`` (the noise-aware weight).
+    pin : float
+        Weight of ``||d - d0||^2`` relative to the data term's scale (pins the low frequencies).
+    smoothness : float
+        Weight of ``||L (d - d0)||^2`` (Laplacian of the displacement).
+    robust_iterations : int
+        Levenberg-Marquardt steps of the depth solve.
+    cg_tol, cg_maxiter : float, int
+        Each step is solved by Jacobi-preconditioned CG to this relative residual (the pin makes the
+        system well conditioned; no factorisation). ``inexact_depth=False`` solves every step
+        exactly with a factorisation instead.
+    curvature_quantile : float
+        The displacement is kept in proportion to the local curvature of the input depth, full from
+        this quantile of it up (detail is lost where the blurred input bends; 0 turns the gate off).
+    dark : float
+        Pixels darker than ``dark`` times the median skin brightness (hair, brows, frames, nostrils)
+        get no data weight.
+
+    Shared: ``saturation``, ``min_pixels`` (see :func:`fine_stage`).
+    """
+
+    method: str = "robust"
+    # paper
+    phases: Tuple[Tuple[float, float, float, float], ...] = (PHASE1, PHASE2)
+    lam_skin: float = 0.3
+    lam_rtv: float = 2.5
+    lam_spec: float = 0.5
+    specular: bool = True
+    shared_light: bool = False
+    init_rounds: int = 2
+    outer_iterations: int = 2
+    depth_iterations: int = 3
+    rtv_iterations: int = 3
+    data_weight: float = DATA_WEIGHT
+    gradient_scale: float = 1.0
+    albedo_data_weight: Optional[float] = None
+    inexact_depth: bool = True
+    # robust
+    light_scale: float = 0.1
+    albedo_scale: float = 0.02
+    noise_window: float = 3.0
+    noise_quantile: float = 0.2
+    texture_power: float = 4.0
+    kappa: float = 3e-4
+    pin: float = 0.3
+    smoothness: float = 0.01
+    robust_iterations: int = 3
+    curvature_quantile: float = 0.95
+    dark: float = 0.35
+    noise_floor: float = 2e-3
+    cg_tol: float = 0.05
+    cg_maxiter: int = 30
+    residual_texture: bool = True
+    # shared
+    saturation: float = 0.995
+    min_pixels: int = 64
+
+    def __post_init__(self):
+        if self.method not in ("robust", "paper"):
+            raise ValueError(f"FineOptions.method must be 'robust' or 'paper', got {self.method!r}")
+        for name in ("light_scale", "albedo_scale", "noise_window", "kappa"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FineOptions.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pin", "smoothness", "texture_power", "dark"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"FineOptions.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("noise_quantile", "curvature_quantile"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"FineOptions.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def robust(cls, **changes) -> "FineOptions":
+        """geomfit's default method for real photos (see the class docstring)."""
+        return cls(method="robust", **changes)
+
+    @classmethod
+    def paper(cls, **changes) -> "FineOptions":
+        """Jin et al. 2021, Eqs. 4-9 and Sec. 4.1's weights (the published formulation)."""
+        return cls(method="paper", **changes)
+
+
+_LEGACY_STAGE_KEYS = ("phases", "lam_skin", "lam_rtv", "lam_spec", "specular", "shared_light", "init_rounds",
+                      "outer_iterations", "depth_iterations", "rtv_iterations", "saturation", "min_pixels",
+                      "data_weight", "gradient_scale", "albedo_data_weight", "inexact_depth")
+
+
+def _resolve_options(options, legacy) -> FineOptions:
+    import dataclasses
+    import warnings
+
+    if isinstance(options, dict):
+        options = FineOptions(**options)
+    if options is not None and not isinstance(options, FineOptions):
+        raise TypeError(f"options must be a FineOptions or a dict, got {type(options).__name__}")
+    if legacy:
+        bad = sorted(set(legacy) - set(_LEGACY_STAGE_KEYS))
+        if bad:
+            raise TypeError(f"fine_stage() got unexpected keyword arguments {bad}")
+        warnings.warn("fine_stage(..., " + ", ".join(sorted(legacy)) + "=...) is deprecated: pass "
+                      "options=FineOptions.paper(...) (these keywords select the paper's method and go in the "
+                      "next release)", DeprecationWarning, stacklevel=3)
+        base = options if options is not None else FineOptions.paper()
+        options = dataclasses.replace(base, **legacy)
+    return options if options is not None else FineOptions()
+
+
+# ----------------------------------------------------------------------------------------------
+# The robust method's pieces
+# ----------------------------------------------------------------------------------------------
+
+def _masked_gauss(a, m, sigma, xp):
+    """Gaussian filter of ``a`` (H, W) or (H, W, C) restricted to the bool mask ``m`` (normalised
+    convolution); 0 where the mask has no support."""
+    nd = ndimage_module(xp)
+    mf = m.astype(xp.float64)
+    den = nd.gaussian_filter(mf, sigma, mode="nearest")
+    if a.ndim == 3:
+        num = xp.stack([nd.gaussian_filter(xp.where(m, a[..., c], 0.0), sigma, mode="nearest")
+                        for c in range(a.shape[2])], -1)
+        return num / xp.maximum(den, 1e-12)[..., None]
+    return nd.gaussian_filter(xp.where(m, a, 0.0), sigma, mode="nearest") / xp.maximum(den, 1e-12)
+
+
+def band_light(image, normals, mask, scale, iterations=5):
+    """First-order SH light from the band-pass correlation of the log image with the normals.
+
+    Fits ``hp(log g) ~ l . hp(n)`` over ``mask`` (``g`` the grey image, ``hp(x) = x - G_scale * x``
+    the high-pass of a masked Gaussian of sigma ``scale`` pixels) by iteratively re-weighted least
+    squares (Huber weights at 2 robust sigmas), and returns SH irradiance coefficients (geomfit's
+    convention) whose shading is ``1 + l . (n - n_mean)`` to first order.  An albedo that varies
+    slowly (below the band) drops out of ``hp(log g)``, and texture finer than the input normals is
+    uncorrelated with ``hp(n)``: the light comes from the face's own mid-scale shape (nose, brows,
+    cheeks) rather than from the albedo, which is what the fit of Jin et al. 2021 Eq. 5 with a
+    region-mean albedo confuses on real skin (docs/fine.md).
+
+    Parameters
+    ----------
+    image : array (H, W, 3)
+        Linear RGB.
+    normals : array (H, W, 3)
+        Normals of the input depth.
+    mask : bool array (H, W)
+        Pixels to fit on (skin).
+    scale : float
+        Band-pass sigma in pixels.
+
+    Returns
+    -------
+    sh : array (9, 3)
+        The same first-order light in every channel.
+    """
+    from .sh import _C0, _C1
+
+    xp = get_array_module(image, normals)
+    m = xp.asarray(mask, dtype=bool)
+    if int(m.sum()) < 16:
+        raise ValueError("band_light: fewer than 16 pixels to fit the light on")
+    L = xp.log(xp.maximum(image.mean(-1), 1e-3))
+    y = (L - _masked_gauss(L, m, scale, xp))[m]
+    X = xp.stack([(normals[..., k] - _masked_gauss(normals[..., k], m, scale, xp))[m] for k in range(3)], -1)
+    w = xp.ones(y.shape[0])
+    ell = xp.zeros(3)
+    for _ in range(int(iterations)):
+        A = (X * w[:, None]).T @ X + 1e-9 * xp.eye(3)
+        ell = xp.linalg.solve(A, (X * w[:, None]).T @ y)
+        r = y - X @ ell
+        s = 1.4826 * float(xp.median(xp.abs(r))) + 1e-12
+        w = 1.0 / xp.maximum(1.0, xp.abs(r) / (2.0 * s))
+    nb = normals[m].mean(0)
+    sh = xp.zeros((9, 3))
+    sh[3] = ell[0] / _C1
+    sh[1] = ell[1] / _C1
+    sh[2] = ell[2] / _C1
+    sh[0] = (1.0 - float(ell @ nb)) / _C0
+    return sh
+
+
+_HF_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0  # unit-gain on white noise
+
+
+def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
+    """The robust method (see :class:`FineOptions`): returns depth, albedo, sh, pixel weights, info."""
+    nd = ndimage_module(xp)
+    t = time.perf_counter()
+    face = float(np.sqrt(float(m.sum())))
+    n0 = _depth_normals(d_in, m)
+    skin = dm & ((reg == REGIONS["skin"]) if bool((reg == REGIONS["skin"]).any()) else (reg > 0))
+    if int(skin.sum()) < 16:
+        skin = dm
+    sh = band_light(I, n0, skin, o.light_scale * face)
+    S0 = xp.maximum(shade(n0, sh), 1e-3)
+    albedo = _masked_gauss(I / S0, dm, o.albedo_scale * face, xp)
+    timings["light_albedo"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # noise- and texture-aware weights (discrepancy of the residual the smooth model leaves)
+    res = xp.where(dm, (I - albedo * S0).mean(-1), 0.0)
+    K = xp.asarray(_HF_KERNEL)
+    hf = nd.convolve(res, K, mode="nearest")
+    inner = xp.asarray(nd.binary_erosion(dm, iterations=2)) if int(dm.sum()) > 64 else dm
+    e = xp.sqrt(xp.maximum(_masked_gauss(hf * hf, inner, o.noise_window, xp), 0.0))
+    ref = skin & inner if bool((skin & inner).any()) else dm
+    sigma_n = max(float(xp.quantile(e[ref], o.noise_quantile)), o.noise_floor)
+    # texture: high-frequency energy of the chromaticity (white light shades all channels alike, so
+    # shading detail leaves the chromaticity unchanged; pigment, hair and frames change it)
+    chrom = I / xp.maximum(I.sum(-1, keepdims=True), 1e-6)
+    hc = sum(nd.convolve(xp.where(dm, chrom[..., c], 0.0), K, mode="nearest") ** 2 for c in range(3))
+    ec = xp.sqrt(xp.maximum(_masked_gauss(hc, inner, o.noise_window, xp), 0.0))
+    sigma_c = max(float(xp.quantile(ec[ref], o.noise_quantile)), o.noise_floor / 3.0)
+    weight = (sigma_c / xp.maximum(ec, sigma_c)) ** o.texture_power
+    if o.residual_texture:  # and where the residual itself is far above the noise level
+        weight = weight * (sigma_n / xp.maximum(e, sigma_n)) ** o.texture_power
+    lum = I.mean(-1)
+    lref = float(xp.median(lum[ref]))
+    weight = weight * xp.clip((lum / max(lref, 1e-6) - o.dark) / 0.2, 0.0, 1.0)
+    if bool((reg > REGIONS["skin"]).any()):  # eyes, brows, mouth interior from landmarks; lips kept
+        weight = weight * ((reg <= REGIONS["skin"]) | (reg == REGIONS["lips"]))
+    weight = xp.where(dm, weight, 0.0)
+    w = o.kappa / sigma_n ** 2
+    l1 = o.pin * w * float((I[dm] ** 2).mean()) + 1e-6
+    timings["weights"] = time.perf_counter() - t
+    t = time.perf_counter()
+    d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, lam=(l1, o.smoothness, 0.0, 0.0),
+                          iterations=o.robust_iterations, tol=1e-3, data_mask=dm, data_weight=w, return_info=True,
+                          pcg_tol=o.cg_tol, pcg_maxiter=o.cg_maxiter, pixel_weight=weight,
+                          laplacian_on_displacement=True, linear_solver="jacobi" if o.inexact_depth else "factor")
+    timings["depth"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dd = xp.where(m, d - d_in, 0.0)
+    if o.curvature_quantile > 0:
+        lap = nd.laplace(xp.where(m, d_in, 0.0), mode="nearest")
+        inner3 = xp.asarray(nd.binary_erosion(m, iterations=3)) if int(m.sum()) > 64 else m
+        cv = xp.sqrt(xp.maximum(_masked_gauss(xp.where(m, lap, 0.0) ** 2, inner3, 2.0, xp), 0.0))
+        c_ref = float(xp.quantile(cv[inner3], o.curvature_quantile)) if bool(inner3.any()) else 0.0
+        gate = xp.clip(cv / c_ref, 0.0, 1.0) if c_ref > 0 else xp.zeros_like(cv)
+        dd = dd * gate
+    d = xp.where(m, d_in + dd, d_in)
+    timings["gate"] = time.perf_counter() - t
+    stats = {"factorizations": info.factorizations, "pcg_iterations": info.pcg_iterations,
+             "noise_sigma": sigma_n, "data_weight": w, "pin": l1}
+    return d, albedo, sh, weight, info.energies, stats
+
+
+# ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
 
@@ -812,16 +1136,29 @@ class FineResult:
     timings: Dict[str, float]
     data_mask: object
     depth_stats: Dict[str, int] = field(default_factory=dict)
+    confidence: object = None
+    method: str = "paper"
 
 
-def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
-               phases: Sequence[Sequence[float]] = (PHASE1, PHASE2), lam_skin=0.3, lam_rtv=2.5,
-               lam_spec=0.5, specular=True, shared_light=False, init_rounds=2, outer_iterations=2,
-               depth_iterations=3, rtv_iterations=3, saturation=0.995, min_pixels=64, data_weight=DATA_WEIGHT,
-               gradient_scale=1.0, albedo_data_weight=None, inexact_depth=True):
-    """Seed 004's fine stage: lighting, albedo, specular, then phased depth shape from shading.
+def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None, options=None, **legacy):
+    """The fine stage: lighting, albedo and shape from shading on a depth map.
 
-    Steps (seed 004, Sec. 3.4 and 4.1):
+    Two methods (``options.method``, :class:`FineOptions`):
+
+    ``"robust"`` (default; geomfit's method for real photos, docs/fine.md "The robust method"):
+
+    1. a first-order light from the band-pass correlation of the log image with the input normals
+       (:func:`band_light`), the albedo = the low-passed ratio ``I / S`` (smooth by construction);
+    2. a noise-aware data weight ``kappa / sigma_n^2`` with ``sigma_n`` the noise floor of the
+       residual's high-pass energy, and per-pixel weights that fall as ``(sigma_n / e)^p`` where the
+       local residual energy ``e`` says texture, and vanish on dark (hair, frames) and non-skin
+       landmark regions (eyes, brows, mouth interior);
+    3. a Levenberg-Marquardt depth solve of the weighted shading term plus ``pin ||d - d0||^2 +
+       smoothness ||L (d - d0)||^2`` (a bounded displacement, low frequencies pinned to the input);
+    4. the displacement is kept in proportion to the input's local curvature (detail is missing where
+       the blurred input bends) and the input depth is kept elsewhere.
+
+    ``"paper"`` (Jin et al. 2021, Sec. 3.4 and 4.1, with geomfit's solvers):
 
     1. ``gamma_avg`` per region (mean image colour; regions from ``regions``, else from
        ``landmarks`` with :func:`landmark_regions`, else the mask as one skin region); the albedo
@@ -847,7 +1184,12 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     regions : int array (H, W), optional
         Region labels (> 0) overriding ``landmarks``.
     albedo : array (H, W, 3) or (3,), optional
-        Initial albedo (e.g. the 3DMM mean texture rendered); default ``gamma_avg``.
+        Initial albedo of the paper method (e.g. the 3DMM mean texture rendered); default ``gamma_avg``.
+    options : FineOptions or dict, optional
+        The method and its settings (default ``FineOptions()``, the robust method).
+    **legacy
+        The keyword arguments of earlier releases (below), accepted for one release with a
+        ``DeprecationWarning``; they select the paper method unless ``options`` is given.
     phases : sequence of 4-tuples
         ``(lambda_d1, lambda_d2, lambda_d3, lambda_d4)`` per depth phase.
     lam_skin, lam_rtv, lam_spec : float
@@ -893,8 +1235,12 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     References
     ----------
     Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern
-    Recognition Letters 2021 (seed 004), Sec. 3.4 (Eqs. 4-9) and 4.1 (hyper-parameters).
+    Recognition Letters 2021, Sec. 3.4 (Eqs. 4-9) and 4.1 (hyper-parameters).
     """
+    o = _resolve_options(options, legacy)
+    (phases, lam_skin, lam_rtv, lam_spec, specular, shared_light, init_rounds, outer_iterations, depth_iterations,
+     rtv_iterations, saturation, min_pixels, data_weight, gradient_scale, albedo_data_weight, inexact_depth) = (
+        getattr(o, k) for k in _LEGACY_STAGE_KEYS)
     timings: Dict[str, float] = {}
     t_all = time.perf_counter()
     xp = get_array_module(image, depth, mask)
@@ -921,6 +1267,14 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
     else:
         reg = m.astype(xp.int64)
     reg_np = asnumpy(reg)
+    if o.method == "robust":
+        d, gamma, sh, weight, hist, stats = _robust_stage(I, d_in, m, dm, reg, o, xp, timings)
+        timings["total"] = time.perf_counter() - t_all
+        if not bool(xp.isfinite(d[m]).all()) or not bool(xp.isfinite(gamma).all()):
+            raise FloatingPointError("fine_stage produced non-finite values (please report this input)")
+        return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=xp.zeros_like(I),
+                          regions=reg_np, albedo_avg=gamma, energy={"robust": hist}, timings=timings, data_mask=dm,
+                          depth_stats=stats, confidence=weight, method="robust")
     avg = region_mean_albedo(I, xp.where(dm, reg, 0) if bool(((reg > 0) & dm).any()) else reg, None)
     if albedo is None:
         gamma = avg.copy()
@@ -979,64 +1333,20 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None,
             raise FloatingPointError(f"fine_stage produced non-finite {name} (please report this input)")
     return FineResult(depth=d, normals=_depth_normals(d, m), albedo=gamma, sh=sh, specular=beta,
                       regions=reg_np, albedo_avg=avg, energy=energy, timings=timings, data_mask=dm,
-                      depth_stats=stats)
+                      depth_stats=stats, method="paper")
 
 
 # ----------------------------------------------------------------------------------------------
-# Synthetic scene (tests, benchmarks, docs)
+# Synthetic scene (moved)
 # ----------------------------------------------------------------------------------------------
 
-def synthetic_scene(size=96, seed=0, wrinkle_amplitude=0.6, wrinkle_period=8.0, blur_sigma=3.0, albedo_gradient=0.0,
-                    n_blotches=6, edge_width=1.0, blotch_radius=(0.05, 0.12)):
-    """A synthetic face-like test scene with known geometry, albedo and light.
+def synthetic_scene(*args, **kwargs):
+    """Deprecated alias of :func:`geomfit.scenes.synthetic_scene` (moved there; this alias goes in
+    the next release)."""
+    import warnings
 
-    An ellipsoid (pixel units, larger = closer) plus sinusoidal wrinkles on the upper half and a few
-    Gaussian bumps, rendered with a known SH light (geomfit's convention) and a piecewise-smooth
-    textured albedo (coloured blotches on a skin tone). The start depth blurs the details away.
+    from .scenes import synthetic_scene as _scene
 
-    Returns
-    -------
-    dict with ``image`` (H, W, 3), ``depth`` (true), ``depth_blur`` (start), ``mask``, ``albedo``,
-    ``sh`` (9, 3), ``normals`` (true), ``detail`` (the wrinkle/bump height field), ``regions``
-    (1 = skin, one label per blotch: the segmentation the skin-colour term uses).
-    """
-    from scipy.ndimage import gaussian_filter
-
-    rng = np.random.default_rng(seed)
-    H = W = int(size)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
-    cx, cy = (W - 1) / 2, (H - 1) / 2
-    R = 0.46 * size
-    u, v = (xx - cx) / (0.85 * R), (yy - cy) / R
-    rr = u * u + v * v
-    mask = rr < 0.92
-    base = 0.8 * R * np.sqrt(np.clip(1.0 - rr, 0.0, None)) + 10.0
-    detail = wrinkle_amplitude * np.sin(2 * np.pi * yy / wrinkle_period) * np.exp(-((v + 0.35) / 0.25) ** 2)
-    for _ in range(4):
-        bx, by = rng.uniform(-0.5, 0.5, 2)
-        detail += 1.5 * wrinkle_amplitude * np.exp(-((u - bx) ** 2 + (v - by) ** 2) / (2 * 0.06 ** 2))
-    depth = base + detail
-    depth_blur = base + gaussian_filter(detail, blur_sigma)
-    skin = np.array([0.75, 0.55, 0.45])
-    alb = np.broadcast_to(skin, (H, W, 3)).copy()
-    regions = mask.astype(np.int64)
-    for _ in range(int(n_blotches)):
-        bx, by = rng.uniform(-0.6, 0.6, 2)
-        rad = rng.uniform(*blotch_radius)
-        col = skin * rng.uniform(0.6, 0.9, 3)
-        dist = np.sqrt((u - bx) ** 2 + (v - by) ** 2) * R  # pixels
-        w = 1.0 / (1.0 + np.exp((dist - rad * R) / max(edge_width, 1e-6)))
-        alb = alb * (1 - w[..., None]) + col * w[..., None]
-        regions[mask & (w > 0.5)] = regions.max() + 1
-    alb *= (1.0 + albedo_gradient * (u + 0.5 * v))[..., None]
-    sh = np.zeros((9, 3))
-    sh[0] = 2.6
-    sh[1] = 0.35
-    sh[2] = 0.7
-    sh[3] = -0.45
-    sh[4:] = 0.08 * rng.standard_normal((5, 1))
-    sh = sh * np.array([1.0, 0.97, 0.94])
-    n = _depth_normals(depth)
-    img = np.clip(alb * shade(n, sh), 0, 1)
-    return dict(image=img, depth=depth, depth_blur=depth_blur, mask=mask, albedo=alb, sh=sh, normals=n,
-                detail=detail, regions=regions)
+    warnings.warn("geomfit.fine.synthetic_scene moved to geomfit.scenes.synthetic_scene",
+                  DeprecationWarning, stacklevel=2)
+    return _scene(*args, **kwargs)

@@ -225,8 +225,9 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         Run the fine stage (False: the fine mesh equals the medium mesh, maps are from the medium
         depth).
     coarse_options, medium_options, fine_options : dict, optional
-        Keyword arguments for :func:`geomfit.fitting.fit_landmarks`,
-        :func:`geomfit.laplacian.medium_stage` and :func:`geomfit.fine.fine_stage`.
+        Keyword arguments for :func:`geomfit.fitting.fit_landmarks` and
+        :func:`geomfit.laplacian.medium_stage`; ``fine_options`` is a :class:`geomfit.fine.FineOptions`
+        or a dict of its fields (default: the robust method; ``{"method": "paper"}`` for the paper's).
     target_edge_px, max_subdivisions :
         Fine-mesh resampling, see :func:`displace_mesh`.
     feather_px : float
@@ -365,7 +366,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         sub_pts = _complete_landmarks(pts, coarse, mdl)
         sub_pts = None if sub_pts is None else sub_pts - [c0, r0]
         fine_res = fine_stage(sub_img, np.where(sub_m, sub_d, 0.0), sub_m, landmarks=sub_pts,
-                              **(fine_options or {}))
+                              options=fine_options)
         depth = np.full((H, W), np.nan)
         normals = np.full((H, W, 3), np.nan)
         albedo = np.full((H, W, 3), np.nan)

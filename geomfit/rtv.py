@@ -101,7 +101,7 @@ def rtv_weights(image, sigma: float = 3.0, sharpness: float = 0.02, eps: float =
     Xu et al. (2012) write the RTV regulariser
     ``sum_p D_x(p) / (L_x(p) + eps) + D_y(p) / (L_y(p) + eps)`` with windowed total variation
     ``D_x(p) = sum_q g_sigma(p, q) |d_x S_q|`` and windowed inherent variation
-    ``L_x(p) = |sum_q g_sigma(p, q) d_x S_q|`` (seed 004 Eq. 7 is ``D_x / L_x``), and linearise it
+    ``L_x(p) = |sum_q g_sigma(p, q) d_x S_q|`` (Jin et al. 2021 Eq. 7 is ``D_x / L_x``), and linearise it
     about the current ``S`` into ``sum_q u_xq w_xq (d_x S_q)^2 + u_yq w_yq (d_y S_q)^2`` with
     (their Eqs. 11-12)::
 
@@ -147,7 +147,7 @@ def rtv_weights(image, sigma: float = 3.0, sharpness: float = 0.02, eps: float =
     References
     ----------
     L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure extraction from texture via relative total
-    variation", ACM Trans. Graph. 31(6), 2012 (Eqs. 2-4, 11-12); seed 004 Eq. 7.
+    variation", ACM Trans. Graph. 31(6), 2012 (Eqs. 2-4, 11-12); Jin et al. 2021 Eq. 7.
     """
     S, xp = _as_float_image(image)
     sigma = _check_positive("sigma", sigma)
@@ -302,7 +302,7 @@ def rtv_smooth(image, lam: float = 0.01, sigma: float = 3.0, sharpness: float = 
     References
     ----------
     L. Xu, Q. Yan, Y. Xia, J. Jia, "Structure extraction from texture via relative total
-    variation", ACM Trans. Graph. 31(6), 2012, Eqs. 4, 11-13; used as seed 004's detail-reducing
+    variation", ACM Trans. Graph. 31(6), 2012, Eqs. 4, 11-13; used as Jin et al.'s (2021) detail-reducing
     albedo term (Eq. 7).
 
     Examples

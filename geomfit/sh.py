@@ -17,7 +17,7 @@ Normals are unit vectors in the camera frame: x right, y up, z towards the camer
     7  (2, 1)   1.092548 x z
     8  (2, 2)   0.546274 (x^2 - y^2)
 
-Shading is ``S(n) = sum_k sh[k] * Y_k(n)`` (seed 004, Eq. 5), so geomfit's coefficients ``sh`` are
+Shading is ``S(n) = sum_k sh[k] * Y_k(n)`` (Jin et al. 2021, Eq. 5), so geomfit's coefficients ``sh`` are
 **irradiance** coefficients: they already contain the convolution factors. Radiance (environment
 map) coefficients ``L_lm`` convert with :func:`radiance_to_irradiance`, which multiplies by
 ``A_0 = pi``, ``A_1 = 2 pi / 3``, ``A_2 = pi / 4``. Coefficient arrays are ``(9,)`` (grey) or
@@ -87,7 +87,8 @@ def sh_basis(normals):
 
     Notes
     -----
-    Seed 004 (Jin et al. 2021), Eq. 5: ``S(n) = sum_k r_k Y_k(n)``.
+    Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition
+    Letters 2021, Eq. 5: ``S(n) = sum_k r_k Y_k(n)``.
 
     References
     ----------
@@ -146,7 +147,7 @@ def _check_sh(sh, xp):
 
 
 def shade(normals, sh):
-    """Lambertian SH shading ``S(n) = Y(n) @ sh`` (seed 004, Eq. 5).
+    """Lambertian SH shading ``S(n) = Y(n) @ sh`` (Jin et al. 2021, Eq. 5).
 
     Parameters
     ----------
@@ -316,7 +317,7 @@ def to_deca(sh):
 # ----------------------------------------------------------------------------------------------
 
 def fit_sh_lighting(image, normals, albedo, mask, shared=False, specular=None):
-    """Least-squares SH lighting for a Lambertian image (seed 004, Eqs. 4-5 with epsilon = 0).
+    """Least-squares SH lighting for a Lambertian image (Jin et al. 2021, Eqs. 4-5 with epsilon = 0).
 
     Minimises ``sum_{p in mask} sum_c (albedo_c(p) * Y(n_p) @ sh_c + specular_c(p) - I_c(p))^2``
     over ``sh``. The 9 x 9 normal equations are formed with one matrix product per channel
@@ -349,7 +350,7 @@ def fit_sh_lighting(image, normals, albedo, mask, shared=False, specular=None):
 
     References
     ----------
-    Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", PRL 2021 (seed 004),
+    Jin et al., "High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition Letters 2021,
     Sec. 3.4, Eqs. 4-5.
     """
     xp = get_array_module(image, normals, albedo, mask)

@@ -128,7 +128,9 @@ def test_reconstruct_synthetic_recovers_ground_truth(sfm_model):
     from geomfit.render import depth_normals
 
     img, lms, v_true, v_gt, f_gt, cam, d_gt = _synthetic_photo(sfm_model)
-    rec = reconstruct(img, model=sfm_model, landmarks=lms, max_side=None)
+    # the paper's fine method: it changes the depth visibly, so the mesh-follows-depth check below means
+    # something (the default robust method leaves this detail-free render almost untouched)
+    rec = reconstruct(img, model=sfm_model, landmarks=lms, max_side=None, fine_options={"method": "paper"})
     # coarse: exact landmarks -> pose and shape close to the truth
     ang = np.degrees(np.arccos(np.clip((np.trace(rec.camera.rotation @ np.asarray(cam.rotation).T) - 1) / 2, -1, 1)))
     assert ang < 3.0
