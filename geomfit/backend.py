@@ -52,6 +52,7 @@ __all__ = [
     "ndimage_module",
     "sparse_to_device",
     "sparse_on_device",
+    "symmetric_from_csr",
     "target",
     "force",
     "kernel",
@@ -131,6 +132,15 @@ def ndimage_module(xp: ModuleType) -> ModuleType:
 def sparse_to_device(A, xp: ModuleType):
     """A SciPy sparse matrix as CSR on the device of ``xp`` (SciPy for NumPy, cupyx for CuPy)."""
     return sparse_on_device(A.tocsr(), xp)
+
+
+def symmetric_from_csr(values, indices, indptr, n: int, xp: ModuleType):
+    """An ``n x n`` symmetric sparse matrix from CSR arrays, in the format ``factorize_spd`` and the
+    device's products prefer: CSC on the CPU (the CSR arrays of a symmetric matrix are its CSC
+    arrays, so nothing is copied), CSR in ``cupyx.scipy.sparse`` on the GPU."""
+    if xp is np:
+        return sp.csc_matrix((values, indices, indptr), shape=(n, n))
+    return sparse_module(xp).csr_matrix((values, indices, indptr), shape=(n, n))
 
 
 def sparse_on_device(A, xp: ModuleType):

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import asnumpy, factorize_spd, get_array_module, ndimage_module, pcg, sparse_module
+from .backend import (asnumpy, factorize_spd, get_array_module, ndimage_module, pcg, sparse_module, sparse_on_device,
+                      symmetric_from_csr)
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                    laplacian_operator)
 from .photo import as_float_image
@@ -386,8 +387,9 @@ class _DepthGrid:
                           shape=(keys.size, 3 * nd))
         vI, vL, vD = image(eye), image(LtL), image(DtD)
         diag_pos = pos(np.arange(n), np.arange(n))
-        spm = sparse_module(xp)
-        dev = (lambda A: A) if xp is np else (lambda A: spm.csr_matrix(A))  # noqa: E731
+        def dev(A):
+            return sparse_on_device(A, xp)
+
         self.Gx, self.Gy, self.L, self.D = dev(Gx), dev(Gy), dev(L), dev(D)
         self.LtL, self.DtD = dev(LtL), dev(DtD)
         self.M = dev(M)
@@ -422,9 +424,7 @@ class _DepthGrid:
         v = values.copy()
         if damping:
             v[self.diag_pos] *= 1.0 + damping
-        if xp is np:
-            return sp.csc_matrix((v, self.indices, self.indptr), shape=(self.n, self.n))
-        return sparse_module(xp).csr_matrix((v, self.indices, self.indptr), shape=(self.n, self.n))
+        return symmetric_from_csr(v, self.indices, self.indptr, self.n, xp)
 
 
 class _DepthProblem:

@@ -335,3 +335,22 @@ def test_old_kernel_module_name_warns():
     from geomfit.kernels import multigrid
 
     assert g.diagonal is multigrid.diagonal
+
+
+def test_sparse_device_helpers_keep_cpu_matrices_and_symmetric_csr_arrays():
+    """``sparse_on_device`` leaves a SciPy matrix as it is on the CPU; ``symmetric_from_csr`` reads
+    the CSR arrays of a symmetric matrix as its CSC arrays (checked against SciPy's own matrix)."""
+    import scipy.sparse as sp
+
+    from geomfit.backend import sparse_on_device, symmetric_from_csr
+
+    rng = np.random.default_rng(0)
+    B = sp.random(30, 30, density=0.1, random_state=1, format="csr")
+    S = (B + B.T + sp.eye(30)).tocsr()
+    S.sort_indices()
+    A = sp.csc_matrix(S)
+    assert sparse_on_device(A, np) is A
+    M = symmetric_from_csr(S.data, S.indices, S.indptr, 30, np)
+    assert M.format == "csc"
+    x = rng.standard_normal(30)
+    np.testing.assert_allclose(M @ x, S @ x, rtol=1e-13, atol=1e-13)

@@ -64,14 +64,13 @@ print('ok')
 
 def test_only_the_backend_branches_on_the_array_library():
     """CPU/GPU choices live in geomfit.backend (get_array_module, kernel, force); a solver that
-    branches on NumPy versus CuPy itself is flagged here. fine.py still holds a few
-    such branches (moving sparse matrices to the device), to be replaced by backend.sparse_to_device."""
+    branches on NumPy versus CuPy itself is flagged here."""
     import pathlib
     import re
 
     pkg = pathlib.Path(geomfit.__file__).resolve().parent
     pattern = re.compile(r"xp is (not )?np\b|\bis_cupy\(|_FORCE_CUDA|\.get\(\) if ")
-    allowed = {"backend.py", "fine.py"}
+    allowed = {"backend.py"}
     files = sorted(pkg.rglob("*.py")) + sorted((pkg.parent / "kernels").glob("*.py"))
     offenders = [f"{p.name}:{i}" for p in files if p.name not in allowed
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
