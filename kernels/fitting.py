@@ -665,60 +665,48 @@ def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, fto
 
 
 @njit(cache=True)
-def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
-            two_phase, R, t, coef, hist0, hist1, sel):
-    """Whole fit of one image. Fills R (3, 3), t (2,), coef (P,), hist0/hist1 (max_iter + 1,:
-    costs of the start-up and the final LM phase), sel (M,). Returns (s, cost, converged, it0, it1,
-    rss) where rss is the unregularised sum of squared weighted residuals at the answer."""
-    S = C.shape[0]
+def _shape_step(H, g, coef, Sw):
+    """The linear shape solve of the start-up alternation: coef -= (H_cc + 1e-10 I)^{-1} g_c on the
+    coefficient block; CPU: Cholesky (LAPACK), pivoted LU where not positive definite; scratch
+    ``Sw = (Hs (P, P), rhs (P,), x (P,), work (P, P))``."""
+    Hs, rhs, x, workP = Sw
+    P = coef.shape[0]
+    for p in range(P):
+        for q in range(P):
+            Hs[p, q] = H[6 + p, 6 + q]
+        Hs[p, p] += 1e-10
+        rhs[p] = g[6 + p]
+    _solve_spd(Hs, rhs, x, workP)
+    for p in range(P):
+        coef[p] -= x[p]
+
+
+@njit(cache=True)
+def _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+              two_phase, R, t, coef, hist0, hist1, sel, scr, Sw):
+    """Whole fit of one image (both targets): fills R (3, 3), t (2,), coef (P,), hist0/hist1
+    (max_iter + 1,: costs of the start-up and the final LM phase), sel (M,). Returns (s, cost,
+    converged, it0, it1, rss) where rss is the unregularised sum of squared weighted residuals at
+    the answer. ``scr``: this image's scratch arrays (see :func:`fit_one`), ``Sw``: the scratch of
+    :func:`_shape_step`."""
+    wf, V, U, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, Naff, Mc, zero = scr
     P = C.shape[2]
     M = L.shape[0]
-    n = 6 + P
-    V = np.empty((S, 3))
-    U = np.empty((S, 3))
-    r = np.empty((M, 2))
-    Us = np.empty((M, 3))
-    A = np.empty((M, 2, P))
-    Hp = np.empty(P * (P + 1) // 2)
-    H = np.empty((n, n))
-    g = np.empty(n)
-    Naff = np.empty((4, 6))
-    Mc = np.empty((2, 3))
+    for k in range(M):
+        wf[k] = w[k] if k < Mf else 0.0
     # 1. affine camera from the mean shape's fixed landmarks
     s = _affine_pose(mean, L, w, Mf, R, t, Naff, Mc)
     for p in range(P):
         coef[p] = 0.0
     # 2. alternation on the fixed landmarks: linear shape solve, pose re-fit
-    wf = np.zeros(M)
-    wf[:Mf] = w[:Mf]
-    Hs = np.empty((P, P))
-    workP = np.empty((P, P))
-    x = np.empty(P)
-    rhs = np.empty(P)
     for _ in range(n_alt):
         if P > 0:
             _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
             _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, Hp, H, g, True)
-            for p in range(P):
-                for q in range(P):
-                    Hs[p, q] = H[6 + p, 6 + q]
-                Hs[p, p] += 1e-10
-                rhs[p] = g[6 + p]
-            _solve_spd(Hs, rhs, x, workP)
-            for p in range(P):
-                coef[p] -= x[p]
+            _shape_step(H, g, coef, Sw)
         _slot_shape(mean, C, coef, V)
         s = _affine_pose(V, L, w, Mf, R, t, Naff, Mc)
     # 3. Levenberg-Marquardt (after a loose start-up phase under reg_init when reg is smaller)
-    Rn = np.empty((3, 3))
-    tn = np.empty(2)
-    cn = np.empty(P)
-    seln = np.empty(M, dtype=np.int64)
-    rn = np.empty((M, 2))
-    Usn = np.empty((M, 3))
-    Aw = np.empty((n, n))
-    d = np.empty(n)
-    negd = np.empty(n)
     it0 = 0
     if two_phase:
         s, _, _, it0 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
@@ -728,9 +716,27 @@ def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_ite
                              gtol, lam0, hist1, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
                              negd)
     # final correspondences and unregularised residual
-    zero = np.zeros(P)
     rss = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, zero, V, U, sel, r, Us)
     return s, cost, conv, it0, it1, rss
+
+
+@njit(cache=True)
+def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R, t, coef, hist0, hist1, sel):
+    """Whole fit of one image (:func:`_fit_item` with freshly allocated scratch). Fills R (3, 3),
+    t (2,), coef (P,), hist0/hist1 (max_iter + 1,), sel (M,); returns (s, cost, converged, it0,
+    it1, rss)."""
+    S = C.shape[0]
+    P = C.shape[2]
+    M = L.shape[0]
+    n = 6 + P
+    scr = (np.empty(M), np.empty((S, 3)), np.empty((S, 3)), np.empty((M, 2)), np.empty((M, 3)),
+           np.empty((M, 2, P)), np.empty(P * (P + 1) // 2), np.empty((n, n)), np.empty(n), np.empty((3, 3)),
+           np.empty(2), np.empty(P), np.empty(M, dtype=np.int64), np.empty((M, 2)), np.empty((M, 3)),
+           np.empty((n, n)), np.empty(n), np.empty(n), np.empty((4, 6)), np.empty((2, 3)), np.zeros(P))
+    Sw = (np.empty((P, P)), np.empty(P), np.empty(P), np.empty((P, P)))
+    return _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+                     two_phase, R, t, coef, hist0, hist1, sel, scr, Sw)
 
 
 @njit(cache=True, nogil=True)
@@ -745,7 +751,7 @@ def fit_batch(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_i
 
 
 # written once, compiled for both targets (the CUDA twins in _define_cuda)
-_SHARED = (_rodrigues_left, _absmax, _slot_shape, _evaluate, _affine_pose, _lm)
+_SHARED = (_rodrigues_left, _absmax, _slot_shape, _evaluate, _affine_pose, _lm, _fit_item)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -766,7 +772,6 @@ def _define_cuda(cu):
     for f in _SHARED:
         py = f.py_func
         env[py.__name__] = dev(types.FunctionType(py.__code__, env, py.__name__, py.__defaults__, py.__closure__))
-    affine_pose, slot_shape, evaluate, lm = (env[k] for k in ("_affine_pose", "_slot_shape", "_evaluate", "_lm"))
 
     @dev
     def normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, Hp, H, g, shape_only):
@@ -903,62 +908,49 @@ def _define_cuda(cu):
             negd[i] = -g[i]
         chol_solve(Aw, 0, n, negd, d)
 
+    @dev
+    def shape_step(H, g, coef, Sw):
+        """CUDA twin of :func:`_shape_step` (in-kernel Cholesky on the coefficient block of ``Aw``;
+        NaN where not positive definite); ``Sw = (Aw, d)``."""
+        Aw, d = Sw
+        P = coef.shape[0]
+        for p in range(P):
+            for q in range(P):
+                Aw[6 + p, 6 + q] = H[6 + p, 6 + q]
+            Aw[6 + p, 6 + p] += 1e-10
+        chol_solve(Aw, 6, P, g, d)
+        for p in range(P):
+            coef[p] -= d[6 + p]
+
     env["_normal_equations"] = normal_equations
     env["_solve_damped"] = solve_damped
+    env["_shape_step"] = shape_step
+    fit_item = env["_fit_item"]
 
     @cu.jit
     def fit_batch_kernel(mean, C, G, Mf, Mr, Ml, nr, nl, L_all, w_in, reg, reg_init, n_alt, max_iter, ftol, xtol,
                          gtol, lam0, two_phase, R_out, t_out, coef_out, hist0, hist1, sel_out, s_out, cost_out,
-                         conv_out, it0_out, it1_out, rss_out, w_all, wf_all, V_all, U_all, sel_all, seln_all, r_all,
-                         rn_all, Us_all, Usn_all, JT_all, H_all, Aw_all, g_all, d_all, negd_all, R_all, Rn_all,
-                         t_all, tn_all, coef_all, cn_all):
+                         conv_out, it0_out, it1_out, rss_out, zero, w_all, wf_all, V_all, U_all, sel_all, seln_all,
+                         r_all, rn_all, Us_all, Usn_all, JT_all, H_all, Aw_all, g_all, d_all, negd_all, R_all,
+                         Rn_all, t_all, tn_all, coef_all, cn_all):
         b = cuda.grid(1)
-        B = L_all.shape[0]
-        if b >= B:
+        if b >= L_all.shape[0]:
             return
-        # this image's views (scratch with the image index last: neighbouring threads, neighbouring addresses)
-        L = L_all[b]
-        w, wf, V, U = w_all[:, b], wf_all[:, b], V_all[:, :, b], U_all[:, :, b]
-        sel, seln, r, rn = sel_all[:, b], seln_all[:, b], r_all[:, :, b], rn_all[:, :, b]
-        Us, Usn, JT, H, Aw = Us_all[:, :, b], Usn_all[:, :, b], JT_all[:, :, b], H_all[:, :, b], Aw_all[:, :, b]
-        g, d, negd = g_all[:, b], d_all[:, b], negd_all[:, b]
-        R, Rn, t, tn, coef, cn = R_all[:, :, b], Rn_all[:, :, b], t_all[:, b], tn_all[:, b], coef_all[:, b], cn_all[:, b]
-        Naff = cuda.local.array((4, 6), dtype=np.float64)
-        Mc = cuda.local.array((2, 3), dtype=np.float64)
-        M = L.shape[0]
+        M = L_all.shape[1]
         P = C.shape[2]
+        # this image's views of the scratch (image index last: neighbouring threads, neighbouring addresses)
+        w, H, Aw, d = w_all[:, b], H_all[:, :, b], Aw_all[:, :, b], d_all[:, b]
+        R, t, coef, sel = R_all[:, :, b], t_all[:, b], coef_all[:, b], sel_all[:, b]
         for k in range(M):
             w[k] = w_in[b, k]
-            wf[k] = w_in[b, k] if k < Mf else 0.0
-        s = affine_pose(mean, L, w, Mf, R, t, Naff, Mc)
-        for p in range(P):
-            coef[p] = 0.0
-        for _ in range(n_alt):
-            if P > 0:
-                evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
-                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, JT, H, H, g, True)
-                for p in range(P):
-                    for q in range(P):
-                        Aw[6 + p, 6 + q] = H[6 + p, 6 + q]
-                    Aw[6 + p, 6 + p] += 1e-10
-                chol_solve(Aw, 6, P, g, d)
-                for p in range(P):
-                    coef[p] -= d[6 + p]
-            slot_shape(mean, C, coef, V)
-            s = affine_pose(V, L, w, Mf, R, t, Naff, Mc)
-        it0 = 0
-        if two_phase:
-            s, c0, cv0, it0 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
-                                 max(ftol, 1e-4), xtol, gtol, lam0, hist0[b], V, U, sel, r, Us, JT, H, H, g, Rn, tn,
-                                 cn, seln, rn, Usn, Aw, d, negd)
-        s, cost, conv, it1 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
-                                gtol, lam0, hist1[b], V, U, sel, r, Us, JT, H, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
-                                negd)
-        # final correspondences and the unregularised residual
-        rss = 0.0
-        evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
+        scr = (wf_all[:, b], V_all[:, :, b], U_all[:, :, b], r_all[:, :, b], Us_all[:, :, b], JT_all[:, :, b], H,
+               H, g_all[:, b], Rn_all[:, :, b], tn_all[:, b], cn_all[:, b], seln_all[:, b], rn_all[:, :, b],
+               Usn_all[:, :, b], Aw, d, negd_all[:, b], cuda.local.array((4, 6), dtype=np.float64),
+               cuda.local.array((2, 3), dtype=np.float64), zero)
+        s, cost, conv, it0, it1, rss = fit_item(mean, C, G, Mf, Mr, Ml, nr, nl, L_all[b], w, reg, reg_init, n_alt,
+                                                max_iter, ftol, xtol, gtol, lam0, two_phase, R, t, coef, hist0[b],
+                                                hist1[b], sel, scr, (Aw, d))
         for k in range(M):
-            rss += r[k, 0] * r[k, 0] + r[k, 1] * r[k, 1]
             sel_out[b, k] = sel[k]
         for i in range(3):
             for j in range(3):
@@ -1011,5 +1003,5 @@ def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, m
     blocks = (B + threads_per_block - 1) // threads_per_block
     kern[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
                                     put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
-                                    *outs, *scratch)
+                                    *outs, dev(P, fill=0.0), *scratch)
     return tuple(cuda_result(o, xp) for o in outs)
