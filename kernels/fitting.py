@@ -10,6 +10,17 @@ compilation took another half of the serial kernel's compile time, for the same 
 :data:`CUDA` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
 thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
 
+Written once: the per-image fit :func:`_fit_item` and what it calls in common (:func:`_lm`,
+:func:`_affine_pose`, :func:`_evaluate`, :func:`_slot_shape`, :func:`_rodrigues_left`,
+:func:`_absmax`; the tuple ``_SHARED``) are plain ``@njit`` functions on one image's arrays. The
+CUDA kernel compiles the same Python source again as device functions (``_define_cuda``: a copy of
+each function whose global names resolve to the device twins) and calls it on per-image views of
+batch arrays whose image index is last. Only the linear algebra differs by target, behind the
+same names and signatures: :func:`_normal_equations` (CPU: packed Gram tables; GPU: full
+``J^T J``), :func:`_solve_damped` and :func:`_shape_step` (CPU: LAPACK Cholesky with a pivoted LU
+fallback; GPU: in-kernel Cholesky, NaN step where not positive definite), and
+:func:`_nearest_rows_svd` (the rank-deficient camera: SVD on the CPU, no camera on the GPU).
+
 Reference: P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
 high-fidelity 3D face reconstruction in the wild", ICME 2020, Sec. 3.1, Eq. (1).
 
@@ -582,10 +593,12 @@ def _affine_pose(X, L, w, Mf, R, t, N, Mc):
 
 
 @njit(cache=True, fastmath=_FM)
-def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
-        V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd):
+def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist, sel,
+        scr):
     """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
-    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs."""
+    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs, sel
+    the chosen model slots. ``scr``: the image's scratch tuple (see :func:`_fit_item`)."""
+    _, V, U, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, _, _, _ = scr
     P = C.shape[2]
     n = 6 + P
     cost = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
@@ -687,9 +700,12 @@ def _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_i
     """Whole fit of one image (both targets): fills R (3, 3), t (2,), coef (P,), hist0/hist1
     (max_iter + 1,: costs of the start-up and the final LM phase), sel (M,). Returns (s, cost,
     converged, it0, it1, rss) where rss is the unregularised sum of squared weighted residuals at
-    the answer. ``scr``: this image's scratch arrays (see :func:`fit_one`), ``Sw``: the scratch of
-    :func:`_shape_step`."""
-    wf, V, U, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, Naff, Mc, zero = scr
+    the answer. ``scr``: this image's scratch arrays ``(wf (M,), V (S, 3), U (S, 3), r (M, 2),
+    Us (M, 3), A, Hp, H (n, n), g (n,), Rn (3, 3), tn (2,), cn (P,), seln (M,), rn (M, 2), Usn (M, 3),
+    Aw (n, n), d (n,), negd (n,), Naff (4, 6), Mc (2, 3), zero (P,) zeros)`` with n = 6 + P, where
+    ``A``/``Hp`` are what the target's :func:`_normal_equations` takes (CPU: Jacobian rows (M, 2, P)
+    and the packed triangle; GPU: ``J^T`` (n, 2M), unused); ``Sw``: the scratch of :func:`_shape_step`."""
+    wf, V, U, r, Us, A, Hp, H, g, _, _, _, _, _, _, _, _, _, Naff, Mc, zero = scr
     P = C.shape[2]
     M = L.shape[0]
     for k in range(M):
@@ -710,11 +726,9 @@ def _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_i
     it0 = 0
     if two_phase:
         s, _, _, it0 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
-                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln,
-                           rn, Usn, Aw, d, negd)
+                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, sel, scr)
     s, cost, conv, it1 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
-                             gtol, lam0, hist1, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
-                             negd)
+                             gtol, lam0, hist1, sel, scr)
     # final correspondences and unregularised residual
     rss = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, zero, V, U, sel, r, Us)
     return s, cost, conv, it0, it1, rss
@@ -755,10 +769,11 @@ _SHARED = (_rodrigues_left, _absmax, _slot_shape, _evaluate, _affine_pose, _lm, 
 
 
 # ------------------------------------------------------------------------------------------------
-# CUDA: one thread per image. The same algorithm as fit_one; scratch arrays live in global memory
-# with the image index LAST, so that neighbouring threads touch neighbouring addresses. Linear
-# systems are solved by an in-kernel Cholesky; a system that is not positive definite gives a NaN
-# step (rejected by LM, which raises the damping) instead of the CPU's least-squares fallback.
+# CUDA: one thread per image, running _fit_item (the same source as the CPU) on per-image views
+# of scratch arrays in global memory with the image index LAST, so that neighbouring threads touch
+# neighbouring addresses. Linear systems are solved by an in-kernel Cholesky; a system that is not
+# positive definite gives a NaN step (rejected by LM, which raises the damping) instead of the
+# CPU's least-squares fallback.
 # ------------------------------------------------------------------------------------------------
 def _define_cuda(cu):
     # kernels reach the module through the global name ``cuda`` (the simulator swaps it in)
