@@ -10,6 +10,17 @@ compilation took another half of the serial kernel's compile time, for the same 
 :data:`CUDA` / :func:`fit_batch_cuda`: the same algorithm as a Numba CUDA kernel, one GPU
 thread per image (tested under ``NUMBA_ENABLE_CUDASIM=1`` against the CPU kernel).
 
+Written once: the per-image fit :func:`_fit_item` and what it calls in common (:func:`_lm`,
+:func:`_affine_pose`, :func:`_evaluate`, :func:`_slot_shape`, :func:`_rodrigues_left`,
+:func:`_absmax`; the tuple ``_SHARED``) are plain ``@njit`` functions on one image's arrays. The
+CUDA kernel compiles the same Python source again as device functions (``_define_cuda``: a copy of
+each function whose global names resolve to the device twins) and calls it on per-image views of
+batch arrays whose image index is last. Only the linear algebra differs by target, behind the
+same names and signatures: :func:`_normal_equations` (CPU: packed Gram tables; GPU: full
+``J^T J``), :func:`_solve_damped` and :func:`_shape_step` (CPU: LAPACK Cholesky with a pivoted LU
+fallback; GPU: in-kernel Cholesky, NaN step where not positive definite), and
+:func:`_nearest_rows_svd` (the rank-deficient camera: SVD on the CPU, no camera on the GPU).
+
 Reference: P. Wang, C. Lin, B. Xu, W. Che, Q. Wang, "Low-frequency guided self-supervised learning for
 high-fidelity 3D face reconstruction in the wild", ICME 2020, Sec. 3.1, Eq. (1).
 
@@ -28,6 +39,7 @@ order (fixed, right jaw, left jaw); ``w`` (M,) their weights (0 = unused).
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 from numba import njit
@@ -446,48 +458,67 @@ def _absmax(g):
 
 @njit(cache=True)
 def _rodrigues_left(w0, w1, w2, R, out):
-    """out = exp([w]_x) @ R (Rodrigues' formula, :func:`geomfit.camera.rodrigues`)."""
+    """out = exp([w]_x) @ R (Rodrigues' formula, :func:`geomfit.camera.rodrigues`), row by row of
+    ``E = I + a K + b K K`` with ``K = [w]_x`` (no scratch array: shared with the CUDA kernel)."""
     a, b = _rodrigues_ab(w0 * w0 + w1 * w1 + w2 * w2)
-    K = ((0.0, -w2, w1), (w2, 0.0, -w0), (-w1, w0, 0.0))
-    E = np.empty((3, 3))
     for i in range(3):
+        k0 = 0.0 if i == 0 else (w2 if i == 1 else -w1)  # row i of K
+        k1 = -w2 if i == 0 else (0.0 if i == 1 else w0)
+        k2 = w1 if i == 0 else (-w0 if i == 1 else 0.0)
+        e0 = (1.0 if i == 0 else 0.0) + a * k0 + b * (k0 * 0.0 + k1 * w2 + k2 * -w1)
+        e1 = (1.0 if i == 1 else 0.0) + a * k1 + b * (k0 * -w2 + k1 * 0.0 + k2 * w0)
+        e2 = (1.0 if i == 2 else 0.0) + a * k2 + b * (k0 * w1 + k1 * -w0 + k2 * 0.0)
         for j in range(3):
-            kk = K[i][0] * K[0][j] + K[i][1] * K[1][j] + K[i][2] * K[2][j]
-            E[i, j] = (1.0 if i == j else 0.0) + a * K[i][j] + b * kk
-    for i in range(3):
-        for j in range(3):
-            out[i, j] = E[i, 0] * R[0, j] + E[i, 1] * R[1, j] + E[i, 2] * R[2, j]
+            out[i, j] = e0 * R[0, j] + e1 * R[1, j] + e2 * R[2, j]
 
 
 @njit(cache=True)
-def _affine_pose(X, L, w, R, t):
-    """Weighted affine camera X (M, 3) -> L (M, 2), projected to the nearest scaled orthographic
-    camera (SVD); fills R (3, 3) and t (2,), returns s."""
-    M = X.shape[0]
-    N = np.zeros((4, 4))
-    Bm = np.zeros((4, 2))
-    xh = np.empty(4)
-    for k in range(M):
+def _nearest_rows_svd(Mc, R):
+    """Rank-deficient fallback of :func:`_affine_pose` (CPU): R[:2] = U Vh of the SVD of Mc (2, 3);
+    returns the mean singular value. (The CUDA twin has no SVD: NaN camera, the fit reports failure.)"""
+    U, S, Vh = np.linalg.svd(Mc, full_matrices=False)
+    for i in range(2):
+        for j in range(3):
+            R[i, j] = U[i, 0] * Vh[0, j] + U[i, 1] * Vh[1, j]
+    return 0.5 * (S[0] + S[1])
+
+
+def _nearest_rows_nan(Mc, R):
+    """CUDA twin of :func:`_nearest_rows_svd`: no camera (NaN)."""
+    for i in range(2):
+        for j in range(3):
+            R[i, j] = math.nan
+    return math.nan
+
+
+@njit(cache=True)
+def _affine_pose(X, L, w, Mf, R, t, N, Mc):
+    """Weighted affine camera X[k] (k < Mf, 3) -> L[k] (2), projected to the nearest scaled
+    orthographic camera; fills R (3, 3) and t (2,), returns s. Scratch: N (4, 6) for the normal
+    equations ``[N | rhs]`` (the affine camera overwrites the rhs), Mc (2, 3)."""
+    for i in range(4):
+        for j in range(6):
+            N[i, j] = 0.0
+    for k in range(Mf):
         wk = w[k]
         if wk == 0.0:
             continue
-        xh[0], xh[1], xh[2], xh[3] = X[k, 0], X[k, 1], X[k, 2], 1.0
+        x0, x1, x2 = X[k, 0], X[k, 1], X[k, 2]
         for i in range(4):
+            xi = x0 if i == 0 else (x1 if i == 1 else (x2 if i == 2 else 1.0))
             for j in range(4):
-                N[i, j] += wk * xh[i] * xh[j]
-            Bm[i, 0] += wk * xh[i] * L[k, 0]
-            Bm[i, 1] += wk * xh[i] * L[k, 1]
+                xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else 1.0))
+                N[i, j] += wk * xi * xj
+            N[i, 4] += wk * xi * L[k, 0]
+            N[i, 5] += wk * xi * L[k, 1]
     for i in range(4):
         N[i, i] += 1e-12
     # Gaussian elimination with partial pivoting (4x4, two right-hand sides)
-    Aff = np.empty((4, 2))
     ok = True
     for i in range(4):
-        for j in range(4):
+        for j in range(6):
             if not math.isfinite(N[i, j]):
                 ok = False
-        if not (math.isfinite(Bm[i, 0]) and math.isfinite(Bm[i, 1])):
-            ok = False
     if ok:
         for c in range(4):
             piv = c
@@ -498,34 +529,30 @@ def _affine_pose(X, L, w, R, t):
                 ok = False
                 break
             if piv != c:
-                for j in range(4):
-                    N[c, j], N[piv, j] = N[piv, j], N[c, j]
-                for j in range(2):
-                    Bm[c, j], Bm[piv, j] = Bm[piv, j], Bm[c, j]
+                for j in range(6):
+                    tmp = N[c, j]
+                    N[c, j] = N[piv, j]
+                    N[piv, j] = tmp
             for i in range(c + 1, 4):
                 f = N[i, c] / N[c, c]
-                for j in range(c, 4):
+                for j in range(c, 6):
                     N[i, j] -= f * N[c, j]
-                for j in range(2):
-                    Bm[i, j] -= f * Bm[c, j]
-        if ok:
-            for j in range(2):
-                for i in range(3, -1, -1):
-                    sm = Bm[i, j]
-                    for k in range(i + 1, 4):
-                        sm -= N[i, k] * Aff[k, j]
-                    Aff[i, j] = sm / N[i, i]
     if not ok:  # singular or non-finite normal equations: no camera (the fit reports failure)
         for i in range(3):
             for j in range(3):
-                R[i, j] = np.nan
-        t[0] = np.nan
-        t[1] = np.nan
-        return np.nan
-    Mc = np.empty((2, 3))
+                R[i, j] = math.nan
+        t[0] = math.nan
+        t[1] = math.nan
+        return math.nan
+    for j in range(2):  # back substitution in place: the affine camera in N[:, 4:6]
+        for i in range(3, -1, -1):
+            sm = N[i, 4 + j]
+            for k in range(i + 1, 4):
+                sm -= N[i, k] * N[k, 4 + j]
+            N[i, 4 + j] = sm / N[i, i]
     for i in range(2):
         for j in range(3):
-            v = Aff[j, i]
+            v = N[j, 4 + i]
             Mc[i, j] = v if math.isfinite(v) else 0.0
     # nearest orthonormal rows R2 = (Mc Mc^T)^(-1/2) Mc (= U Vh of the SVD), s = mean singular value;
     # closed form for the 2x2 inverse square root, the SVD where Mc is (nearly) rank deficient
@@ -544,18 +571,14 @@ def _affine_pose(X, L, w, R, t):
             R[1, j] = i01 * m0 + i11 * m1
         s = 0.5 * tau
     else:
-        U, S, Vh = np.linalg.svd(Mc, full_matrices=False)
-        for i in range(2):
-            for j in range(3):
-                R[i, j] = U[i, 0] * Vh[0, j] + U[i, 1] * Vh[1, j]
-        s = 0.5 * (S[0] + S[1])
+        s = _nearest_rows_svd(Mc, R)
     R[2, 0] = R[0, 1] * R[1, 2] - R[0, 2] * R[1, 1]
     R[2, 1] = R[0, 2] * R[1, 0] - R[0, 0] * R[1, 2]
     R[2, 2] = R[0, 0] * R[1, 1] - R[0, 1] * R[1, 0]
     sw = 0.0
     t0 = 0.0
     t1 = 0.0
-    for k in range(M):
+    for k in range(Mf):
         wk = w[k]
         if wk == 0.0:
             continue
@@ -570,10 +593,12 @@ def _affine_pose(X, L, w, R, t):
 
 
 @njit(cache=True, fastmath=_FM)
-def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
-        V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, work):
+def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist, sel,
+        scr):
     """Levenberg-Marquardt (Marquardt scaling, Nielsen's damping) from (R, t, s, coef), updated in
-    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs."""
+    place. Returns (s, cost, converged, iterations); hist[0..iterations] receives the costs, sel
+    the chosen model slots. ``scr``: the image's scratch tuple (see :func:`_fit_item`)."""
+    _, V, U, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, _, _, _ = scr
     P = C.shape[2]
     n = 6 + P
     cost = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us)
@@ -588,7 +613,6 @@ def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, fto
     if gmax <= gtol or cost <= _TINY:
         return s, cost, True, 0
     it = 0
-    negd = np.empty(n)
     while it < max_iter:
         it += 1
         _solve_damped(H, g, lam, d, Aw, negd)
@@ -654,74 +678,79 @@ def _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, fto
 
 
 @njit(cache=True)
-def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
-            two_phase, R, t, coef, hist0, hist1, sel):
-    """Whole fit of one image. Fills R (3, 3), t (2,), coef (P,), hist0/hist1 (max_iter + 1,:
-    costs of the start-up and the final LM phase), sel (M,). Returns (s, cost, converged, it0, it1,
-    rss) where rss is the unregularised sum of squared weighted residuals at the answer."""
-    S = C.shape[0]
+def _shape_step(H, g, coef, Sw):
+    """The linear shape solve of the start-up alternation: coef -= (H_cc + 1e-10 I)^{-1} g_c on the
+    coefficient block; CPU: Cholesky (LAPACK), pivoted LU where not positive definite; scratch
+    ``Sw = (Hs (P, P), rhs (P,), x (P,), work (P, P))``."""
+    Hs, rhs, x, workP = Sw
+    P = coef.shape[0]
+    for p in range(P):
+        for q in range(P):
+            Hs[p, q] = H[6 + p, 6 + q]
+        Hs[p, p] += 1e-10
+        rhs[p] = g[6 + p]
+    _solve_spd(Hs, rhs, x, workP)
+    for p in range(P):
+        coef[p] -= x[p]
+
+
+@njit(cache=True)
+def _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+              two_phase, R, t, coef, hist0, hist1, sel, scr, Sw):
+    """Whole fit of one image (both targets): fills R (3, 3), t (2,), coef (P,), hist0/hist1
+    (max_iter + 1,: costs of the start-up and the final LM phase), sel (M,). Returns (s, cost,
+    converged, it0, it1, rss) where rss is the unregularised sum of squared weighted residuals at
+    the answer. ``scr``: this image's scratch arrays ``(wf (M,), V (S, 3), U (S, 3), r (M, 2),
+    Us (M, 3), A, Hp, H (n, n), g (n,), Rn (3, 3), tn (2,), cn (P,), seln (M,), rn (M, 2), Usn (M, 3),
+    Aw (n, n), d (n,), negd (n,), Naff (4, 6), Mc (2, 3), zero (P,) zeros)`` with n = 6 + P, where
+    ``A``/``Hp`` are what the target's :func:`_normal_equations` takes (CPU: Jacobian rows (M, 2, P)
+    and the packed triangle; GPU: ``J^T`` (n, 2M), unused); ``Sw``: the scratch of :func:`_shape_step`."""
+    wf, V, U, r, Us, A, Hp, H, g, _, _, _, _, _, _, _, _, _, Naff, Mc, zero = scr
     P = C.shape[2]
     M = L.shape[0]
-    n = 6 + P
-    V = np.empty((S, 3))
-    U = np.empty((S, 3))
-    r = np.empty((M, 2))
-    Us = np.empty((M, 3))
-    A = np.empty((M, 2, P))
-    Hp = np.empty(P * (P + 1) // 2)
-    H = np.empty((n, n))
-    g = np.empty(n)
+    for k in range(M):
+        wf[k] = w[k] if k < Mf else 0.0
     # 1. affine camera from the mean shape's fixed landmarks
-    s = _affine_pose(mean[:Mf], L[:Mf], w[:Mf], R, t)
+    s = _affine_pose(mean, L, w, Mf, R, t, Naff, Mc)
     for p in range(P):
         coef[p] = 0.0
     # 2. alternation on the fixed landmarks: linear shape solve, pose re-fit
-    wf = np.zeros(M)
-    wf[:Mf] = w[:Mf]
-    Hs = np.empty((P, P))
-    work = np.empty((n, n))
-    workP = np.empty((P, P))
-    x = np.empty(P)
-    rhs = np.empty(P)
-    Xs = np.empty((Mf, 3))
     for _ in range(n_alt):
         if P > 0:
             _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us)
             _normal_equations(C, Gp, Mf, R, s, coef, r, Us, sel, wf, reg_init, A, Hp, H, g, True)
-            for p in range(P):
-                for q in range(P):
-                    Hs[p, q] = H[6 + p, 6 + q]
-                Hs[p, p] += 1e-10
-                rhs[p] = g[6 + p]
-            _solve_spd(Hs, rhs, x, workP)
-            for p in range(P):
-                coef[p] -= x[p]
+            _shape_step(H, g, coef, Sw)
         _slot_shape(mean, C, coef, V)
-        for k in range(Mf):
-            for i in range(3):
-                Xs[k, i] = V[k, i]
-        s = _affine_pose(Xs, L[:Mf], w[:Mf], R, t)
+        s = _affine_pose(V, L, w, Mf, R, t, Naff, Mc)
     # 3. Levenberg-Marquardt (after a loose start-up phase under reg_init when reg is smaller)
-    Rn = np.empty((3, 3))
-    tn = np.empty(2)
-    cn = np.empty(P)
-    seln = np.empty(M, dtype=np.int64)
-    rn = np.empty((M, 2))
-    Usn = np.empty((M, 3))
-    Aw = np.empty((n, n))
-    d = np.empty(n)
     it0 = 0
     if two_phase:
         s, _, _, it0 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
-                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln,
-                           rn, Usn, Aw, d, work)
+                           max(ftol, 1e-4), xtol, gtol, lam0, hist0, sel, scr)
     s, cost, conv, it1 = _lm(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
-                             gtol, lam0, hist1, V, U, sel, r, Us, A, Hp, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
-                             work)
+                             gtol, lam0, hist1, sel, scr)
     # final correspondences and unregularised residual
-    zero = np.zeros(P)
     rss = _evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, zero, V, U, sel, r, Us)
     return s, cost, conv, it0, it1, rss
+
+
+@njit(cache=True)
+def fit_one(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+            two_phase, R, t, coef, hist0, hist1, sel):
+    """Whole fit of one image (:func:`_fit_item` with freshly allocated scratch). Fills R (3, 3),
+    t (2,), coef (P,), hist0/hist1 (max_iter + 1,), sel (M,); returns (s, cost, converged, it0,
+    it1, rss)."""
+    S = C.shape[0]
+    P = C.shape[2]
+    M = L.shape[0]
+    n = 6 + P
+    scr = (np.empty(M), np.empty((S, 3)), np.empty((S, 3)), np.empty((M, 2)), np.empty((M, 3)),
+           np.empty((M, 2, P)), np.empty(P * (P + 1) // 2), np.empty((n, n)), np.empty(n), np.empty((3, 3)),
+           np.empty(2), np.empty(P), np.empty(M, dtype=np.int64), np.empty((M, 2)), np.empty((M, 3)),
+           np.empty((n, n)), np.empty(n), np.empty(n), np.empty((4, 6)), np.empty((2, 3)), np.zeros(P))
+    Sw = (np.empty((P, P)), np.empty(P), np.empty(P), np.empty((P, P)))
+    return _fit_item(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol, lam0,
+                     two_phase, R, t, coef, hist0, hist1, sel, scr, Sw)
 
 
 @njit(cache=True, nogil=True)
@@ -735,91 +764,55 @@ def fit_batch(mean, C, Gp, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, max_i
             two_phase, R[b], t[b], coef[b], hist0[b], hist1[b], sel[b])
 
 
+# written once, compiled for both targets (the CUDA twins in _define_cuda)
+_SHARED = (_rodrigues_left, _absmax, _slot_shape, _evaluate, _affine_pose, _lm, _fit_item)
+
+
 # ------------------------------------------------------------------------------------------------
-# CUDA: one thread per image. The same algorithm as fit_one; scratch arrays live in global memory
-# with the image index LAST, so that neighbouring threads touch neighbouring addresses. Linear
-# systems are solved by an in-kernel Cholesky; a system that is not positive definite gives a NaN
-# step (rejected by LM, which raises the damping) instead of the CPU's least-squares fallback.
+# CUDA: one thread per image, running _fit_item (the same source as the CPU) on per-image views
+# of scratch arrays in global memory with the image index LAST, so that neighbouring threads touch
+# neighbouring addresses. Linear systems are solved by an in-kernel Cholesky; a system that is not
+# positive definite gives a NaN step (rejected by LM, which raises the damping) instead of the
+# CPU's least-squares fallback.
 # ------------------------------------------------------------------------------------------------
 def _define_cuda(cu):
     # kernels reach the module through the global name ``cuda`` (the simulator swaps it in)
     dev = cu.jit(device=True)
-    rodrigues_ab = dev(_rodrigues_coefficients)
+    # the shared functions (written once above, compiled for the CPU with @njit) compiled again as
+    # device functions; their callees resolve through ``env``: the device twins of the shared
+    # functions, and the CUDA implementations of the target-specific ones defined below
+    env = dict(globals())
+    env["_rodrigues_ab"] = dev(_rodrigues_coefficients)
+    env["_nearest_rows_svd"] = dev(_nearest_rows_nan)
+    for f in _SHARED:
+        py = f.py_func
+        env[py.__name__] = dev(types.FunctionType(py.__code__, env, py.__name__, py.__defaults__, py.__closure__))
 
     @dev
-    def slot_shape(mean, C, coef, V, b):
-        for k in range(C.shape[0]):
-            for i in range(3):
-                acc = 0.0
-                for p in range(C.shape[2]):
-                    acc += C[k, i, p] * coef[p, b]
-                V[k, i, b] = mean[k, i] + acc
-
-    @dev
-    def evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b):
-        S = C.shape[0]
-        P = C.shape[2]
-        M = L.shape[1]
-        slot_shape(mean, C, coef, V, b)
-        for k in range(S):
-            for i in range(3):
-                U[k, i, b] = R[i, 0, b] * V[k, 0, b] + R[i, 1, b] * V[k, 1, b] + R[i, 2, b] * V[k, 2, b]
-        for k in range(Mf):
-            sel[k, b] = k
-        for side in range(2):
-            m0 = Mf if side == 0 else Mf + Mr
-            nm = Mr if side == 0 else Ml
-            c0 = Mf if side == 0 else Mf + nr
-            nc = nr if side == 0 else nl
-            for j in range(nm):
-                li = m0 + j
-                best = c0
-                bd = math.inf
-                for c in range(c0, c0 + nc):
-                    dx = L[b, li, 0] - (s * U[c, 0, b] + t[0, b])
-                    dy = L[b, li, 1] - (s * U[c, 1, b] + t[1, b])
-                    d2 = dx * dx + dy * dy
-                    if d2 < bd or (c == c0 and not d2 >= bd):
-                        bd = d2
-                        best = c
-                sel[li, b] = best
-        cost = 0.0
-        for k in range(M):
-            m = sel[k, b]
-            for i in range(3):
-                Us[k, i, b] = U[m, i, b]
-            r0 = (s * U[m, 0, b] + t[0, b] - L[b, k, 0]) * w[k, b]
-            r1 = (s * U[m, 1, b] + t[1, b] - L[b, k, 1]) * w[k, b]
-            r[k, 0, b] = r0
-            r[k, 1, b] = r1
-            cost += r0 * r0 + r1 * r1
-        for p in range(P):
-            cost += coef[p, b] * coef[p, b] * reg[p]
-        return cost
-
-    @dev
-    def normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, shape_only, b):
+    def normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, Hp, H, g, shape_only):
+        """CUDA twin of :func:`_normal_equations` on one image's views (``JT`` (6+P, 2M): J^T;
+        ``G`` (3, 3, P, P) unpacked; ``Hp`` unused); fills the whole system (no packed tables)."""
         P = C.shape[2]
         M = r.shape[0]
         M2 = 2 * M
         n = 6 + P
         s2 = s * s
         for k in range(M):
-            m = sel[k, b]
-            sw = s * w[k, b]
+            m = sel[k]
+            sw = s * w[k]
             for c in range(2):
-                a0, a1, a2 = R[c, 0, b] * sw, R[c, 1, b] * sw, R[c, 2, b] * sw
+                a0, a1, a2 = R[c, 0] * sw, R[c, 1] * sw, R[c, 2] * sw
                 for p in range(P):
-                    JT[6 + p, 2 * k + c, b] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
-        a00 = s2 * (1.0 - R[2, 0, b] * R[2, 0, b])
-        a11 = s2 * (1.0 - R[2, 1, b] * R[2, 1, b])
-        a22 = s2 * (1.0 - R[2, 2, b] * R[2, 2, b])
-        a01 = -s2 * R[2, 0, b] * R[2, 1, b]
-        a02 = -s2 * R[2, 0, b] * R[2, 2, b]
-        a12 = -s2 * R[2, 1, b] * R[2, 2, b]
+                    JT[6 + p, 2 * k + c] = a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p]
+        a00 = s2 * (1.0 - R[2, 0] * R[2, 0])
+        a11 = s2 * (1.0 - R[2, 1] * R[2, 1])
+        a22 = s2 * (1.0 - R[2, 2] * R[2, 2])
+        a01 = -s2 * R[2, 0] * R[2, 1]
+        a02 = -s2 * R[2, 0] * R[2, 2]
+        a12 = -s2 * R[2, 1] * R[2, 2]
         used = False
         for k in range(Mf, M):
-            if w[k, b] != 0.0:
+            if w[k] != 0.0:
                 used = True
         for p in range(P):
             for q in range(p, P):
@@ -830,337 +823,157 @@ def _define_cuda(cu):
                            + a12 * (G[1, 2, p, q] + G[2, 1, p, q]))
                 if used:
                     for j in range(2 * Mf, M2):
-                        acc += JT[6 + p, j, b] * JT[6 + q, j, b]
-                H[6 + p, 6 + q, b] = acc
+                        acc += JT[6 + p, j] * JT[6 + q, j]
+                H[6 + p, 6 + q] = acc
         for k in range(Mf):
-            wk = w[k, b]
+            wk = w[k]
             if wk != 1.0:
-                m = sel[k, b]
+                m = sel[k]
                 f = s2 * (wk * wk - 1.0)
                 for c in range(2):
-                    a0, a1, a2 = R[c, 0, b], R[c, 1, b], R[c, 2, b]
+                    a0, a1, a2 = R[c, 0], R[c, 1], R[c, 2]
                     for p in range(P):
                         ap = f * (a0 * C[m, 0, p] + a1 * C[m, 1, p] + a2 * C[m, 2, p])
                         for q in range(p, P):
-                            H[6 + p, 6 + q, b] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
+                            H[6 + p, 6 + q] += ap * (a0 * C[m, 0, q] + a1 * C[m, 1, q] + a2 * C[m, 2, q])
         for p in range(P):
-            H[6 + p, 6 + p, b] += reg[p]
+            H[6 + p, 6 + p] += reg[p]
             for q in range(p + 1, P):
-                H[6 + q, 6 + p, b] = H[6 + p, 6 + q, b]
+                H[6 + q, 6 + p] = H[6 + p, 6 + q]
         for p in range(P):
             acc = 0.0
             for k in range(M):
-                acc += JT[6 + p, 2 * k, b] * r[k, 0, b] + JT[6 + p, 2 * k + 1, b] * r[k, 1, b]
-            g[6 + p, b] = acc + reg[p] * coef[p, b]
+                acc += JT[6 + p, 2 * k] * r[k, 0] + JT[6 + p, 2 * k + 1] * r[k, 1]
+            g[6 + p] = acc + reg[p] * coef[p]
         if shape_only:
             return
         for k in range(M):
-            wk = w[k, b]
+            wk = w[k]
             sw = s * wk
-            u0, u1, u2 = sw * Us[k, 0, b], sw * Us[k, 1, b], sw * Us[k, 2, b]
+            u0, u1, u2 = sw * Us[k, 0], sw * Us[k, 1], sw * Us[k, 2]
             jx = 2 * k
             jy = jx + 1
-            JT[0, jx, b] = 0.0
-            JT[1, jx, b] = u2
-            JT[2, jx, b] = -u1
-            JT[3, jx, b] = u0
-            JT[4, jx, b] = wk
-            JT[5, jx, b] = 0.0
-            JT[0, jy, b] = -u2
-            JT[1, jy, b] = 0.0
-            JT[2, jy, b] = u0
-            JT[3, jy, b] = u1
-            JT[4, jy, b] = 0.0
-            JT[5, jy, b] = wk
+            JT[0, jx] = 0.0
+            JT[1, jx] = u2
+            JT[2, jx] = -u1
+            JT[3, jx] = u0
+            JT[4, jx] = wk
+            JT[5, jx] = 0.0
+            JT[0, jy] = -u2
+            JT[1, jy] = 0.0
+            JT[2, jy] = u0
+            JT[3, jy] = u1
+            JT[4, jy] = 0.0
+            JT[5, jy] = wk
         for i in range(6):
             acc = 0.0
             for k in range(M):
-                acc += JT[i, 2 * k, b] * r[k, 0, b] + JT[i, 2 * k + 1, b] * r[k, 1, b]
-            g[i, b] = acc
+                acc += JT[i, 2 * k] * r[k, 0] + JT[i, 2 * k + 1] * r[k, 1]
+            g[i] = acc
             for j in range(i, n):
                 acc = 0.0
                 for l in range(M2):
-                    acc += JT[i, l, b] * JT[j, l, b]
-                H[i, j, b] = acc
-                H[j, i, b] = acc
+                    acc += JT[i, l] * JT[j, l]
+                H[i, j] = acc
+                H[j, i] = acc
 
     @dev
-    def chol_solve(A, off, n, rhs, x, b):
-        """Solve the SPD system A[off:off+n, off:off+n, b] x = rhs[off:off+n, b] (A overwritten by
+    def chol_solve(A, off, n, rhs, x):
+        """Solve the SPD system A[off:off+n, off:off+n] x = rhs[off:off+n] (A overwritten by
         its lower Cholesky factor); not positive definite or not finite: x = NaN."""
         ok = True
         for i in range(off, off + n):
             for j in range(off, i + 1):
-                sm = A[i, j, b]
+                sm = A[i, j]
                 for k in range(off, j):
-                    sm -= A[i, k, b] * A[j, k, b]
+                    sm -= A[i, k] * A[j, k]
                 if i == j:
                     if not sm > 0.0 or not math.isfinite(sm):
                         ok = False
                         break
-                    A[i, i, b] = math.sqrt(sm)
+                    A[i, i] = math.sqrt(sm)
                 else:
-                    A[i, j, b] = sm / A[j, j, b]
+                    A[i, j] = sm / A[j, j]
             if not ok:
                 break
         if not ok:
             for i in range(off, off + n):
-                x[i, b] = math.nan
+                x[i] = math.nan
             return
         for i in range(off, off + n):
-            sm = rhs[i, b]
+            sm = rhs[i]
             for k in range(off, i):
-                sm -= A[i, k, b] * x[k, b]
-            x[i, b] = sm / A[i, i, b]
+                sm -= A[i, k] * x[k]
+            x[i] = sm / A[i, i]
         for i in range(off + n - 1, off - 1, -1):
-            sm = x[i, b]
+            sm = x[i]
             for k in range(i + 1, off + n):
-                sm -= A[k, i, b] * x[k, b]
-            x[i, b] = sm / A[i, i, b]
+                sm -= A[k, i] * x[k]
+            x[i] = sm / A[i, i]
 
     @dev
-    def affine_pose(X, L, w, Mf, R, t, b):
-        """Affine camera from X[k, :, b] (k < Mf) to L[b, k]; nearest scaled orthographic camera
-        in closed form (NaN scale for a degenerate camera). Fills R[:, :, b], t[:, b]; returns s."""
-        N = cuda.local.array((4, 6), dtype=np.float64)  # [N | rhs]
-        for i in range(4):
-            for j in range(6):
-                N[i, j] = 0.0
-        for k in range(Mf):
-            wk = w[k, b]
-            if wk == 0.0:
-                continue
-            x0, x1, x2 = X[k, 0, b], X[k, 1, b], X[k, 2, b]
-            for i in range(4):
-                xi = x0 if i == 0 else (x1 if i == 1 else (x2 if i == 2 else 1.0))
-                for j in range(4):
-                    xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else 1.0))
-                    N[i, j] += wk * xi * xj
-                N[i, 4] += wk * xi * L[b, k, 0]
-                N[i, 5] += wk * xi * L[b, k, 1]
-        for i in range(4):
-            N[i, i] += 1e-12
-        for c in range(4):
-            piv = c
-            for i in range(c + 1, 4):
-                if abs(N[i, c]) > abs(N[piv, c]):
-                    piv = i
-            if piv != c:
-                for j in range(6):
-                    tmp = N[c, j]
-                    N[c, j] = N[piv, j]
-                    N[piv, j] = tmp
-            for i in range(c + 1, 4):
-                f = N[i, c] / N[c, c]
-                for j in range(c, 6):
-                    N[i, j] -= f * N[c, j]
-        Aff = cuda.local.array((4, 2), dtype=np.float64)
-        for j in range(2):
-            for i in range(3, -1, -1):
-                sm = N[i, 4 + j]
-                for k in range(i + 1, 4):
-                    sm -= N[i, k] * Aff[k, j]
-                Aff[i, j] = sm / N[i, i]
-        Mc = cuda.local.array((2, 3), dtype=np.float64)
-        for i in range(2):
-            for j in range(3):
-                v = Aff[j, i]
-                Mc[i, j] = v if math.isfinite(v) else 0.0
-        a = Mc[0, 0] * Mc[0, 0] + Mc[0, 1] * Mc[0, 1] + Mc[0, 2] * Mc[0, 2]
-        bb = Mc[0, 0] * Mc[1, 0] + Mc[0, 1] * Mc[1, 1] + Mc[0, 2] * Mc[1, 2]
-        c = Mc[1, 0] * Mc[1, 0] + Mc[1, 1] * Mc[1, 1] + Mc[1, 2] * Mc[1, 2]
-        det = a * c - bb * bb
-        if det > 1e-8 * (a + c) * (a + c):
-            dl = math.sqrt(det)
-            tau = math.sqrt(a + c + 2.0 * dl)
-            f = 1.0 / (dl * tau)
-            i00, i01, i11 = f * (c + dl), -f * bb, f * (a + dl)
-            s = 0.5 * tau
-        else:
-            i00, i01, i11 = math.nan, math.nan, math.nan
-            s = math.nan
-        for j in range(3):
-            m0, m1 = Mc[0, j], Mc[1, j]
-            R[0, j, b] = i00 * m0 + i01 * m1
-            R[1, j, b] = i01 * m0 + i11 * m1
-        R[2, 0, b] = R[0, 1, b] * R[1, 2, b] - R[0, 2, b] * R[1, 1, b]
-        R[2, 1, b] = R[0, 2, b] * R[1, 0, b] - R[0, 0, b] * R[1, 2, b]
-        R[2, 2, b] = R[0, 0, b] * R[1, 1, b] - R[0, 1, b] * R[1, 0, b]
-        sw = 0.0
-        t0 = 0.0
-        t1 = 0.0
-        for k in range(Mf):
-            wk = w[k, b]
-            if wk == 0.0:
-                continue
-            u0 = R[0, 0, b] * X[k, 0, b] + R[0, 1, b] * X[k, 1, b] + R[0, 2, b] * X[k, 2, b]
-            u1 = R[1, 0, b] * X[k, 0, b] + R[1, 1, b] * X[k, 1, b] + R[1, 2, b] * X[k, 2, b]
-            t0 += (L[b, k, 0] - s * u0) * wk
-            t1 += (L[b, k, 1] - s * u1) * wk
-            sw += wk
-        t[0, b] = t0 / sw
-        t[1, b] = t1 / sw
-        return s
-
-    @dev
-    def lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol, gtol, lam0, hist,
-           V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d, negd, b):
-        P = C.shape[2]
-        n = 6 + P
-        M = L.shape[1]
-        cost = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
-        normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
-        hist[b, 0] = cost
-        gmax = 0.0
+    def solve_damped(H, g, lam, d, Aw, negd):
+        """CUDA twin of :func:`_solve_damped`: in-kernel Cholesky; NaN step where the damped system
+        is not positive definite or not finite."""
+        n = H.shape[0]
         for i in range(n):
-            a = abs(g[i, b])
-            if not a <= gmax:
-                gmax = a if a == a else math.inf
-        if not math.isfinite(cost):
-            return s, cost, False, 0
-        if gmax <= gtol or cost <= _TINY:
-            return s, cost, True, 0
-        lam = lam0
-        nu = 2.0
-        conv = False
-        it = 0
-        while it < max_iter:
-            it += 1
-            for i in range(n):
-                for j in range(n):
-                    Aw[i, j, b] = H[i, j, b]
-                Aw[i, i, b] += lam * max(H[i, i, b], 1e-12)
-                negd[i, b] = -g[i, b]
-            chol_solve(Aw, 0, n, negd, d, b)
-            # Rn = exp([d0:3]_x) R
-            w0, w1, w2 = d[0, b], d[1, b], d[2, b]
-            ra, rb = rodrigues_ab(w0 * w0 + w1 * w1 + w2 * w2)
-            K = cuda.local.array((3, 3), dtype=np.float64)
-            E = cuda.local.array((3, 3), dtype=np.float64)
-            K[0, 0], K[0, 1], K[0, 2] = 0.0, -w2, w1
-            K[1, 0], K[1, 1], K[1, 2] = w2, 0.0, -w0
-            K[2, 0], K[2, 1], K[2, 2] = -w1, w0, 0.0
-            for i in range(3):
-                for j in range(3):
-                    kk = K[i, 0] * K[0, j] + K[i, 1] * K[1, j] + K[i, 2] * K[2, j]
-                    E[i, j] = (1.0 if i == j else 0.0) + ra * K[i, j] + rb * kk
-            for i in range(3):
-                for j in range(3):
-                    Rn[i, j, b] = E[i, 0] * R[0, j, b] + E[i, 1] * R[1, j, b] + E[i, 2] * R[2, j, b]
-            sn = s * math.exp(d[3, b])
-            tn[0, b] = t[0, b] + d[4, b]
-            tn[1, b] = t[1, b] + d[5, b]
-            for p in range(P):
-                cn[p, b] = coef[p, b] + d[6 + p, b]
-            cnew = evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, Rn, sn, tn, cn, reg, V, U, seln, rn, Usn, b)
-            pred = 0.0
-            dd = 0.0
-            for i in range(n):
-                hd = 0.0
-                for j in range(n):
-                    hd += H[i, j, b] * d[j, b]
-                pred += d[i, b] * hd + 2.0 * lam * d[i, b] * d[i, b] * max(H[i, i, b], 1e-12)
-                dd += d[i, b] * d[i, b]
-            fin = math.isfinite(cnew)
-            acc = fin and cnew < cost
-            rho = (cost - cnew) / pred if pred > 0 else 0.0
-            thn = math.log(s) ** 2 + t[0, b] * t[0, b] + t[1, b] * t[1, b]
-            for p in range(P):
-                thn += coef[p, b] * coef[p, b]
-            small_step = math.sqrt(dd) <= xtol * (xtol + math.sqrt(thn))
-            if acc:
-                rel_dec = (cost - cnew) <= ftol * cost
-                lam_new = lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-                nu = 2.0
-                for i in range(3):
-                    for j in range(3):
-                        R[i, j, b] = Rn[i, j, b]
-                s = sn
-                t[0, b] = tn[0, b]
-                t[1, b] = tn[1, b]
-                for p in range(P):
-                    coef[p, b] = cn[p, b]
-                cost = cnew
-                for k in range(M):
-                    sel[k, b] = seln[k, b]
-                    r[k, 0, b] = rn[k, 0, b]
-                    r[k, 1, b] = rn[k, 1, b]
-                    for i in range(3):
-                        Us[k, i, b] = Usn[k, i, b]
-                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, w, reg, JT, H, g, False, b)
-                gmax = 0.0
-                for i in range(n):
-                    a = abs(g[i, b])
-                    if not a <= gmax:
-                        gmax = a if a == a else math.inf
-                stop = rel_dec or small_step or cost <= _TINY or gmax <= gtol
-            else:
-                lam_new = lam * nu
-                nu = nu * 2.0
-                stop = fin and small_step
-            lam = lam_new
-            hist[b, it] = cost
-            if stop:
-                conv = True
-                break
-            if lam > 1e16:
-                break
-        return s, cost, conv and math.isfinite(cost), it
+            for j in range(n):
+                Aw[i, j] = H[i, j]
+            Aw[i, i] += lam * max(H[i, i], 1e-12)
+            negd[i] = -g[i]
+        chol_solve(Aw, 0, n, negd, d)
+
+    @dev
+    def shape_step(H, g, coef, Sw):
+        """CUDA twin of :func:`_shape_step` (in-kernel Cholesky on the coefficient block of ``Aw``;
+        NaN where not positive definite); ``Sw = (Aw, d)``."""
+        Aw, d = Sw
+        P = coef.shape[0]
+        for p in range(P):
+            for q in range(P):
+                Aw[6 + p, 6 + q] = H[6 + p, 6 + q]
+            Aw[6 + p, 6 + p] += 1e-10
+        chol_solve(Aw, 6, P, g, d)
+        for p in range(P):
+            coef[p] -= d[6 + p]
+
+    env["_normal_equations"] = normal_equations
+    env["_solve_damped"] = solve_damped
+    env["_shape_step"] = shape_step
+    fit_item = env["_fit_item"]
 
     @cu.jit
-    def fit_batch_kernel(mean, C, G, Mf, Mr, Ml, nr, nl, L, w_in, reg, reg_init, n_alt, max_iter, ftol, xtol, gtol,
-                         lam0, two_phase, R_out, t_out, coef_out, hist0, hist1, sel_out, s_out, cost_out, conv_out,
-                         it0_out, it1_out, rss_out, w, wf, V, U, sel, seln, r, rn, Us, Usn, JT, H, Aw, g, d, negd,
-                         R, Rn, t, tn, coef, cn):
+    def fit_batch_kernel(mean, C, G, Mf, Mr, Ml, nr, nl, L_all, w_in, reg, reg_init, n_alt, max_iter, ftol, xtol,
+                         gtol, lam0, two_phase, R_out, t_out, coef_out, hist0, hist1, sel_out, s_out, cost_out,
+                         conv_out, it0_out, it1_out, rss_out, zero, w_all, wf_all, V_all, U_all, sel_all, seln_all,
+                         r_all, rn_all, Us_all, Usn_all, JT_all, H_all, Aw_all, g_all, d_all, negd_all, R_all,
+                         Rn_all, t_all, tn_all, coef_all, cn_all):
         b = cuda.grid(1)
-        B = L.shape[0]
-        if b >= B:
+        if b >= L_all.shape[0]:
             return
-        M = L.shape[1]
+        M = L_all.shape[1]
         P = C.shape[2]
+        # this image's views of the scratch (image index last: neighbouring threads, neighbouring addresses)
+        w, H, Aw, d = w_all[:, b], H_all[:, :, b], Aw_all[:, :, b], d_all[:, b]
+        R, t, coef, sel = R_all[:, :, b], t_all[:, b], coef_all[:, b], sel_all[:, b]
         for k in range(M):
-            w[k, b] = w_in[b, k]
-            wf[k, b] = w_in[b, k] if k < Mf else 0.0
-        for k in range(Mf):  # the mean shape's fixed landmark vertices into V
-            for i in range(3):
-                V[k, i, b] = mean[k, i]
-        s = affine_pose(V, L, w, Mf, R, t, b)
-        for p in range(P):
-            coef[p, b] = 0.0
-        for _ in range(n_alt):
-            if P > 0:
-                evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, wf, R, s, t, coef, reg_init, V, U, sel, r, Us, b)
-                normal_equations(C, G, Mf, R, s, coef, r, Us, sel, wf, reg_init, JT, H, g, True, b)
-                for p in range(P):
-                    for q in range(P):
-                        Aw[6 + p, 6 + q, b] = H[6 + p, 6 + q, b]
-                    Aw[6 + p, 6 + p, b] += 1e-10
-                chol_solve(Aw, 6, P, g, d, b)
-                for p in range(P):
-                    coef[p, b] -= d[6 + p, b]
-            slot_shape(mean, C, coef, V, b)
-            s = affine_pose(V, L, w, Mf, R, t, b)
-        it0 = 0
-        if two_phase:
-            s, c0, cv0, it0 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg_init, max_iter,
-                                 max(ftol, 1e-4), xtol, gtol, lam0, hist0, V, U, sel, r, Us, JT, H, g, Rn, tn, cn,
-                                 seln, rn, Usn, Aw, d, negd, b)
-        s, cost, conv, it1 = lm(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, R, t, s, coef, reg, max_iter, ftol, xtol,
-                                gtol, lam0, hist1, V, U, sel, r, Us, JT, H, g, Rn, tn, cn, seln, rn, Usn, Aw, d,
-                                negd, b)
-        # final correspondences and the unregularised residual
-        rss = 0.0
-        evaluate(mean, C, Mf, Mr, Ml, nr, nl, L, w, R, s, t, coef, reg, V, U, sel, r, Us, b)
+            w[k] = w_in[b, k]
+        scr = (wf_all[:, b], V_all[:, :, b], U_all[:, :, b], r_all[:, :, b], Us_all[:, :, b], JT_all[:, :, b], H,
+               H, g_all[:, b], Rn_all[:, :, b], tn_all[:, b], cn_all[:, b], seln_all[:, b], rn_all[:, :, b],
+               Usn_all[:, :, b], Aw, d, negd_all[:, b], cuda.local.array((4, 6), dtype=np.float64),
+               cuda.local.array((2, 3), dtype=np.float64), zero)
+        s, cost, conv, it0, it1, rss = fit_item(mean, C, G, Mf, Mr, Ml, nr, nl, L_all[b], w, reg, reg_init, n_alt,
+                                                max_iter, ftol, xtol, gtol, lam0, two_phase, R, t, coef, hist0[b],
+                                                hist1[b], sel, scr, (Aw, d))
         for k in range(M):
-            rss += r[k, 0, b] * r[k, 0, b] + r[k, 1, b] * r[k, 1, b]
-            sel_out[b, k] = sel[k, b]
+            sel_out[b, k] = sel[k]
         for i in range(3):
             for j in range(3):
-                R_out[b, i, j] = R[i, j, b]
-        t_out[b, 0] = t[0, b]
-        t_out[b, 1] = t[1, b]
+                R_out[b, i, j] = R[i, j]
+        t_out[b, 0] = t[0]
+        t_out[b, 1] = t[1]
         for p in range(P):
-            coef_out[b, p] = coef[p, b]
+            coef_out[b, p] = coef[p]
         s_out[b] = s
         cost_out[b] = cost
         conv_out[b] = 1 if conv else 0
@@ -1205,5 +1018,5 @@ def fit_batch_cuda(mean, C, G, Mf, Mr, Ml, nr, nl, L, w, reg, reg_init, n_alt, m
     blocks = (B + threads_per_block - 1) // threads_per_block
     kern[blocks, threads_per_block](put(mean), put(C), put(G), Mf, Mr, Ml, nr, nl, put(L), put(w), put(reg),
                                     put(reg_init), n_alt, max_iter, ftol, xtol, gtol, lam0, two_phase,
-                                    *outs, *scratch)
+                                    *outs, dev(P, fill=0.0), *scratch)
     return tuple(cuda_result(o, xp) for o in outs)

@@ -95,16 +95,21 @@ def test_kernel_cholesky_and_affine_pose():
     L2 = 1.7 * P3 @ Rt[:2].T + np.array([0.3, -0.2])
     R = np.empty((3, 3))
     t = np.empty(2)
-    s = kf._affine_pose(P3, L2, np.ones(30), R, t)
+    s = kf._affine_pose(P3, L2, np.ones(30), 30, R, t, np.empty((4, 6)), np.empty((2, 3)))
     np.testing.assert_allclose(R, Rt, atol=1e-9)
     np.testing.assert_allclose([s, *t], [1.7, 0.3, -0.2], atol=1e-9)
     # the reference (batched SVD) agrees on a noisy problem
     Ln = L2 + rng.normal(size=L2.shape) * 0.05
     wts = (rng.uniform(size=30) > 0.2).astype(float)
-    s = kf._affine_pose(P3, Ln, wts, R, t)
+    s = kf._affine_pose(P3, Ln, wts, 30, R, t, np.empty((4, 6)), np.empty((2, 3)))
     Rr, sr, tr, _ = F._affine_pose(P3[None], Ln[None], wts[None], np)
     np.testing.assert_allclose(R, Rr[0], atol=1e-12)
     np.testing.assert_allclose([s, *t], [sr[0], *tr[0]], atol=1e-12)
+    # the rotation update of the LM step: exp([w]_x) R (Rodrigues), also for a tiny angle
+    for w3 in (np.array([0.3, -0.1, 0.2]), np.array([1e-9, 0.0, -2e-9])):
+        out = np.empty((3, 3))
+        kf._rodrigues_left(*w3, Rt, out)
+        np.testing.assert_allclose(out, rodrigues(w3[None])[0] @ Rt, atol=1e-14)
 
 
 def test_engine_option_checked_and_deprecated():
