@@ -12,7 +12,7 @@ works without the optional dependencies (CuPy, torch, detectors).
 """
 import os as _os
 import sys as _sys
-from importlib import import_module
+from ._lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
@@ -62,19 +62,4 @@ _MODULES = {
     "geomfit.uv": ("uv_texture", "uv_render", "UVTexture"),
     "geomfit.laplacian": ("LaplacianDeformer", "laplacian_deform", "medium_stage", "ibug_region_weights"),
 }
-_EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
-
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'geomfit' has no attribute {name!r}")
-    value = getattr(import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+_EXPORTS = _lazy_exports("geomfit", _MODULES, globals(), extra_all=["__version__"])

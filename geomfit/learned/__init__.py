@@ -12,7 +12,7 @@ B-Net, FAN and DRN (:mod:`geomfit.learned.detail`, :mod:`geomfit.learned.uv_data
 and Wang, "Low-frequency guided self-supervised learning for high-fidelity 3D face reconstruction in the
 wild", ICME 2020.
 """
-from importlib import import_module
+from geomfit._lazy import lazy_exports as _lazy_exports
 
 # defining module -> public names re-exported here (one row per module)
 _MODULES = {
@@ -36,19 +36,4 @@ _MODULES = {
                                "load_detail_model", "perceptual_network", "sh_shade"),
     "geomfit.learned.uv_dataset": ("UVDataset",),
 }
-_EXPORTS = {name: mod for mod, names in _MODULES.items() for name in names}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'geomfit.learned' has no attribute {name!r}")
-    value = getattr(import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+_EXPORTS = _lazy_exports("geomfit.learned", _MODULES, globals(), extra_all=())
