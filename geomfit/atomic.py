@@ -347,12 +347,17 @@ class ResultDir:
         with signals_deferred():  # a claim is quick; never leave it half-made
             return self._claim()
 
-    def _claim(self) -> pathlib.Path:
+    def _check_and_lock(self) -> pathlib.Path:
+        """Refuse a non-folder destination, create its parents and take the lock; returns the path."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise OutputError(errno.ENOTDIR, f"output path {p} exists and is not a folder")
         self._make_parents()
         self._lock()
+        return p
+
+    def _claim(self) -> pathlib.Path:
+        p = self._check_and_lock()
         try:
             if p.is_dir():
                 entries = sorted(p.iterdir())
@@ -447,11 +452,7 @@ class ResultDir:
     def claim_in_place(self) -> pathlib.Path:
         """Claim the folder to write into it directly (a batch's top folder): create it if missing,
         check that it is writable and take the lock; no staging folder.  ``release()`` ends it."""
-        p = self.path
-        if p.exists() and not p.is_dir():
-            raise OutputError(errno.ENOTDIR, f"output path {p} exists and is not a folder")
-        self._make_parents()
-        self._lock()
+        p = self._check_and_lock()
         try:
             if not p.is_dir():
                 try:
