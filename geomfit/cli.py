@@ -94,9 +94,9 @@ def _cmd_reconstruct_one(a) -> int:
 
         detail = parse_detail_specs(a.detail)
     _import_trimesh()  # now, not in the write phase: its import catches BaseException (Ctrl-C)
-    rd = atomic.ResultDir(a.output, force=a.force or a.resume)
-    rd.claim()  # OUTDIR writable, not in use by another run, empty or --force: before the long work
-    try:
+    # claimed on entry (OUTDIR writable, not in use by another run, empty or --force), before the long
+    # work; left as it was unless committed
+    with atomic.ResultDir(a.output, force=a.force or a.resume) as rd:
         atomic.test_hook("claimed")
         try:
             rec = reconstruct(image, model=model, landmarks=a.landmarks, detector=a.detector,
@@ -120,10 +120,6 @@ def _cmd_reconstruct_one(a) -> int:
             write_detail_outputs(rec, detail, rd.staging)
         atomic.test_hook("commit")
         out = rd.commit()
-    finally:
-        if not rd.committed:
-            with atomic.signals_deferred():
-                rd.abort()
     say(f"landmark RMS after the coarse fit: {rec.diagnostics.get('landmark_rmse_px'):.2f} px; "
         f"total {rec.timings['total']:.1f} s")
     print(f"geomfit: outputs written to {out} (open overview.png first; meshes: coarse.obj, "
@@ -256,9 +252,7 @@ def _cmd_fit_landmarks(a) -> int:
     names = unique_names([str(p) for p in paths])  # a/face.pts and b/face.pts -> a-face.obj, b-face.obj
     if not a.no_meshes:
         _import_trimesh()
-    rd = atomic.ResultDir(a.output, force=a.force)
-    rd.claim()
-    try:
+    with atomic.ResultDir(a.output, force=a.force) as rd:
         atomic.test_hook("claimed")
         say(f"fitting {len(paths)} landmark set(s) to {getattr(model, 'name', a.model)}")
         t = time.perf_counter()
@@ -296,10 +290,6 @@ def _cmd_fit_landmarks(a) -> int:
             raise OSError(e.errno, f"cannot write {rd.path / 'fits.json'}: {e.strerror or e}") from e
         atomic.test_hook("commit")
         out = rd.commit()
-    finally:
-        if not rd.committed:
-            with atomic.signals_deferred():
-                rd.abort()
     print(f"geomfit: {len(paths)} fit(s) written to {out} (fits.json)")
     return 0
 
