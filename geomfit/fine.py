@@ -56,6 +56,7 @@ __all__ = [
     "prepare_image",
     "synthetic_scene",
     "DepthInfo",
+    "DepthOptions",
     "PHASE1",
     "PHASE2",
     "DATA_WEIGHT",
@@ -570,10 +571,107 @@ class DepthInfo:
     factor: object = None
 
 
-def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=PHASE1, iterations=5,
-                tol=1e-4, damping=1e-4, data_mask=None, data_weight=DATA_WEIGHT, gradient_scale=1.0, return_info=False,
-                factor=None, reuse_factor=True, pcg_tol=0.1, pcg_maxiter=20, pixel_weight=None,
-                laplacian_on_displacement=False, linear_solver="factor"):
+@dataclass
+class DepthOptions:
+    """Settings of :func:`solve_depth` (Jin et al. 2021, Eq. 9 and Sec. 4.1), one per depth phase.
+
+    The presets are the paper's two phases: ``DepthOptions.phase1()`` (``lam`` = :data:`PHASE1`, also
+    the default) and ``DepthOptions.phase2()`` (``lam`` = :data:`PHASE2`); both take changes as
+    keywords, e.g. ``DepthOptions.phase2(iterations=3, pcg_maxiter=0)``.
+
+    Parameters
+    ----------
+    lam : 4 floats
+        ``lambda_d1 .. lambda_d4`` of Eq. 9 (default: the paper's phase 1, :data:`PHASE1`).
+    iterations : int
+        Maximum number of accepted Levenberg-Marquardt steps.
+    tol : float
+        Stop when a step lowers the energy by less than ``tol`` (relative).
+    damping : float
+        Initial Marquardt damping (relative to the diagonal).
+    data_weight : float
+        Weight of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
+    gradient_scale : float
+        Scale of the grey image in the gradient term.
+    reuse_factor : bool
+        Use the ``factor`` passed to :func:`solve_depth` as a preconditioner (True) or only its
+        symbolic analysis (False: the first step refactors, e.g. when ``lam`` changed).
+    pcg_tol, pcg_maxiter : float, int
+        Forcing tolerance and iteration cap of the inexact steps (``pcg_maxiter=0``: every step is an
+        exact factor solve).
+    laplacian_on_displacement : bool
+        The Laplacian term acts on ``d - d0`` instead of ``d`` (keeps the input's own curvature).
+    linear_solver : {"factor", "jacobi"}
+        ``"factor"``: factorisation-preconditioned inexact steps (see :func:`solve_depth`);
+        ``"jacobi"``: every step by Jacobi-preconditioned CG (``pcg_tol``, ``pcg_maxiter``), no
+        factorisation (for well-conditioned, strongly pinned problems such as the robust method's).
+    """
+
+    lam: Tuple[float, float, float, float] = PHASE1
+    iterations: int = 5
+    tol: float = 1e-4
+    damping: float = 1e-4
+    data_weight: float = DATA_WEIGHT
+    gradient_scale: float = 1.0
+    reuse_factor: bool = True
+    pcg_tol: float = 0.1
+    pcg_maxiter: int = 20
+    laplacian_on_displacement: bool = False
+    linear_solver: str = "factor"
+
+    def __post_init__(self):
+        try:
+            n = len(self.lam)
+        except TypeError:
+            n = -1
+        if n != 4:
+            raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {self.lam}")
+        if self.linear_solver not in ("factor", "jacobi"):
+            raise ValueError(f"linear_solver must be 'factor' or 'jacobi', got {self.linear_solver!r}")
+        if not self.iterations >= 0:
+            raise ValueError(f"DepthOptions.iterations must be >= 0, got {self.iterations}")
+        if not self.pcg_maxiter >= 0:
+            raise ValueError(f"DepthOptions.pcg_maxiter must be >= 0, got {self.pcg_maxiter}")
+        for name in ("damping", "data_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DepthOptions.{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def phase1(cls, **changes) -> "DepthOptions":
+        """The paper's first depth phase (``lam`` = :data:`PHASE1`, Jin et al. 2021, Sec. 4.1)."""
+        return cls(**{"lam": PHASE1, **changes})
+
+    @classmethod
+    def phase2(cls, **changes) -> "DepthOptions":
+        """The paper's second depth phase (``lam`` = :data:`PHASE2`, Jin et al. 2021, Sec. 4.1)."""
+        return cls(**{"lam": PHASE2, **changes})
+
+
+_DEPTH_OPTION_KEYS = ("lam", "iterations", "tol", "damping", "data_weight", "gradient_scale", "reuse_factor",
+                      "pcg_tol", "pcg_maxiter", "laplacian_on_displacement", "linear_solver")
+
+
+def _resolve_depth_options(options, legacy) -> DepthOptions:
+    import dataclasses
+    import warnings
+
+    if isinstance(options, dict):
+        options = DepthOptions(**options)
+    if options is not None and not isinstance(options, DepthOptions):
+        raise TypeError(f"options must be a DepthOptions or a dict, got {type(options).__name__}")
+    if legacy:
+        bad = sorted(set(legacy) - set(_DEPTH_OPTION_KEYS))
+        if bad:
+            raise TypeError(f"solve_depth() got unexpected keyword arguments {bad}")
+        warnings.warn("solve_depth(..., " + ", ".join(sorted(legacy)) + "=...) is deprecated: pass "
+                      "options=DepthOptions(...) (DepthOptions.phase1(...) / .phase2(...); these keywords go "
+                      "in the next release)", DeprecationWarning, stacklevel=3)
+        options = dataclasses.replace(options if options is not None else DepthOptions(), **legacy)
+    return options if options is not None else DepthOptions()
+
+
+def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, options=None, *, data_mask=None,
+                pixel_weight=None, factor=None, return_info=False, **legacy):
     """Refine a depth map by shape from shading (Jin et al. 2021, Eq. 9) with Levenberg-Marquardt.
 
     Minimises over the depth values inside ``mask``::
@@ -611,38 +709,21 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
         ``epsilon * beta``.
     depth0 : array (H, W), optional
         The prior ``d0`` (default: ``depth``).
-    lam : 4 floats
-        ``lambda_d1 .. lambda_d4`` (default: the paper's phase 1, :data:`PHASE1`).
-    iterations : int
-        Maximum number of accepted steps.
-    tol : float
-        Stop when a step lowers the energy by less than ``tol`` (relative).
-    damping : float
-        Initial Marquardt damping (relative to the diagonal).
+    options : DepthOptions or dict, optional
+        The weights ``lam`` and the solver settings (default ``DepthOptions()``: the paper's phase 1).
+        The same fields as keywords (``lam=``, ``iterations=``, ``tol=``, ``damping=``,
+        ``data_weight=``, ``gradient_scale=``, ``reuse_factor=``, ``pcg_tol=``, ``pcg_maxiter=``,
+        ``laplacian_on_displacement=``, ``linear_solver=``) are deprecated: accepted for one release
+        with a ``DeprecationWarning``, applied over ``options``.
     data_mask : bool array (H, W), optional
         Pixels allowed in the data term (e.g. not saturated); default all of ``mask``.
-    data_weight : float
-        Weight of the data term (default :data:`DATA_WEIGHT`, intensities on the 8-bit scale).
-    gradient_scale : float
-        Scale of the grey image in the gradient term.
-    return_info : bool
-        Also return a :class:`DepthInfo`.
-    factor : SPDFactor, optional
-        ``info.factor`` of an earlier call with the same ``mask`` and ``data_mask``: its symbolic
-        analysis is reused and, with ``reuse_factor``, it preconditions the first steps.
-    reuse_factor : bool
-        Use ``factor`` as a preconditioner (True) or only its symbolic analysis (False: the first
-        step refactors, e.g. when the weights ``lam`` changed).
-    pcg_tol, pcg_maxiter : float, int
-        Forcing tolerance and iteration cap of the inexact steps.
     pixel_weight : array (H, W), optional
         Non-negative per-pixel factor on the data term (the robust method's confidence).
-    laplacian_on_displacement : bool
-        The Laplacian term acts on ``d - d0`` instead of ``d`` (keeps the input's own curvature).
-    linear_solver : {"factor", "jacobi"}
-        ``"factor"``: as described above; ``"jacobi"``: every step by Jacobi-preconditioned CG
-        (``pcg_tol``, ``pcg_maxiter``), no factorisation (for well-conditioned, strongly pinned
-        problems such as the robust method's).
+    factor : SPDFactor, optional
+        ``info.factor`` of an earlier call with the same ``mask`` and ``data_mask``: its symbolic
+        analysis is reused and, with ``options.reuse_factor``, it preconditions the first steps.
+    return_info : bool
+        Also return a :class:`DepthInfo`.
 
     Returns
     -------
@@ -655,6 +736,11 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     Steihaug, "Inexact Newton methods", SIAM J. Numer. Anal. 19 (1982) (the truncated steps).
     """
     t0 = time.perf_counter()
+    o = _resolve_depth_options(options, legacy)
+    lam, iterations, tol, damping = o.lam, o.iterations, o.tol, o.damping
+    data_weight, gradient_scale, reuse_factor = o.data_weight, o.gradient_scale, o.reuse_factor
+    pcg_tol, pcg_maxiter, linear_solver = o.pcg_tol, o.pcg_maxiter, o.linear_solver
+    laplacian_on_displacement = o.laplacian_on_displacement
     xp = get_array_module(image, depth)
     I = xp.asarray(image, dtype=xp.float64)
     if I.ndim != 3:
@@ -665,10 +751,6 @@ def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, lam=
     d0 = d if depth0 is None else _prepare_depth(depth0, m, xp)
     alb = xp.ascontiguousarray(_as_hwc(albedo, H, W, C, xp, "albedo"))
     spec = None if specular is None else xp.ascontiguousarray(_as_hwc(specular, H, W, C, xp, "specular"))
-    if linear_solver not in ("factor", "jacobi"):
-        raise ValueError(f"linear_solver must be 'factor' or 'jacobi', got {linear_solver!r}")
-    if len(lam) != 4:
-        raise ValueError(f"lam must hold 4 weights (lambda_d1..lambda_d4), got {lam}")
     prob = _DepthProblem(I, m, alb, sh, spec, d, d0, lam, data_mask, data_weight, gradient_scale,
                          grid=getattr(factor, "_depth_grid", None), pixel_weight=pixel_weight,
                          laplacian_on_displacement=laplacian_on_displacement)
@@ -1083,10 +1165,11 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     l1 = o.pin * w * float((I[dm] ** 2).mean()) + 1e-6
     timings["weights"] = time.perf_counter() - t
     t = time.perf_counter()
-    d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, lam=(l1, o.smoothness, 0.0, 0.0),
-                          iterations=o.robust_iterations, tol=1e-3, data_mask=dm, data_weight=w, return_info=True,
-                          pcg_tol=o.cg_tol, pcg_maxiter=o.cg_maxiter, pixel_weight=weight,
-                          laplacian_on_displacement=True, linear_solver="jacobi" if o.inexact_depth else "factor")
+    dopt = DepthOptions(lam=(l1, o.smoothness, 0.0, 0.0), iterations=o.robust_iterations, tol=1e-3, data_weight=w,
+                        pcg_tol=o.cg_tol, pcg_maxiter=o.cg_maxiter, laplacian_on_displacement=True,
+                        linear_solver="jacobi" if o.inexact_depth else "factor")
+    d, info = solve_depth(I, d_in, m, albedo, sh, None, depth0=d_in, options=dopt, data_mask=dm, pixel_weight=weight,
+                          return_info=True)
     timings["depth"] = time.perf_counter() - t
     t = time.perf_counter()
     dd = xp.where(m, d - d_in, 0.0)
@@ -1311,10 +1394,11 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None, op
         for _ in range(int(outer_iterations)):
             if specular:
                 beta = solve_specular(I, gamma * S, beta0, dm, lam_spec)
-            d, info = solve_depth(I, d, m, gamma, sh, beta, depth0=d_in, lam=lam, iterations=depth_iterations,
-                                  data_mask=dm, data_weight=data_weight, gradient_scale=gradient_scale,
-                                  return_info=True, factor=factor, reuse_factor=bool(hist),
-                                  pcg_maxiter=20 if inexact_depth else 0)
+            dopt = DepthOptions(lam=lam, iterations=depth_iterations, data_weight=data_weight,
+                                gradient_scale=gradient_scale, reuse_factor=bool(hist),
+                                pcg_maxiter=20 if inexact_depth else 0)
+            d, info = solve_depth(I, d, m, gamma, sh, beta, depth0=d_in, options=dopt, data_mask=dm, factor=factor,
+                                  return_info=True)
             factor = info.factor
             stats["factorizations"] += info.factorizations
             stats["pcg_iterations"] += info.pcg_iterations
