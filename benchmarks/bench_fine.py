@@ -16,38 +16,36 @@
    on synthetic scenes; an ablation (which unknown breaks detail recovery under a textured albedo)
    and the depth solve's sensitivity to albedo errors. ``--quality-only`` refreshes these tables.
 
-Writes benchmarks/results/fine.json. Run: ``python benchmarks/bench_fine.py [--quick]``.
+Writes benchmarks/results/fine.json (``--quick``: fine_quick.json; ``--out PATH``: PATH). Run::
+
+    python benchmarks/bench_fine.py [--quick] [--realistic-only | --quality-only] [--out PATH]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import pathlib
 import platform
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from _harness import RESULTS, Timer, environment, ratio, write_results  # noqa: E402  (sibling module)
 
-from geomfit.fine import (DATA_WEIGHT, PHASE1, PHASE2, FineOptions, _depth_normals, _DepthProblem, fine_stage,  # noqa: E402
-                          solve_depth, solve_specular)
+from geomfit.fine import (DATA_WEIGHT, PHASE1, PHASE2, DepthOptions, FineOptions, _depth_normals,  # noqa: E402
+                          _DepthProblem, fine_stage, solve_depth, solve_specular)
 from geomfit.scenes import synthetic_scene  # noqa: E402
 from geomfit.sh import _C0, _C1, _C2, _C3, _C4, fit_sh_lighting, shade  # noqa: E402
 
 ADAM_STEPS = 500
-QUICK = "--quick" in sys.argv
-SIZE = 256 if QUICK else 512
+QUICK = False  # --quick (set by main)
+SIZE = 512  # 256 with --quick
 
 
 def median_time(f, repeats=5):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), ts
+    """(median seconds, all runs) of ``repeats`` calls (the shared harness timer)."""
+    t = Timer(repeats).run(f)
+    return t.median, t.runs
 
 
 def bench_sh():
@@ -72,7 +70,7 @@ def bench_sh():
     t_peer, _ = median_time(peer, 3)
     err = float(np.abs(fit_sh_lighting(img, n, alb, mask) - sh).max())
     return {"pixels": int(mask.sum()), "channels": 3, "geomfit_s": t_ours, "numpy_lstsq_s": t_peer,
-            "speedup": t_peer / t_ours, "max_coeff_error": err}
+            "speedup": ratio(t_peer, t_ours), "max_coeff_error": err}
 
 
 # ---------------------------------------------------------------------------------------------- torch peer
@@ -164,9 +162,9 @@ def bench_stage_and_adam():
     runs = {"inexact": [], "exact": []}
     for _ in range(3):
         for name, inexact in (("inexact", True), ("exact", False)):
-            t, c = time.perf_counter(), time.process_time()
-            rr = fine_stage(img, d0, m, options=FineOptions.paper(inexact_depth=inexact))
-            runs[name].append({"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+            tm = Timer(1).run(lambda: fine_stage(img, d0, m, options=FineOptions.paper(inexact_depth=inexact)))
+            rr = tm.result
+            runs[name].append({"wall_s": tm.runs[0], "cpu_s": tm.cpu_runs[0],
                                "timings": rr.timings, "depth_stats": rr.depth_stats,
                                "final_energy": {k: v[-1] for k, v in rr.energy.items()}, "result": rr})
     def summary(lst):
@@ -180,7 +178,7 @@ def bench_stage_and_adam():
     out["fine_stage_exact"], r_exact = summary(runs["exact"])
     out["fine_stage_s"] = out["fine_stage_inexact"]["wall_s"]
     out["fine_stage_timings"] = r.timings
-    out["speedup_inexact_vs_exact"] = out["fine_stage_exact"]["wall_s"] / out["fine_stage_inexact"]["wall_s"]
+    out["speedup_inexact_vs_exact"] = ratio(out["fine_stage_exact"]["wall_s"], out["fine_stage_inexact"]["wall_s"])
     mi = m.copy()
     def ang(n):
         return float(np.degrees(np.arccos(np.clip((n * s["normals"]).sum(-1), -1, 1)))[mi].mean())
@@ -204,10 +202,10 @@ def bench_stage_and_adam():
         trace_adam, _ = adam_phase(prob, d_start, u0, lr, ADAM_STEPS)
         target = trace_adam[-1][1]
         best = min(e for _, e in trace_adam)
-        t = time.perf_counter()
-        d_lm, info = solve_depth(img, d_start, m, init.albedo, init.sh, beta, depth0=d0, lam=lam, iterations=15,
-                                 tol=1e-7, return_info=True)
-        t_lm = time.perf_counter() - t
+        tm = Timer(1).run(lambda: solve_depth(img, d_start, m, init.albedo, init.sh, beta, depth0=d0,
+                                              options=DepthOptions(lam=lam, iterations=15, tol=1e-7),
+                                              return_info=True))
+        (d_lm, info), t_lm = tm.result, tm.runs[0]
         trace_lm = list(zip(info.times, info.energies))
         phases[name] = {
             "lam": lam, "adam_lr": lr, "adam_steps": ADAM_STEPS,
@@ -221,13 +219,14 @@ def bench_stage_and_adam():
         }
         tt = phases[name]["lm_time_to_adam_final_s"]
         if tt is not None:
-            phases[name]["speedup_to_adam_final"] = trace_adam[-1][0] / tt
+            phases[name]["speedup_to_adam_final"] = ratio(trace_adam[-1][0], tt)
         # the same with exact steps (a factorisation each), for reference
-        t = time.perf_counter()
-        _, info_e = solve_depth(img, d_start, m, init.albedo, init.sh, beta, depth0=d0, lam=lam, iterations=15,
-                                tol=1e-7, return_info=True, pcg_maxiter=0)
+        tm = Timer(1).run(lambda: solve_depth(img, d_start, m, init.albedo, init.sh, beta, depth0=d0,
+                                              options=DepthOptions(lam=lam, iterations=15, tol=1e-7, pcg_maxiter=0),
+                                              return_info=True))
+        info_e = tm.result[1]
         trace_e = list(zip(info_e.times, info_e.energies))
-        phases[name].update({"lm_exact_final_energy": info_e.energies[-1], "lm_exact_time_s": time.perf_counter() - t,
+        phases[name].update({"lm_exact_final_energy": info_e.energies[-1], "lm_exact_time_s": tm.runs[0],
                              "lm_exact_steps": len(info_e.energies) - 1,
                              "lm_exact_time_to_adam_final_s": time_to_reach(trace_e, target)})
         d_start = d_lm
@@ -261,13 +260,13 @@ def bench_quality():
                                                             regions=s["regions"], options=PAPER).normals)
         d = s["depth_blur"]
         for lam in (PHASE1, PHASE2):
-            d = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"], lam=lam,
-                            iterations=8)
+            d = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"],
+                            options=DepthOptions(lam=lam, iterations=8))
         row["solve_depth_true_albedo_light"] = ang(_depth_normals(d, s["mask"]))
         d = s["depth_blur"]
         for lam in (PHASE1, PHASE2):
-            d = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"], lam=lam,
-                            iterations=8, data_weight=1.0)
+            d = solve_depth(s["image"], d, s["mask"], s["albedo"], s["sh"], depth0=s["depth_blur"],
+                            options=DepthOptions(lam=lam, iterations=8, data_weight=1.0))
         row["solve_depth_true_albedo_light_data_weight_1"] = ang(_depth_normals(d, s["mask"]))
         out[name] = row
     return out
@@ -300,7 +299,8 @@ def bench_albedo_sensitivity():
         d = s["depth_blur"]
         for lam in (PHASE1, PHASE2):
             for _ in range(2):
-                d = solve_depth(s["image"], d, s["mask"], albedo, sh, depth0=s["depth_blur"], lam=lam, iterations=3)
+                d = solve_depth(s["image"], d, s["mask"], albedo, sh, depth0=s["depth_blur"],
+                                options=DepthOptions(lam=lam, iterations=3))
         return d
 
     def alternation(s, true_light, true_albedo):
@@ -318,7 +318,8 @@ def bench_albedo_sensitivity():
         d = s["depth_blur"]
         for lam in (PHASE1, PHASE2):
             for _ in range(2):
-                d = solve_depth(I, d, m, gamma, sh, None, depth0=s["depth_blur"], lam=lam, iterations=3)
+                d = solve_depth(I, d, m, gamma, sh, None, depth0=s["depth_blur"],
+                                options=DepthOptions(lam=lam, iterations=3))
                 if not true_albedo:
                     gamma = solve_albedo(I, shade(_depth_normals(d, m), sh), None, m, avg, iterations=1,
                                          albedo0=gamma)
@@ -394,41 +395,40 @@ def bench_realistic(size=512, runs=3, progress=None):
         m = s["mask"]
         e0 = normal_error(_depth_normals(s["depth_blur"], m), s)
         row = {"mask_pixels": int(m.sum()), "input_deg": e0}
-        walls, cpus = [], []
-        for _ in range(runs):
-            t, c = time.perf_counter(), time.process_time()
-            r = fine_stage(s["image"], s["depth_blur"], m, landmarks=s["landmarks"])
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
+        tm = Timer(runs).run(lambda: fine_stage(s["image"], s["depth_blur"], m, landmarks=s["landmarks"]))
+        r, walls, cpus = tm.result, tm.runs, tm.cpu_runs
         e1 = normal_error(r.normals, s)
-        row["robust"] = {"output_deg": e1, "ratio": e1 / e0, "wall_s_median": float(np.median(walls)),
+        row["robust"] = {"output_deg": e1, "ratio": ratio(e1, e0), "wall_s_median": float(np.median(walls)),
                          "wall_s_all": walls, "cpu_s_median": float(np.median(cpus)), "timings": r.timings,
                          "depth_stats": r.depth_stats}
         if kw.get("occluder"):
             occ = s["occluder"]
             row["robust"]["occluder_mean_abs_change_px"] = float(np.abs(r.depth - s["depth_blur"])[occ].mean())
         if not QUICK or kw == specs[0]:
-            t, c = time.perf_counter(), time.process_time()
-            rp = fine_stage(s["image"], s["depth_blur"], m, landmarks=s["landmarks"], options=PAPER)
+            tm = Timer(1).run(lambda: fine_stage(s["image"], s["depth_blur"], m, landmarks=s["landmarks"], options=PAPER))
+            rp = tm.result
             ep = normal_error(rp.normals, s)
-            row["paper"] = {"output_deg": ep, "ratio": ep / e0, "wall_s": time.perf_counter() - t,
-                            "cpu_s": time.process_time() - c, "timings": rp.timings}
+            row["paper"] = {"output_deg": ep, "ratio": ratio(ep, e0), "wall_s": tm.runs[0],
+                            "cpu_s": tm.cpu_runs[0], "timings": rp.timings}
             if kw.get("occluder"):
                 row["paper"]["occluder_mean_abs_change_px"] = float(np.abs(rp.depth - s["depth_blur"])[occ].mean())
         if kw.get("occluder") is None:
             # depth solve alone, true albedo and light
             d = s["depth_blur"]
             for lam in (PHASE1, PHASE2):
-                d = solve_depth(s["image"], d, m, s["albedo"], s["sh"], depth0=s["depth_blur"], lam=lam, iterations=5)
+                d = solve_depth(s["image"], d, m, s["albedo"], s["sh"], depth0=s["depth_blur"],
+                                options=DepthOptions(lam=lam, iterations=5))
             ea = normal_error(_depth_normals(d, m), s)
             w, sig = _noise_aware_weights(s["image"], s["albedo"], s["sh"], s["depth_blur"], m)
             o = FineOptions()
             l1 = o.pin * w * float((s["image"][m] ** 2).mean())
-            dn = solve_depth(s["image"], s["depth_blur"], m, s["albedo"], s["sh"], lam=(l1, o.smoothness, 0, 0),
-                             data_weight=w, iterations=o.robust_iterations, laplacian_on_displacement=True)
+            dn = solve_depth(s["image"], s["depth_blur"], m, s["albedo"], s["sh"],
+                             options=DepthOptions(lam=(l1, o.smoothness, 0, 0), data_weight=w,
+                                                  iterations=o.robust_iterations, laplacian_on_displacement=True))
             en = normal_error(_depth_normals(dn, m), s)
-            dn2 = solve_depth(s["image"], s["depth_blur"], m, s["albedo"], s["sh"], lam=(1e-3, 0.01, 0, 0),
-                              data_weight=w, iterations=o.robust_iterations, laplacian_on_displacement=True)
+            dn2 = solve_depth(s["image"], s["depth_blur"], m, s["albedo"], s["sh"],
+                              options=DepthOptions(lam=(1e-3, 0.01, 0, 0), data_weight=w,
+                                                   iterations=o.robust_iterations, laplacian_on_displacement=True))
             en2 = normal_error(_depth_normals(dn2, m), s)
             row["depth_alone_true_albedo_light"] = {
                 "paper_weight_deg": ea, "paper_weight_ratio": ea / e0,
@@ -445,6 +445,17 @@ def bench_realistic(size=512, runs=3, progress=None):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the stage and Adam comparison at 256 px, realistic scenes "
+                    "at 256 px, one run each, the paper method on the first scene only (writes fine_quick.json)")
+    ap.add_argument("--realistic-only", action="store_true",
+                    help="refresh the realistic-scene table of an existing results file")
+    ap.add_argument("--quality-only", action="store_true", help="refresh the quality tables of an existing results file")
+    ap.add_argument("--out", default=None, help="results path (default benchmarks/results/fine.json, "
+                    "fine_quick.json with --quick); the refresh modes read and rewrite it")
+    args = ap.parse_args()
+    global QUICK, SIZE
+    QUICK, SIZE = args.quick, (256 if args.quick else 512)
     import torch
 
     res = {
@@ -456,19 +467,25 @@ def main():
                   "phase 2 starts from geomfit's phase-1 result for both. Energies are sums over pixels with "
                   f"data weight {DATA_WEIGHT:g}."),
     }
-    outp = pathlib.Path(__file__).resolve().parent / "results" / ("fine_quick.json" if QUICK else "fine.json")
-    if "--realistic-only" in sys.argv:  # refresh the realistic-scene table of an existing results file
-        res = json.loads(outp.read_text()) if outp.exists() else res
-        def save(part):
+    outp = args.out or RESULTS / ("fine_quick.json" if args.quick else "fine.json")
+
+    def save(data):
+        data["environment"] = environment()  # this run's machine state (a refreshed file gets the new one)
+        return write_results("fine", data, outp)
+
+    if args.realistic_only:  # refresh the realistic-scene table of an existing results file
+        res = json.loads(open(outp).read()) if os.path.exists(outp) else res
+
+        def save_part(part):
             res["realistic_512"] = part
-            outp.write_text(json.dumps(res, indent=1, default=float))
-        save(bench_realistic(256 if QUICK else 512, runs=1 if QUICK else 3, progress=save))
+            save(res)
+        save_part(bench_realistic(256 if args.quick else 512, runs=1 if args.quick else 3, progress=save_part))
         return
-    if "--quality-only" in sys.argv:  # refresh the quality tables of an existing results file
-        res = json.loads(outp.read_text())
+    if args.quality_only:  # refresh the quality tables of an existing results file
+        res = json.loads(open(outp).read())
         res["quality_96px"] = bench_quality()
         res["albedo_sensitivity_96px"] = bench_albedo_sensitivity()
-        outp.write_text(json.dumps(res, indent=1, default=float))
+        save(res)
         print(json.dumps({k: res[k] for k in ("quality_96px", "albedo_sensitivity_96px")}, indent=1))
         return
     res["sh_least_squares_1mp"] = bench_sh()
@@ -477,12 +494,10 @@ def main():
     print(json.dumps(res["quality_96px"], indent=1), flush=True)
     res["albedo_sensitivity_96px"] = bench_albedo_sensitivity()
     print(json.dumps(res["albedo_sensitivity_96px"], indent=1), flush=True)
-    res["realistic_512"] = bench_realistic(256 if QUICK else 512, runs=1 if QUICK else 3)
+    res["realistic_512"] = bench_realistic(256 if args.quick else 512, runs=1 if args.quick else 3)
     res["fine"] = bench_stage_and_adam()
     print(json.dumps(res["fine"], indent=1, default=float))
-    outp.parent.mkdir(exist_ok=True)
-    outp.write_text(json.dumps(res, indent=1, default=float))
-    print("wrote", outp)
+    print("wrote", save(res))
 
 
 if __name__ == "__main__":

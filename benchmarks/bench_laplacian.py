@@ -18,39 +18,35 @@ Timed: set-up (assembly + factorisation) + first solve; each further solve with 
 right-hand sides); a batch of 16 target sets; a weight change of 10 handles by low-rank update vs
 a refactorisation. Medians over repeats; results in benchmarks/results/laplacian.json.
 
-Run: GEOMFIT_DATA=/path/to/data python benchmarks/bench_laplacian.py
+Run: GEOMFIT_DATA=/path/to/data python benchmarks/bench_laplacian.py [--quick] [--out PATH]
+(``--quick``: one repeat of everything, a check that the script runs; writes laplacian_quick.json.)
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
 import platform
 import sys
-import time
 
 import numpy as np
 import scipy
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from _harness import RESULTS, Timer, ratio, write_results  # noqa: E402  (sibling module)
+
 from geomfit.laplacian import LaplacianDeformer, _laplacian  # noqa: E402
 from geomfit.backend import factorize_spd  # noqa: E402
 
-
-def tic():
-    return time.perf_counter()
+QUICK = False  # --quick: every median over one call (set by main)
 
 
 def median_time(fn, repeats):
-    ts = []
-    out = None
-    for _ in range(repeats):
-        t = tic()
-        out = fn()
-        ts.append(tic() - t)
-    return float(np.median(ts)), out
+    """(median seconds, result of the last call) of ``repeats`` calls (the shared harness timer)."""
+    t = Timer(1 if QUICK else repeats).run(fn)
+    return t.median, t.result
 
 
 def load_mesh():
@@ -72,6 +68,12 @@ def load_mesh():
 
 
 def main():
+    global QUICK
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one repeat of every timing (writes laplacian_quick.json)")
+    ap.add_argument("--out", default=None, help="results path (default benchmarks/results/laplacian.json)")
+    args = ap.parse_args()
+    QUICK = args.quick
     v, f = load_mesh()
     n = len(v)
     rng = np.random.default_rng(0)
@@ -164,7 +166,7 @@ def main():
     x_upd = d.deform(targets[1])
     x_ref = LaplacianDeformer(v, f, h, w_now).deform(targets[1])
     res["weight_update"] = {"handles_changed": 10, "low_rank_update_s": t_upd, "refactor_setup_s": t_refac,
-                            "speedup": t_refac / t_upd,
+                            "speedup": ratio(t_refac, t_upd),
                             "max_abs_diff_vs_refactor": float(np.abs(x_upd - x_ref).max())}
     d.set_weights(np.arange(m), w)  # back to the benchmark weights
 
@@ -262,7 +264,7 @@ def main():
         "geomfit_setup_plus_first_solve_s": t_bi_setup, "geomfit_further_solve_s": t_bi_solve,
         "geomfit_batch16_per_target_s": t_bi_batch / 16,
         "scipy_setup_plus_first_solve_s": t_spb_setup, "scipy_further_solve_s": t_spb_solve,
-        "setup_ratio_vs_scipy": t_spb_setup / t_bi_setup, "solve_ratio_vs_scipy": t_spb_solve / t_bi_solve,
+        "setup_ratio_vs_scipy": ratio(t_spb_setup, t_bi_setup), "solve_ratio_vs_scipy": ratio(t_spb_solve, t_bi_solve),
         "rel_diff_vs_scipy": float(np.linalg.norm(x_bi0 - x_spb0) / np.linalg.norm(x_spb0)),
         "targets": {"setup_s_max": 0.6, "further_solve_s_max": 0.03}}
     del db
@@ -288,23 +290,22 @@ def main():
 
     res["rel_diff_geomfit_vs_scipy"] = float(np.linalg.norm(x_gf0 - x_sp0) / np.linalg.norm(x_sp0))
     res["ratios"] = {
-        "setup_plus_first_vs_scipy": t_sp_setup / t_gf_setup,
-        "further_solve_vs_scipy_further_solve": t_sp_solve / t_gf_solve,
-        "further_solve_vs_scipy_setup_plus_first": t_sp_setup / t_gf_solve,
-        "batch16_per_target_vs_scipy_further_solve": t_sp_solve / (t_gf_batch / 16),
+        "setup_plus_first_vs_scipy": ratio(t_sp_setup, t_gf_setup),
+        "further_solve_vs_scipy_further_solve": ratio(t_sp_solve, t_gf_solve),
+        "further_solve_vs_scipy_setup_plus_first": ratio(t_sp_setup, t_gf_solve),
+        "batch16_per_target_vs_scipy_further_solve": ratio(t_sp_solve, t_gf_batch / 16),
     }
-    res["ratios"]["handles_last_setup_plus_first_vs_scipy"] = t_sp_setup / t_gfl_setup
-    res["ratios"]["handles_last_further_solve_vs_scipy_further_solve"] = t_sp_solve / t_gfl_solve
+    res["ratios"]["handles_last_setup_plus_first_vs_scipy"] = ratio(t_sp_setup, t_gfl_setup)
+    res["ratios"]["handles_last_further_solve_vs_scipy_further_solve"] = ratio(t_sp_solve, t_gfl_solve)
     if res["libigl_min_quad_with_fixed"]:
-        res["ratios"]["setup_plus_first_vs_libigl"] = t_igl_setup / t_gf_setup
-        res["ratios"]["further_solve_vs_libigl"] = t_igl_solve / t_gf_solve
+        res["ratios"]["setup_plus_first_vs_libigl"] = ratio(t_igl_setup, t_gf_setup)
+        res["ratios"]["further_solve_vs_libigl"] = ratio(t_igl_solve, t_gf_solve)
     res["targets"] = {"setup_plus_first_vs_scipy_min": 2.5, "further_solve_vs_scipy_min": 30,
                       "aim_factorisation_s": 0.3, "aim_solve_s": 0.01}
     res["machine"]["load_avg_end"] = os.getloadavg()[0]
-    out = pathlib.Path(__file__).resolve().parent / "results" / "laplacian.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    out = write_results("laplacian", res, args.out or RESULTS / ("laplacian_quick.json" if QUICK else "laplacian.json"))
+    print(json.dumps(res, indent=2, default=float))
+    print("wrote", out)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,17 @@ triangles (normal turned > 60 degrees from the coarse mesh).
 Out of span: faces with a local change the model cannot express (nose tip 5 mm lower, chin 6 mm
 lower), 0.5 px noise; error over the changed region (offset weight > 0.3).
 
-Run: GEOMFIT_DATA=/path/to/data python benchmarks/bench_medium_robustness.py [--reps 3] [--grid]
-Writes benchmarks/results/medium_robustness.json.
+Run: GEOMFIT_DATA=/path/to/data python benchmarks/bench_medium_robustness.py [--reps 3] [--grid] [--quick]
+[--out PATH]. Writes benchmarks/results/medium_robustness.json (``--quick``: yaw 0 / 30, noise 0 / 2.5 px,
+one face each, two out-of-span faces, into medium_robustness_quick.json; ``--out``: PATH).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from _harness import tests_module, write_results  # noqa: E402  (sibling module)
+from _harness import RESULTS, Timer, tests_module, write_results  # noqa: E402  (sibling module)
 
 from geomfit.data import resolve_model  # noqa: E402
 from geomfit.fitting import fit_landmarks  # noqa: E402
@@ -74,9 +74,8 @@ def evaluate(model, cases, **kw):
     rows = []
     for c in cases:
         co = np.asarray(c["coarse"].vertices)
-        t = time.perf_counter()
-        res = medium_stage(c["coarse"], c["lm"], landmark_ids=np.arange(1, 69), **kw)
-        dt = time.perf_counter() - t
+        tm = Timer(1).run(lambda: medium_stage(c["coarse"], c["lm"], landmark_ids=np.arange(1, 69), **kw))
+        res, dt = tm.result, tm.runs[0]
         reg = c.get("region")
         ec = shape_errors(model, co, c["truth"], reg)
         em = shape_errors(model, np.asarray(res.vertices), c["truth"], reg)
@@ -113,13 +112,16 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--grid", action="store_true", help="also sweep shrink x handle_scale x energy x shrinkage")
     ap.add_argument("--only-grid", default="", help="comma list of 'energy:shrinkage' to sweep (default all)")
+    ap.add_argument("--quick", action="store_true", help="yaw 0 / 30, noise 0 / 2.5 px, one face each, two "
+                    "out-of-span faces (a check that the script runs; writes medium_robustness_quick.json)")
+    ap.add_argument("--out", default=None, help="results path (default benchmarks/results/medium_robustness.json)")
     a = ap.parse_args()
+    yaws, noises, reps, n_oos = (YAWS, NOISES, a.reps, 4) if not a.quick else ((0, 30), (0.0, 2.5), 1, 2)
     model = resolve_model("sfm")
-    t0 = time.perf_counter()
-    cases = make_cases(model, a.reps)
-    oos = out_of_span_cases(model)
-    print(f"{len(cases)} cases + {len(oos)} out-of-span built in {time.perf_counter() - t0:.0f} s", flush=True)
-    out = {"reps": a.reps, "yaws": YAWS, "noises": NOISES}
+    built = Timer(1).run(lambda: (make_cases(model, reps, yaws=yaws, noises=noises), out_of_span_cases(model, n_oos)))
+    cases, oos = built.result
+    print(f"{len(cases)} cases + {len(oos)} out-of-span built in {built.median:.0f} s", flush=True)
+    out = {"reps": reps, "yaws": yaws, "noises": noises}
     res = {}
     for name, kw in (("paper", dict(method="paper")), ("robust", dict(method="robust"))):
         rows = evaluate(model, cases, **kw)
@@ -150,7 +152,8 @@ def main():
                     grid.append(g)
                     print(g, flush=True)
         out["grid"] = grid
-    dst = write_results("medium_robustness", _plain(out))
+    dst = write_results("medium_robustness", _plain(out),
+                        a.out or RESULTS / ("medium_robustness_quick.json" if a.quick else "medium_robustness.json"))
     print("wrote", dst)
 
 
