@@ -18,7 +18,7 @@ Sections (each written to benchmarks/results/detail.json as soon as it finishes)
   the same loss (the ceiling of the loss with the stand-in albedo).
 
 torch runs on one thread (on this shared 2-core machine two threads made a step up to 30x slower).
-Run:  GEOMFIT_DATA=/work/shared/data python benchmarks/bench_detail.py [--quick]
+Run:  GEOMFIT_DATA=../shared/data python benchmarks/bench_detail.py [--quick]
 """
 from __future__ import annotations
 
