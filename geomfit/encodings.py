@@ -1,4 +1,4 @@
-"""Three-channel image encodings of a posed mesh (seeds 000 and 002).
+"""Three-channel image encodings of a posed mesh (Galteri et al., CVPR Workshops 2019 and CVIU 2019).
 
 * DAE (Galteri et al., "Coarse-to-fine 3D face reconstruction", CVPR Workshops 2019, Sec. 3.1): depth,
   azimuth and elevation of the surface normal.

@@ -288,7 +288,8 @@ def detect_landmarks(image, detector: str = "auto", *, upsample: int = 1, device
 
     Notes
     -----
-    Seeds 001 and 004 start from 68 detected landmarks (001 uses FAN); the coarse fit
+    Wang et al. (ICME 2020) and Jin et al. (Pattern Recognition Letters 2021) start from 68 detected
+    landmarks (Wang et al. use FAN); the coarse fit
     (:func:`geomfit.fitting.fit_landmarks`) consumes them.
     """
     img = load_photo(image)

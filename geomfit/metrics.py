@@ -2,10 +2,11 @@
 
 * :func:`depth_mae` -- mean absolute error between depth images (Galteri et al., CVIU 2019, Eq. 4),
   over the pixels valid in either image.
-* :func:`micc_errors` -- the MICC Florence protocol of seeds 003 (Sec. 5.3.1) and 004 (Sec. 4.2):
+* :func:`micc_errors` -- the MICC Florence protocol of Gecer et al. (Fast-GANFIT, TPAMI 2021, Sec. 5.3.1)
+  and Jin et al. (Pattern Recognition Letters 2021, Sec. 4.2):
   crop both meshes to a 95 mm sphere around the nose tip, align the prediction to the ground truth
   with rigid ICP (:func:`rigid_icp`), then report point-to-plane and point-to-point RMSE in mm
-  (and 003's average symmetric point-to-plane distance).
+  (and Gecer et al.'s average symmetric point-to-plane distance).
 * :func:`landmark_nme` -- landmark error normalised by the inter-ocular distance (300-W).
 """
 from __future__ import annotations
@@ -325,7 +326,7 @@ def _normals(v, f):
 
 def micc_errors(pred_vertices, gt_vertices, pred_faces=None, gt_faces=None, pred_nose=None, gt_nose=None,
                 radius: float = 95.0, icp: str = "point_to_plane", max_iter: int = 60, init=None) -> dict:
-    """MICC Florence evaluation of a reconstruction against a ground-truth scan (seeds 003/004).
+    """MICC Florence evaluation of a reconstruction against a ground-truth scan (Gecer et al. 2021; Jin et al. 2021).
 
     Protocol: crop both meshes to ``radius`` (95 mm) around their nose tips; align the cropped
     prediction to the cropped ground truth by rigid ICP (starting from the nose tips put
@@ -352,7 +353,7 @@ def micc_errors(pred_vertices, gt_vertices, pred_faces=None, gt_faces=None, pred
     -------
     dict
         ``rmse_point_to_plane`` and ``rmse_point_to_point`` (prediction -> ground truth, mm),
-        ``mean_point_to_plane_symmetric`` (003's average symmetric point-to-plane distance, mm),
+        ``mean_point_to_plane_symmetric`` (Gecer et al.'s average symmetric point-to-plane distance, mm),
         ``n_pred``, ``n_gt`` (points after cropping), ``rotation``, ``translation``,
         ``icp_iterations``, ``icp_converged``.
 

@@ -1,6 +1,7 @@
 """Relative total variation (Xu, Yan, Xia and Jia 2012).
 
-Seed 004 (Eq. 7) uses the relative total variation (RTV) of the albedo as its detail-reducing term;
+Jin et al. ("High-fidelity 3D face reconstruction with multi-scale details", Pattern Recognition
+Letters 2021, Eq. 7) use the relative total variation (RTV) of the albedo as their detail-reducing term;
 this module provides
 
 * :func:`rtv_weights` -- the per-edge weights of the quadratic form that RTV is linearised into

@@ -169,7 +169,7 @@ def load_model(path, expressions=None, landmarks=None, contours=None, *, format=
     References
     ----------
     Huber et al., "A Multiresolution 3D Morphable Face Model and Fitting Framework", VISAPP 2016
-    (the Surrey Face Model and eos's file formats). Seed 004, Eq. 1 (the linear model).
+    (the Surrey Face Model and eos's file formats). Jin et al., Pattern Recognition Letters 2021, Eq. 1 (the linear model).
     """
     fmt = format or detect_format(path)
     loaders = _loaders()
