@@ -943,6 +943,13 @@ class FineOptions:
     residual_texture : bool
         Also multiply by ``(sigma_n / e) ** texture_power`` with ``e`` the local high-pass energy of
         the residual (achromatic texture such as grey stubble; it also damps strong true detail).
+    shading_floor : float
+        The albedo ``G * (I / S0)`` divides by at least this fraction of the skin's median predicted
+        shading, and pixels below it (where the fitted light predicts little light: nostrils, the
+        shadowed side) are left out of the albedo's low-pass and of the data term (0: no floor).
+    albedo_clip : float
+        Pixels whose ratio ``I / S0`` is brighter than this many times the skin median (specular
+        highlights, light-model failures) are left out the same way, and the albedo is capped there.
     kappa : float
         Data weight ``kappa / sigma_n^2`` (the noise-aware weight).
     pin : float
@@ -997,6 +1004,8 @@ class FineOptions:
     cg_tol: float = 0.05
     cg_maxiter: int = 30
     residual_texture: bool = True
+    shading_floor: float = 0.4
+    albedo_clip: float = 3.0
     # shared
     saturation: float = 0.995
     min_pixels: int = 64
@@ -1007,7 +1016,9 @@ class FineOptions:
         for name in ("light_scale", "albedo_scale", "noise_window", "kappa"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FineOptions.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("pin", "smoothness", "texture_power", "dark"):
+        if not self.albedo_clip > 1:
+            raise ValueError(f"FineOptions.albedo_clip must be > 1, got {self.albedo_clip}")
+        for name in ("pin", "smoothness", "texture_power", "dark", "shading_floor"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"FineOptions.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("noise_quantile", "curvature_quantile"):
@@ -1121,6 +1132,42 @@ def band_light(image, normals, mask, scale, iterations=5):
     return sh
 
 
+def _ratio_albedo(I, S0, dm, skin, sigma, shading_floor, clip, xp):
+    """Smooth albedo ``G * (I / S0)`` from trusted pixels only; returns ``(albedo, trust)``.
+
+    A pixel is trusted when its predicted shading is at least ``shading_floor`` times the skin's
+    median shading (where the first-order light predicts little light, ``I / S0`` divides by a small,
+    unreliable number: nostrils, the shadowed side) and its ratio's brightness is at most ``clip``
+    times the skin's median ratio (specular highlights, light-model failures).  The low-pass is a
+    normalised convolution over the trusted pixels, so a blown-out pixel does not spread; pixels
+    with little trusted support take a 4x wider average (the skin median where even that has none),
+    and the result's brightness is capped at ``clip`` times the median.
+    """
+    if shading_floor <= 0 and not np.isfinite(clip):
+        return _masked_gauss(I / S0, dm, sigma, xp), dm
+    nd = ndimage_module(xp)
+    ref = skin & dm if bool((skin & dm).any()) else dm
+    S = S0.mean(-1)  # (H, W, 3) shading; white light: the channels agree
+    s_med = float(xp.median(S[ref]))
+    R = I / xp.maximum(S0, shading_floor * s_med)
+    lum = R.mean(-1)
+    r_med = float(xp.median(lum[ref]))
+    trust = dm & (S >= shading_floor * s_med) & (lum <= clip * r_med)
+    if int(trust.sum()) < 16:
+        trust = dm
+    tf = trust.astype(xp.float64)
+    c_s = nd.gaussian_filter(tf, sigma, mode="nearest")
+    c_l = nd.gaussian_filter(tf, 4.0 * sigma, mode="nearest")
+    a_s = _masked_gauss(R, trust, sigma, xp)
+    a_l = _masked_gauss(R, trust, 4.0 * sigma, xp)
+    fallback = xp.median(R[trust], axis=0)
+    a_l = xp.where((c_l > 1e-3)[..., None], a_l, fallback)
+    mix = xp.clip(c_s / 0.3, 0.0, 1.0)[..., None]
+    albedo = mix * a_s + (1.0 - mix) * a_l
+    scale = xp.minimum(1.0, clip * r_med / xp.maximum(albedo.mean(-1), 1e-12))[..., None]
+    return albedo * scale, trust
+
+
 _HF_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0  # unit-gain on white noise
 
 
@@ -1135,7 +1182,7 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
         skin = dm
     sh = band_light(I, n0, skin, o.light_scale * face)
     S0 = xp.maximum(shade(n0, sh), 1e-3)
-    albedo = _masked_gauss(I / S0, dm, o.albedo_scale * face, xp)
+    albedo, trust = _ratio_albedo(I, S0, dm, skin, o.albedo_scale * face, o.shading_floor, o.albedo_clip, xp)
     timings["light_albedo"] = time.perf_counter() - t
     t = time.perf_counter()
     # noise- and texture-aware weights (discrepancy of the residual the smooth model leaves)
@@ -1160,7 +1207,7 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
     weight = weight * xp.clip((lum / max(lref, 1e-6) - o.dark) / 0.2, 0.0, 1.0)
     if bool((reg > REGIONS["skin"]).any()):  # eyes, brows, mouth interior from landmarks; lips kept
         weight = weight * ((reg <= REGIONS["skin"]) | (reg == REGIONS["lips"]))
-    weight = xp.where(dm, weight, 0.0)
+    weight = xp.where(dm & trust, weight, 0.0)  # pixels whose albedo was not measurable: no data term
     w = o.kappa / sigma_n ** 2
     l1 = o.pin * w * float((I[dm] ** 2).mean()) + 1e-6
     timings["weights"] = time.perf_counter() - t

@@ -502,8 +502,55 @@ def _bilinear(img, x, y):
         return np.where(s > 1e-9, (wts * out).sum(0) / s, np.nan)
 
 
+def _phong_subdivide(v, f, alpha: float = 0.75):
+    """One level of :func:`subdivide` whose new (edge) vertices lie on the Phong tessellation of
+    the mesh instead of its flat faces (Boubekeur & Alexa, "Phong Tessellation", ACM Transactions on
+    Graphics 27(5), 2008, Eq. 2 at the edge midpoint, shape factor ``alpha``): the midpoint ``m`` of
+    edge ``ab`` moves to ``(1 - alpha) m + alpha (pi_a(m) + pi_b(m)) / 2``, ``pi_a`` the projection
+    onto the tangent plane of ``a`` (vertex normal).  Original vertices are unchanged, planes stay
+    planes, and a coarse curved mesh no longer shows its facets once it is finely subdivided."""
+    n = v.shape[0]
+    nv = np.asarray(vertex_normals(v, f))
+    v2, f2 = subdivide(v, f, 1)
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    uniq = np.unique(np.sort(e, axis=1), axis=0)  # the order subdivide() appends the midpoints in
+    a, b = uniq[:, 0], uniq[:, 1]
+    m = v2[n:]
+    pa = m - ((m - v[a]) * nv[a]).sum(1, keepdims=True) * nv[a]
+    pb = m - ((m - v[b]) * nv[b]).sum(1, keepdims=True) * nv[b]
+    v2[n:] = (1.0 - alpha) * m + alpha * 0.5 * (pa + pb)
+    return v2, f2
+
+
+def subdivide_for_view(vertices, faces, camera, image_height, target_edge_px: float = 1.0,
+                       max_subdivisions: int = 3, smooth: bool = True):
+    """Subdivide (1-to-4) until the median projected length of front-facing edges is at most
+    ``target_edge_px`` (at most ``max_subdivisions`` levels); ``smooth`` places the new vertices
+    on the Phong tessellation (Boubekeur & Alexa 2008) instead of the flat faces.  The level
+    chosen depends only on the inputs, so a depth rendered from this mesh and
+    :func:`displace_mesh` with the same arguments see the same surface.
+
+    Returns
+    -------
+    vertices (N', 3), faces (F', 3), level : int
+    """
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    level = 0
+    while level < max_subdivisions:
+        scr = np.asarray(camera.to_screen(v, image_height))
+        front = _front_facing(scr, f)
+        e = scr[f[front]][:, [0, 1, 2, 0], :2]
+        lens = np.linalg.norm(np.diff(e, axis=1), axis=-1)
+        if lens.size == 0 or np.median(lens) <= target_edge_px:
+            break
+        v, f = _phong_subdivide(v, f) if smooth else subdivide(v, f, 1)
+        level += 1
+    return v, f, level
+
+
 def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: float = 1.0,
-                  max_subdivisions: int = 3, visibility_tol: float = 1.0):
+                  max_subdivisions: int = 3, visibility_tol: float = 1.0, smooth: bool = True):
     """Carry a depth change map onto a mesh: subdivide, then move visible vertices along the view.
 
     Parameters
@@ -524,6 +571,10 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
         Cap on the subdivision level (each level multiplies the face count by 4).
     visibility_tol : float
         A vertex is visible when its depth is within this many pixels of the z-buffer at its pixel.
+    smooth : bool
+        Place the new vertices on the Phong tessellation of the mesh (Boubekeur & Alexa 2008)
+        rather than on its flat faces: a coarse mesh subdivided to pixel-sized edges otherwise shows
+        its facets as a fine, even bumpiness.  ``delta`` is applied on top (False: plain midpoints).
 
     Returns
     -------
@@ -538,19 +589,9 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
     """
     from .render import rasterize
 
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
     H, W = delta.shape
-    level = 0
-    while level < max_subdivisions:
-        scr = np.asarray(camera.to_screen(v, image_height))
-        front = _front_facing(scr, f)
-        e = scr[f[front]][:, [0, 1, 2, 0], :2]
-        lens = np.linalg.norm(np.diff(e, axis=1), axis=-1)
-        if lens.size == 0 or np.median(lens) <= target_edge_px:
-            break
-        v, f = subdivide(v, f, 1)
-        level += 1
+    v, f, level = subdivide_for_view(vertices, faces, camera, image_height, target_edge_px, max_subdivisions,
+                                     smooth)
     scr = np.asarray(camera.to_screen(v, image_height))
     ras = rasterize(scr, f, H, W)
     zbuf = np.asarray(ras.depth)

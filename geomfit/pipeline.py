@@ -38,6 +38,7 @@ import numpy as np
 
 from .landmarks import NoFaceError, check_landmarks, detect_landmarks, read_pts_checked
 from .mesh import Mesh, displace_mesh  # noqa: F401  (defined in geomfit.mesh; kept importable from here)
+from .mesh import subdivide_for_view
 from .photo import load_photo, resize_longest, srgb_to_linear
 
 __all__ = ["reconstruct", "Reconstruction", "Mesh", "displace_mesh", "fixed_landmark_rmse", "crop_box",
@@ -189,9 +190,11 @@ def _fold_counts(model, v_coarse, v_medium, faces, v_fine=None, f_fine=None, sub
     out = {"coarse": folded_triangles(np.asarray(model.mean, dtype=np.float64), v_coarse, faces),
            "medium": folded_triangles(v_coarse, v_medium, faces)}
     if v_fine is not None:
-        from .mesh import subdivide
+        from .mesh import _phong_subdivide
 
-        vs, fs = (v_medium, faces) if subdivisions == 0 else subdivide(v_medium, faces, subdivisions)
+        vs, fs = v_medium, faces
+        for _ in range(int(subdivisions)):  # as displace_mesh subdivides
+            vs, fs = _phong_subdivide(np.asarray(vs, dtype=np.float64), np.asarray(fs, dtype=np.int64))
         vs = np.asarray(vs)
         if vs.shape == v_fine.shape and np.array_equal(np.asarray(fs), f_fine):
             out["fine"] = folded_triangles(vs, v_fine, f_fine)
@@ -344,7 +347,11 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     diag["medium"] = {"method": med.method, "noise_px": float(med.noise_px), "handles": int(len(med.handle_indices)),
                       "moved_handles": int((np.abs(np.asarray(med.displacement_px)) > 0).any(1).sum())}
 
-    d_med = np.asarray(render_depth(v_medium, faces, cam, H, W))
+    # the medium depth is rendered from the mesh subdivided exactly as displace_mesh will subdivide it
+    # (Phong tessellation): a coarse mesh's flat facets would otherwise show as a fine, even bumpiness
+    # in the depth, the normals and the fine mesh
+    v_sub, f_sub, _ = subdivide_for_view(v_medium, faces, cam, H, target_edge_px, max_subdivisions)
+    d_med = np.asarray(render_depth(v_sub, f_sub, cam, H, W))
     mask = np.isfinite(d_med)
     if mask.sum() < 16:
         raise RuntimeError("the fitted face covers fewer than 16 pixels at the working size")
