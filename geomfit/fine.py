@@ -651,23 +651,31 @@ _DEPTH_OPTION_KEYS = ("lam", "iterations", "tol", "damping", "data_weight", "gra
                       "pcg_tol", "pcg_maxiter", "laplacian_on_displacement", "linear_solver")
 
 
-def _resolve_depth_options(options, legacy) -> DepthOptions:
+def _options_from(cls, options, legacy, *, allowed, where, hint, legacy_base):
+    """``options`` (an instance of ``cls``, a dict of its fields or None) with deprecated keyword
+    arguments ``legacy`` applied on top (a DeprecationWarning naming them); ``legacy_base()`` is the
+    base when only keywords are given. Unknown keywords raise TypeError, as a plain signature would."""
     import dataclasses
     import warnings
 
     if isinstance(options, dict):
-        options = DepthOptions(**options)
-    if options is not None and not isinstance(options, DepthOptions):
-        raise TypeError(f"options must be a DepthOptions or a dict, got {type(options).__name__}")
+        options = cls(**options)
+    if options is not None and not isinstance(options, cls):
+        raise TypeError(f"options must be a {cls.__name__} or a dict, got {type(options).__name__}")
     if legacy:
-        bad = sorted(set(legacy) - set(_DEPTH_OPTION_KEYS))
+        bad = sorted(set(legacy) - set(allowed))
         if bad:
-            raise TypeError(f"solve_depth() got unexpected keyword arguments {bad}")
-        warnings.warn("solve_depth(..., " + ", ".join(sorted(legacy)) + "=...) is deprecated: pass "
-                      "options=DepthOptions(...) (DepthOptions.phase1(...) / .phase2(...); these keywords go "
-                      "in the next release)", DeprecationWarning, stacklevel=3)
-        options = dataclasses.replace(options if options is not None else DepthOptions(), **legacy)
-    return options if options is not None else DepthOptions()
+            raise TypeError(f"{where}() got unexpected keyword arguments {bad}")
+        warnings.warn(f"{where}(..., " + ", ".join(sorted(legacy)) + f"=...) is deprecated: pass {hint}",
+                      DeprecationWarning, stacklevel=4)
+        options = dataclasses.replace(options if options is not None else legacy_base(), **legacy)
+    return options if options is not None else cls()
+
+
+def _resolve_depth_options(options, legacy) -> DepthOptions:
+    return _options_from(DepthOptions, options, legacy, allowed=_DEPTH_OPTION_KEYS, where="solve_depth",
+                         hint="options=DepthOptions(...) (DepthOptions.phase1(...) / .phase2(...); these "
+                              "keywords go in the next release)", legacy_base=DepthOptions)
 
 
 def solve_depth(image, depth, mask, albedo, sh, specular=None, depth0=None, options=None, *, data_mask=None,
@@ -1042,23 +1050,9 @@ _LEGACY_STAGE_KEYS = ("phases", "lam_skin", "lam_rtv", "lam_spec", "specular", "
 
 
 def _resolve_options(options, legacy) -> FineOptions:
-    import dataclasses
-    import warnings
-
-    if isinstance(options, dict):
-        options = FineOptions(**options)
-    if options is not None and not isinstance(options, FineOptions):
-        raise TypeError(f"options must be a FineOptions or a dict, got {type(options).__name__}")
-    if legacy:
-        bad = sorted(set(legacy) - set(_LEGACY_STAGE_KEYS))
-        if bad:
-            raise TypeError(f"fine_stage() got unexpected keyword arguments {bad}")
-        warnings.warn("fine_stage(..., " + ", ".join(sorted(legacy)) + "=...) is deprecated: pass "
-                      "options=FineOptions.paper(...) (these keywords select the paper's method and go in the "
-                      "next release)", DeprecationWarning, stacklevel=3)
-        base = options if options is not None else FineOptions.paper()
-        options = dataclasses.replace(base, **legacy)
-    return options if options is not None else FineOptions()
+    return _options_from(FineOptions, options, legacy, allowed=_LEGACY_STAGE_KEYS, where="fine_stage",
+                         hint="options=FineOptions.paper(...) (these keywords select the paper's method and "
+                              "go in the next release)", legacy_base=FineOptions.paper)
 
 
 # ----------------------------------------------------------------------------------------------
