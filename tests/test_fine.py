@@ -392,6 +392,19 @@ def test_fine_stage_cupy_matches_numpy(scene):
         np.testing.assert_allclose(cp.asnumpy(rg.depth), r.depth, atol=1e-4)
 
 
+def _reference_inner_and_normals(m, d):
+    """Plain-slicing reference: pixels whose 4 neighbours are in the mask, and central-difference
+    normals ``(-dd/dx, +dd/drow, 1)`` normalised (zero derivative on the border)."""
+    inner = np.zeros_like(m)
+    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    p = np.zeros_like(d)
+    q = np.zeros_like(d)
+    p[:, 1:-1] = (d[:, 2:] - d[:, :-2]) / 2
+    q[1:-1] = (d[2:] - d[:-2]) / 2
+    n = np.stack([-p, q, np.ones_like(p)], -1)
+    return inner, n / np.linalg.norm(n, axis=-1, keepdims=True)
+
+
 def test_depth_energy_matches_plain_reference():
     """Eq. 9 written directly with array slicing on the full grid equals the solver's energy."""
     s = synthetic_scene(32, n_blotches=2)
@@ -403,14 +416,7 @@ def test_depth_energy_matches_plain_reference():
     lam, w = PHASE2, 123.0
     prob = _DepthProblem(img, m, s["albedo"], s["sh"], spec, d, d0, lam, None, data_weight=w)
     # reference
-    inner = np.zeros_like(m)
-    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    p = np.zeros_like(d)
-    q = np.zeros_like(d)
-    p[:, 1:-1] = (d[:, 2:] - d[:, :-2]) / 2
-    q[1:-1] = (d[2:] - d[:-2]) / 2
-    n = np.stack([-p, q, np.ones_like(p)], -1)
-    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    inner, n = _reference_inner_and_normals(m, d)
     data = ((s["albedo"] * shade(n, s["sh"]) + spec - img) ** 2).sum(-1)[inner].sum()
     lap = np.zeros_like(d)
     lap[1:-1, 1:-1] = d[:-2, 1:-1] + d[2:, 1:-1] + d[1:-1, :-2] + d[1:-1, 2:] - 4 * d[1:-1, 1:-1]
@@ -436,14 +442,7 @@ def test_depth_pixel_weights_and_displacement_laplacian_match_reference():
     lam, w = (0.2, 0.7, 0.0, 0.0), 50.0
     prob = _DepthProblem(img, m, s["albedo"], s["sh"], None, d, d0, lam, None, data_weight=w, pixel_weight=pw,
                          laplacian_on_displacement=True)
-    inner = np.zeros_like(m)
-    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    p = np.zeros_like(d)
-    q = np.zeros_like(d)
-    p[:, 1:-1] = (d[:, 2:] - d[:, :-2]) / 2
-    q[1:-1] = (d[2:] - d[:-2]) / 2
-    n = np.stack([-p, q, np.ones_like(p)], -1)
-    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    inner, n = _reference_inner_and_normals(m, d)
     data = (pw[..., None] * (s["albedo"] * shade(n, s["sh"]) - img) ** 2).sum(-1)[inner].sum()
     dd = d - d0
     lap = np.zeros_like(d)
