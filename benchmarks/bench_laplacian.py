@@ -67,6 +67,25 @@ def load_mesh():
     return np.asarray(v, float), np.asarray(f, np.int64)
 
 
+def time_deformer(make, targets, batch, rep_setup, rep_solve):
+    """Median set-up + first solve of ``make()``, then further solves cycling through ``targets`` and a
+    batch solve. Returns ``(setup_s, deformer, first_result, further_solve_s, batch_s)``."""
+    def setup_first():
+        d = make()
+        return d, d.deform(targets[0])
+
+    t_setup, (d, x0) = median_time(setup_first, rep_setup)
+    k = [0]
+
+    def further():
+        k[0] = (k[0] + 1) % len(targets)
+        return d.deform(targets[k[0]])
+
+    t_solve, _ = median_time(further, rep_solve)
+    t_batch, _ = median_time(lambda: d.deform(batch), 3)
+    return t_setup, d, x0, t_solve, t_batch
+
+
 def main():
     global QUICK
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -135,19 +154,8 @@ def main():
                       "batch16_per_target_s": t_gf_batch / 16}
 
     # the solve-many layout (handles eliminated last), same targets, same run
-    def gfl_setup_first():
-        dl = LaplacianDeformer(v, f, h, w, handles_last=True)
-        return dl, dl.deform(targets[0])
-
-    t_gfl_setup, (dl, x_gfl0) = median_time(gfl_setup_first, rep_setup)
-    k[0] = 0
-
-    def gfl_solve():
-        k[0] = (k[0] + 1) % n_targets
-        return dl.deform(targets[k[0]])
-
-    t_gfl_solve, _ = median_time(gfl_solve, rep_solve)
-    t_gfl_batch, _ = median_time(lambda: dl.deform(batch), 3)
+    t_gfl_setup, dl, x_gfl0, t_gfl_solve, t_gfl_batch = time_deformer(
+        lambda: LaplacianDeformer(v, f, h, w, handles_last=True), targets, batch, rep_setup, rep_solve)
     t_gfl_fac, _ = median_time(lambda: factorize_spd(A, last=h), rep_setup)
     res["geomfit_handles_last"] = {"setup_plus_first_solve_s": t_gfl_setup, "factorisation_s": t_gfl_fac,
                                    "further_solve_s": t_gfl_solve, "batch16_solve_s": t_gfl_batch,
@@ -226,19 +234,8 @@ def main():
     # ---------------- energy="biharmonic" (medium_stage's robust default) vs SciPy on the same matrix ---
     from geomfit.mesh import cotangent_laplacian, mass_matrix
 
-    def bi_setup_first():
-        db = LaplacianDeformer(v, f, h, w, energy="biharmonic")
-        return db, db.deform(targets[0])
-
-    t_bi_setup, (db, x_bi0) = median_time(bi_setup_first, rep_setup)
-    k[0] = 0
-
-    def bi_solve():
-        k[0] = (k[0] + 1) % n_targets
-        return db.deform(targets[k[0]])
-
-    t_bi_solve, _ = median_time(bi_solve, rep_solve)
-    t_bi_batch, _ = median_time(lambda: db.deform(batch), 3)
+    t_bi_setup, db, x_bi0, t_bi_solve, t_bi_batch = time_deformer(
+        lambda: LaplacianDeformer(v, f, h, w, energy="biharmonic"), targets, batch, rep_setup, rep_solve)
 
     def bi_rhs(mu):
         b = np.zeros((n, 3))
