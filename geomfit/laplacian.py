@@ -35,7 +35,7 @@ from scipy.sparse.csgraph import connected_components
 
 from . import ibug
 from .camera import ScaledOrthographic
-from .mesh import cotangent_laplacian, mass_matrix, uniform_laplacian
+from .mesh import cotangent_laplacian, face_normals, mass_matrix, uniform_laplacian
 from .backend import asnumpy, factorize_spd, get_array_module, sparse_on_device, to_device
 
 __all__ = [
@@ -563,10 +563,8 @@ def folded_triangles(reference_vertices, vertices, faces, max_angle_deg: float =
         raise ValueError(f"folded_triangles: max_angle_deg must be in (0, 180), got {max_angle_deg!r}")
 
     def normals(v):
-        t = v[f]
-        c = np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0])
-        nrm = np.linalg.norm(c, axis=1)
-        return c, nrm
+        c = face_normals(v, f, normalize=False)
+        return c, np.linalg.norm(c, axis=1)
 
     c0, n0 = normals(v0)
     c1, n1 = normals(v1)

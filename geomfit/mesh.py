@@ -8,9 +8,7 @@ GPU).
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -405,22 +403,13 @@ def save_mesh(path, vertices, faces, colors=None) -> pathlib.Path:
         raise ValueError(f"save_mesh: unsupported file type {path.suffix!r} for {path} (use .obj or .ply)")
     mesh = to_trimesh(vertices, faces, colors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=ext, prefix=f".{path.stem}.", dir=str(path.parent))
-    try:
-        from .atomic import file_mode
+    from .atomic import write_bytes  # temp file beside it, umask-respecting mode, fsync, rename
 
-        os.fchmod(fd, file_mode())  # respect the umask (mkstemp makes 0600 files)
-        with os.fdopen(fd, "wb") as fh:
-            if ext == ".obj":
-                data = mesh.export(file_type="obj", include_normals=False, include_texture=False)
-            else:
-                data = mesh.export(file_type="ply")
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if ext == ".obj":
+        data = mesh.export(file_type="obj", include_normals=False, include_texture=False)
+    else:
+        data = mesh.export(file_type="ply")
+    write_bytes(path, data.encode() if isinstance(data, str) else data)
     return path
 
 

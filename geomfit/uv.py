@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_device
+from .photo import as_float_image
 
 __all__ = ["UVTexture", "uv_texture", "uv_render", "uv_raster", "sample_bilinear"]
 
@@ -174,26 +175,16 @@ def sample_bilinear(image, x, y):
 
 
 def _as_image(image, xp):
-    a = xp.asarray(image)
+    a = as_float_image(to_device(image, xp) if hasattr(image, "dtype") else image, "uv_texture: image")
     if a.ndim == 2:
         a = a[..., None]
-    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+    if a.shape[2] not in (1, 3, 4):
         raise ValueError(f"uv_texture: image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {tuple(a.shape)}")
-    if a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"uv_texture: image is empty, shape {tuple(a.shape)}")
-    if a.dtype.kind == "u":
-        a = a.astype(xp.float64) / float(np.iinfo(a.dtype).max)
-    elif a.dtype.kind in "fi":
-        a = a.astype(xp.float64)
-        if not bool(xp.all(xp.isfinite(a))):
-            raise ValueError("uv_texture: image contains NaN or infinite values")
-    else:
-        raise TypeError(f"uv_texture: image must be numeric, got dtype {a.dtype}")
     if a.shape[2] == 4:
         a = a[..., :3]
     if a.shape[2] == 1:
         a = xp.repeat(a, 3, axis=2)
-    return a
+    return xp.asarray(a)
 
 
 def uv_texture(image, fit, size: int = 256, *, faces=None, texcoords=None, depth_tolerance: float = 1.0,

@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from typing import Callable, List, Optional, Sequence
+
+from ..atomic import atomic_open
 
 import numpy as np
 import torch
@@ -956,14 +957,8 @@ def save_detail_model(path, module: nn.Module, extra: Optional[dict] = None):
         payload["discriminator"] = {"config": dict(d.config)}
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(p) as fh:
+        torch.save(payload, fh)
     return p
 
 

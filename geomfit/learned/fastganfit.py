@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_open
+from ..camera import matrix_to_rodrigues
 from .identity import _chip_to_image, align_chip
 from .photometric import linear_to_srgb_torch, rodrigues
 
@@ -65,14 +67,6 @@ def from_chip_camera(Rc, sc, tc, h, M, off, size):
     s = sc / c
     t = _D @ np.linalg.solve(M, _D @ tc - M @ np.array([0.0, h]) - off + np.array([0.0, size]))
     return R, s, t
-
-
-def _log_rot(R):
-    """Axis-angle of a rotation matrix (angle < pi)."""
-    c = np.clip((np.trace(R) - 1) / 2, -1.0, 1.0)
-    th = np.arccos(c)
-    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-    return w * (0.5 if th < 1e-8 else th / (2 * np.sin(th)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,16 +141,14 @@ class FastGANFit(torch.nn.Module):
         """Parameter vector from a fit expressed in the chip frame."""
         c = self.config
         lat = np.zeros(c["n_latent"]) if latent is None else np.asarray(latent).ravel()
-        return np.concatenate([np.asarray(id_coeffs)[:c["n_id"]], np.asarray(exp_coeffs)[:c["n_exp"]], _log_rot(Rc),
+        return np.concatenate([np.asarray(id_coeffs)[:c["n_id"]], np.asarray(exp_coeffs)[:c["n_exp"]], matrix_to_rodrigues(Rc),
                                [np.log(sc)], np.asarray(tc) / c["chip_size"], np.asarray(sh).ravel(), lat])
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path):
         """Write a checkpoint (weights, sizes, target normalisation) to ``path`` (written atomically)."""
-        path = pathlib.Path(os.fspath(path))
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": "geomfit.FastGANFit/1", "config": self.config, "state_dict": self.state_dict()}, tmp)
-        os.replace(tmp, path)
+        with atomic_open(pathlib.Path(os.fspath(path))) as fh:
+            torch.save({"format": "geomfit.FastGANFit/1", "config": self.config, "state_dict": self.state_dict()}, fh)
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "FastGANFit":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
+
+from ..atomic import atomic_open
 
 import numpy as np
 import torch
@@ -164,15 +165,9 @@ class UVDataset:
         """Write an ``.npz`` atomically."""
         p = pathlib.Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez_compressed(tmp, format=np.array("geomfit-uvdataset-1"), sources=np.array(self.sources),
+        with atomic_open(p) as fh:
+            np.savez_compressed(fh, format=np.array("geomfit-uvdataset-1"), sources=np.array(self.sources),
                                 **{k: getattr(self, k) for k in _FIELDS})
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return p
 
     @classmethod
