@@ -539,7 +539,7 @@ def subdivide_for_view(vertices, faces, camera, image_height, target_edge_px: fl
 
 
 def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: float = 1.0,
-                  max_subdivisions: int = 3, visibility_tol: float = 1.0, smooth: bool = True):
+                  max_subdivisions: int = 3, visibility_tol: float = 1.0, smooth: bool = True, subdivided=None):
     """Carry a depth change map onto a mesh: subdivide, then move visible vertices along the view.
 
     Parameters
@@ -564,6 +564,9 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
         Place the new vertices on the Phong tessellation of the mesh (Boubekeur & Alexa 2008)
         rather than on its flat faces: a coarse mesh subdivided to pixel-sized edges otherwise shows
         its facets as a fine, even bumpiness.  ``delta`` is applied on top (False: plain midpoints).
+    subdivided : tuple (vertices, faces, level), optional
+        The result of :func:`subdivide_for_view` with the same arguments, when the caller already has
+        it (the pipeline renders the medium depth from it); skips subdividing again.
 
     Returns
     -------
@@ -579,8 +582,10 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
     from .render import rasterize
 
     H, W = delta.shape
-    v, f, level = subdivide_for_view(vertices, faces, camera, image_height, target_edge_px, max_subdivisions,
-                                     smooth)
+    if subdivided is None:
+        subdivided = subdivide_for_view(vertices, faces, camera, image_height, target_edge_px, max_subdivisions,
+                                        smooth)
+    v, f, level = subdivided
     scr = np.asarray(camera.to_screen(v, image_height))
     ras = rasterize(scr, f, H, W)
     zbuf = np.asarray(ras.depth)

@@ -182,21 +182,17 @@ def _run_medium(model, coarse, landmarks, image_size, kwargs):
     return medium_stage(coarse, landmarks[ok], image_size=image_size, model=model, **kw)
 
 
-def _fold_counts(model, v_coarse, v_medium, faces, v_fine=None, f_fine=None, subdivisions=0):
+def _fold_counts(model, v_coarse, v_medium, faces, v_fine=None, f_fine=None, v_sub=None, f_sub=None):
     """Folded triangles (normal turned > 60 degrees) per stage, each against the stage before it:
-    coarse vs the model's mean shape, medium vs coarse, fine vs the medium mesh subdivided the same way."""
+    coarse vs the model's mean shape, medium vs coarse, fine vs the medium mesh subdivided the same way
+    (``v_sub``, ``f_sub``: the subdivision the fine mesh was displaced from)."""
     from .laplacian import folded_triangles
 
     out = {"coarse": folded_triangles(np.asarray(model.mean, dtype=np.float64), v_coarse, faces),
            "medium": folded_triangles(v_coarse, v_medium, faces)}
-    if v_fine is not None:
-        from .mesh import _phong_subdivide
-
-        vs, fs = v_medium, faces
-        for _ in range(int(subdivisions)):  # as displace_mesh subdivides
-            vs, fs = _phong_subdivide(np.asarray(vs, dtype=np.float64), np.asarray(fs, dtype=np.int64))
-        vs = np.asarray(vs)
-        if vs.shape == v_fine.shape and np.array_equal(np.asarray(fs), f_fine):
+    if v_fine is not None and v_sub is not None:
+        vs = np.asarray(v_sub)
+        if vs.shape == v_fine.shape and np.array_equal(np.asarray(f_sub), f_fine):
             out["fine"] = folded_triangles(vs, v_fine, f_fine)
     out["max_angle_deg"] = 60.0
     return out
@@ -350,7 +346,8 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     # the medium depth is rendered from the mesh subdivided exactly as displace_mesh will subdivide it
     # (Phong tessellation): a coarse mesh's flat facets would otherwise show as a fine, even bumpiness
     # in the depth, the normals and the fine mesh
-    v_sub, f_sub, _ = subdivide_for_view(v_medium, faces, cam, H, target_edge_px, max_subdivisions)
+    sub = subdivide_for_view(v_medium, faces, cam, H, target_edge_px, max_subdivisions)
+    v_sub, f_sub, _ = sub
     d_med = np.asarray(render_depth(v_sub, f_sub, cam, H, W))
     mask = np.isfinite(d_med)
     if mask.sum() < 16:
@@ -399,7 +396,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
             dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
             delta = delta * np.clip(dist / feather_px, 0.0, 1.0)
         v_fine, f_fine, dinfo = displace_mesh(v_medium, faces, cam, delta, H, target_edge_px=target_edge_px,
-                                              max_subdivisions=max_subdivisions)
+                                              max_subdivisions=max_subdivisions, subdivided=sub)
         diag.update(fine_mesh=dinfo)
         diag["fine_depth_change_px"] = {
             "mean_abs": float(np.abs(delta[mask]).mean()), "max_abs": float(np.abs(delta[mask]).max())}
@@ -407,8 +404,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         v_fine, f_fine = v_medium.copy(), faces
     timings["fine_mesh"] = time.perf_counter() - t
     diag["folded_triangles"] = _fold_counts(mdl, v_coarse, v_medium, faces, v_fine if fine else None,
-                                            f_fine if fine else None,
-                                            int(diag.get("fine_mesh", {}).get("subdivisions", 0)) if fine else 0)
+                                            f_fine if fine else None, v_sub, f_sub)
     log(f"folded triangles (normal turned > 60 deg): medium {diag['folded_triangles']['medium']}"
         + (f", fine {diag['folded_triangles'].get('fine')}" if fine else ""))
     timings["total"] = time.perf_counter() - t_all
