@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from .backend import (asnumpy, factorize_spd, get_array_module, ndimage_module, pcg, sparse_module, sparse_on_device,
                       symmetric_from_csr)
 from .grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
-                   laplacian_operator)
+                   laplacian_operator, masked_gaussian)
 from .photo import as_float_image
 from .render import depth_normals
 from .rtv import rtv_weights, solve_screened_poisson
@@ -1060,16 +1060,8 @@ def _resolve_options(options, legacy) -> FineOptions:
 # ----------------------------------------------------------------------------------------------
 
 def _masked_gauss(a, m, sigma, xp):
-    """Gaussian filter of ``a`` (H, W) or (H, W, C) restricted to the bool mask ``m`` (normalised
-    convolution); 0 where the mask has no support."""
-    nd = ndimage_module(xp)
-    mf = m.astype(xp.float64)
-    den = nd.gaussian_filter(mf, sigma, mode="nearest")
-    if a.ndim == 3:
-        num = xp.stack([nd.gaussian_filter(xp.where(m, a[..., c], 0.0), sigma, mode="nearest")
-                        for c in range(a.shape[2])], -1)
-        return num / xp.maximum(den, 1e-12)[..., None]
-    return nd.gaussian_filter(xp.where(m, a, 0.0), sigma, mode="nearest") / xp.maximum(den, 1e-12)
+    """:func:`geomfit.grid.masked_gaussian` with nearest-pixel boundaries."""
+    return masked_gaussian(a, m, sigma, mode="nearest")
 
 
 def band_light(image, normals, mask, scale, iterations=5):

@@ -1,4 +1,5 @@
-"""Sparse finite-difference operators on an image grid (row-major pixel order, index = row * W + col).
+"""Sparse finite-difference operators on an image grid (row-major pixel order, index = row * W + col),
+and the masked (normalised-convolution) Gaussian filter.
 
 Used by the shape-from-shading solver (:mod:`geomfit.fine`). Operators are built once with NumPy
 indices and returned as SciPy sparse matrices, or as CuPy sparse matrices when ``xp`` is CuPy.
@@ -8,10 +9,24 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .backend import sparse_to_device
+from .backend import get_array_module, ndimage_module, sparse_to_device
 
 __all__ = ["central_gradient_operators", "forward_difference_operators", "laplacian_operator",
-           "interior_mask", "edge_masks"]
+           "interior_mask", "edge_masks", "masked_gaussian"]
+
+
+def masked_gaussian(a, mask, sigma: float, mode: str = "nearest"):
+    """Gaussian filter of ``a`` (H, W) or (H, W, C) restricted to the bool ``mask`` (normalised
+    convolution: filtered masked values over the filtered mask); 0 where the mask has no support.
+    NumPy or CuPy, on the device of ``a``; ``mode`` is the boundary mode of ``gaussian_filter``."""
+    xp = get_array_module(a, mask)
+    nd = ndimage_module(xp)
+    den = nd.gaussian_filter(mask.astype(xp.float64), sigma, mode=mode)
+    if a.ndim == 3:
+        num = xp.stack([nd.gaussian_filter(xp.where(mask, a[..., c], 0.0), sigma, mode=mode)
+                        for c in range(a.shape[2])], -1)
+        return num / xp.maximum(den, 1e-12)[..., None]
+    return nd.gaussian_filter(xp.where(mask, a, 0.0), sigma, mode=mode) / xp.maximum(den, 1e-12)
 
 
 def _to(xp, A):

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .grid import masked_gaussian
+
 __all__ = [
     "LIGHTS",
     "synthetic_scene",
@@ -59,17 +61,8 @@ _LJSON_TO_IBUG = np.r_[0:17, 29:34, 43:48, 34:43, 17:23, 23:29, 48:68]
 
 
 def _gauss_masked(a, mask, sigma):
-    """Gaussian filter of ``a`` restricted to ``mask`` (normalised convolution)."""
-    from scipy.ndimage import gaussian_filter
-
-    m = mask.astype(np.float64)
-    if a.ndim == 3:
-        num = np.stack([gaussian_filter(np.where(mask, a[..., c], 0.0), sigma) for c in range(a.shape[2])], -1)
-        den = gaussian_filter(m, sigma)[..., None]
-    else:
-        num = gaussian_filter(np.where(mask, a, 0.0), sigma)
-        den = gaussian_filter(m, sigma)
-    return num / np.maximum(den, 1e-12)
+    """:func:`geomfit.grid.masked_gaussian` with reflecting boundaries."""
+    return masked_gaussian(a, mask, sigma, mode="reflect")
 
 
 def normal_error(normals, scene, mask=None, erode=1) -> float:
