@@ -28,12 +28,13 @@ import os
 import pathlib
 from typing import Callable, List, Optional, Sequence
 
-from ..atomic import atomic_open
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..atomic import atomic_open
+from .photometric import _SH_C, sh_basis_torch
 
 __all__ = [
     "BNet", "FAN", "DRN", "PatchDiscriminator", "PCAAlbedo", "VGG16Features",
@@ -47,8 +48,7 @@ __all__ = [
 #: The paper's settings (Sec. 4.1).
 PAPER = dict(lr=2e-5, w_a=1.0, w_pixel=0.005, w_percep=0.3, w_grad=0.5, w_const=1.0, w_smooth=20.0)
 
-_C = (0.5 * math.sqrt(1 / math.pi), math.sqrt(3 / (4 * math.pi)), 0.5 * math.sqrt(15 / math.pi),
-      0.25 * math.sqrt(5 / math.pi), 0.25 * math.sqrt(15 / math.pi))
+_C = _SH_C  # geomfit.sh's constants c0..c4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,10 +56,7 @@ _C = (0.5 * math.sqrt(1 / math.pi), math.sqrt(3 / (4 * math.pi)), 0.5 * math.sqr
 # ------------------------------------------------------------------------------------------------
 def sh_basis_t(normals: torch.Tensor) -> torch.Tensor:
     """The nine SH basis functions of :func:`geomfit.sh.sh_basis` in torch: ``(B, 3, ...) -> (B, 9, ...)``."""
-    x, y, z = normals[:, 0], normals[:, 1], normals[:, 2]
-    c0, c1, c2, c3, c4 = _C
-    return torch.stack([torch.full_like(x, c0), c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z,
-                        c3 * (3 * z * z - 1), c2 * x * z, c4 * (x * x - y * y)], 1)
+    return sh_basis_torch(normals, dim=1)
 
 
 def sh_shade(normals: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..sh import SH_CONSTANTS
 from .diffrender import render
 
 __all__ = ["fit_photometric", "fit_photometric_multi", "PhotometricFit", "VertexAlbedo", "TorchModel"]
 
-_SH_C = (0.282095, 0.488603, 1.092548, 0.315392, 0.546274)
+# geomfit.sh's constants (Ramamoorthi & Hanrahan), exactly: c0, c1, c2, c3, c4
+_SH_C = tuple(float(c) for c in SH_CONSTANTS[[0, 1, 4, 6, 8]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,13 +79,13 @@ def vertex_normals(v, faces):
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def sh_basis_torch(n):
-    """geomfit's nine SH basis functions (:func:`geomfit.sh.sh_basis`) at unit normals ``n`` (..., 3)."""
-    x, y, z = n[..., 0], n[..., 1], n[..., 2]
+def sh_basis_torch(n, dim: int = -1):
+    """geomfit's nine SH basis functions (:func:`geomfit.sh.sh_basis`) at unit normals ``n`` whose
+    axis ``dim`` holds (x, y, z); the nine values replace that axis."""
+    x, y, z = n.unbind(dim)
     c0, c1, c2, c3, c4 = _SH_C
-    one = torch.ones_like(x)
-    return torch.stack([c0 * one, c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z, c3 * (3 * z * z - 1),
-                        c2 * x * z, c4 * (x * x - y * y)], -1)
+    return torch.stack([torch.full_like(x, c0), c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z,
+                        c3 * (3 * z * z - 1), c2 * x * z, c4 * (x * x - y * y)], dim)
 
 
 def rodrigues(w):

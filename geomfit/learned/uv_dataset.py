@@ -12,10 +12,10 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from ..atomic import atomic_open
-
 import numpy as np
 import torch
+
+from ..atomic import atomic_open
 
 __all__ = ["UVDataset"]
 
