@@ -173,7 +173,8 @@ def _run_one(job: Dict[str, Any]) -> Dict[str, Any]:
         rd = atomic.ResultDir(out, force=bool(job.get("force") or job.get("resume")))
         with rd:
             atomic.test_hook("claimed")
-            r = reconstruct(image, model=job["model"], landmarks=job.get("landmarks"), detector=job["detector"],
+            mdl = job["model_object"] if job.get("model_object") is not None else job["model"]
+            r = reconstruct(image, model=mdl, landmarks=job.get("landmarks"), detector=job["detector"],
                             max_side=job["max_side"], fine=job["fine"])
             params = {"detector": job["detector"] if not job.get("landmarks") else None,
                       "max_side": job["max_side"], "fine": job["fine"], "landmarks_file": job.get("landmarks")}
@@ -289,8 +290,14 @@ def reconstruct_many(paths, client=None, *, outdir, model: str = "sfm", detector
     try:
         if client is None:
             meta["workers"] = 1
+            try:  # load the model once for the whole batch; if it fails, every photo reports why
+                from .data import resolve_model
+
+                loaded = resolve_model(model)
+            except Exception:
+                loaded = None
             for i, job in enumerate(jobs):
-                records[i] = _run_one(job)
+                records[i] = _run_one({**job, "model_object": loaded} if loaded is not None else job)
                 _tick(bar, records[i])
         else:
             meta["workers"] = len(getattr(client, "scheduler_info", lambda: {})().get("workers", {})) or None
