@@ -165,6 +165,14 @@ def test_reconstruct_synthetic_recovers_ground_truth(sfm_model):
 
     assert ang_err(rec.normals) < ang_err(n_med) + 2.0
     assert set(rec.timings) >= {"coarse", "medium", "fine", "fine_mesh", "total"}
+    # the default (robust) fine method end to end: normals no worse than the medium stage's (the
+    # realistic-scene floor, tests/test_scenes.py), finite, and no folded triangles in any later stage
+    rec_d = reconstruct(img, model=sfm_model, landmarks=lms, max_side=None)
+    n_med_d = np.asarray(depth_normals(rec_d.medium_depth))
+    assert np.isfinite(rec_d.depth[rec_d.mask]).all()
+    assert ang_err(rec_d.normals) <= 1.03 * ang_err(n_med_d)
+    assert rec_d.diagnostics["folded_triangles"]["medium"] == 0
+    assert rec_d.diagnostics["folded_triangles"]["fine"] == 0
 
 
 def test_mesh_code_keeps_its_old_import_path():
