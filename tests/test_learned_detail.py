@@ -503,6 +503,10 @@ def test_cli_train_detail_and_reconstruct_detail(tmp_path, capsys):
     np.testing.assert_allclose(det.vertices[:len(med.vertices)], med.vertices, atol=1.0)  # small rates
     z = np.load(rec / "detail_maps.npz")
     assert z["rate"].shape == (64, 64) and z["albedo"].shape == (64, 64, 3)
+    # v' = v + r n with |n| = 1 and r sampled bilinearly from the saved map: no vertex moves further
+    # than the largest rate (plus the OBJ files' rounding)
+    moved = np.linalg.norm(np.asarray(det.vertices[:len(med.vertices)]) - np.asarray(med.vertices), axis=1)
+    assert moved.max() <= np.abs(z["rate"]).max() + 1e-5
     assert (rec / "albedo_uv.png").is_file()
     capsys.readouterr()
     assert main(["reconstruct", str(DATA / "images" / "image_0010.png"), "-o", str(tmp_path / "x"),
