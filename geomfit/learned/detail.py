@@ -779,13 +779,18 @@ def train_bnet(dataset, albedo_model=None, *, steps: int = 1000, batch_size: int
         p_a, gamma = net.split(net(b["texture"]))
         synth = albedo_model(p_a) * sh_shade(b["normals"], gamma)
         loss = bnet_loss(b["texture"], b["visible"], synth, p_a, w_a)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        hist.append(loss.item())
+        hist.append(_descend(opt, loss))
         _progress(progress, "bnet", step + 1, steps, hist[-1])
     net.albedo_model = albedo_model
     return net.eval(), hist
+
+
+def _descend(opt, loss) -> float:
+    """One optimiser step on ``loss``; returns its value."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def _bnet_outputs(bnet, albedo_model, texture):
@@ -859,16 +864,11 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
         d_loss = torch.zeros(())
         if w_gan:
             d_loss = gan_discriminator_loss(D(real), D(albedo.detach() * m))
-            opt_d.zero_grad()
-            d_loss.backward()
-            opt_d.step()
+            _descend(opt_d, d_loss)
         # generator step (Eqs. 5, 7, 8)
         g_loss, parts = fan_generator_loss(tex, vis, albedo * shading, D(albedo * m) if w_gan else None, feat,
                                        w_pixel, w_percep, w_gan)
-        opt_g.zero_grad()
-        g_loss.backward()
-        opt_g.step()
-        hist.append(g_loss.item())
+        hist.append(_descend(opt_g, g_loss))
         parts_hist.append(dict(parts, discriminator=d_loss.item()))
         _progress(progress, "fan", step + 1, steps, hist[-1])
     G.discriminator = D
@@ -923,10 +923,7 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
         synth = albedo * sh_shade(n2, gamma)
         loss, parts = drn_loss(tex, vis, synth, rate * nrm, mask, w_grad, w_const, w_smooth)
         parts_hist.append(parts)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        hist.append(loss.item())
+        hist.append(_descend(opt, loss))
         _progress(progress, "drn", step + 1, steps, hist[-1])
     net.loss_parts = parts_hist
     return net.eval(), hist
