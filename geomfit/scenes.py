@@ -244,7 +244,7 @@ def _load_james(d: pathlib.Path):
 
 
 def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_sigma=None, seed=0,
-                occluder=None, data_dir=None):
+                occluder=None, data_dir=None, albedo_sigma=None):
     """The real "james" head scan rendered as a fine-stage test scene.
 
     The scan (6.7k vertices, its photogrammetry texture as the albedo) is turned to a frontal pose
@@ -263,8 +263,10 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     noise : float
         Sigma of the Gaussian image noise (linear intensities; the issue's range 0.002-0.01).
     albedo : {"textured", "smooth"}
-        The scan's texture, or the texture blurred (Gaussian, sigma ``size / 64`` px): the low-texture
-        variant.
+        The scan's texture, or the texture blurred (Gaussian, sigma ``albedo_sigma``, default
+        ``size / 64`` px).  Even blurred so, the texture's log-luminance varies 2-20x more than the
+        missing detail's shading in the bands where that detail lives (docs/fine.md); ``albedo_sigma
+        = size / 16`` makes a low-texture albedo.
     blur_sigma : float, optional
         Sigma (pixels) of the blur that makes the input depth; default ``size / 128`` (the missing
         detail scales with the image).
@@ -273,6 +275,8 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     occluder : {None, "glasses"}
         Render a spectacle frame (dark, slightly glossy rims round both eyes and a bridge) into the
         image; the true depth stays the face's (the frame must not become geometry).
+    albedo_sigma : float, optional
+        Blur of the ``"smooth"`` albedo in pixels (default ``size / 64``).
     data_dir : path, optional
         The folder with ``james.obj``, ``james.jpg`` and ``james.ljson`` (default
         ``$GEOMFIT_DATA/scans/james``).
@@ -336,7 +340,10 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     alb = cv2.remap(tex.astype(np.float32), mapx, mapy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     alb = np.where(np.asarray(ras.mask)[..., None], alb.astype(np.float64), 0.0)
     if albedo == "smooth":
-        alb = np.where(ras.mask[..., None], _gauss_masked(alb, np.asarray(ras.mask), size / 64.0), 0.0)
+        sig_a = size / 64.0 if albedo_sigma is None else float(albedo_sigma)
+        if not sig_a > 0:
+            raise ValueError(f"albedo_sigma must be > 0, got {albedo_sigma}")
+        alb = np.where(ras.mask[..., None], _gauss_masked(alb, np.asarray(ras.mask), sig_a), 0.0)
     occ = np.zeros((size, size), bool)
     spec = np.zeros((size, size))
     if occluder == "glasses":
@@ -368,6 +375,8 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     bs = size / 128.0 if blur_sigma is None else float(blur_sigma)
     depth_blur = np.where(ras.mask, _gauss_masked(dfill, np.asarray(ras.mask), bs), np.nan)
     name = f"james_{albedo}_{name_light}_n{noise:g}" + ("_glasses" if occluder else "")
+    if albedo == "smooth" and albedo_sigma is not None:
+        name += f"_s{float(albedo_sigma):g}"
     return dict(image=img, depth=np.where(ras.mask, depth, np.nan), depth_blur=depth_blur, mask=mask,
                 albedo=alb, sh=sh, normals=normals, landmarks=lm2, occluder=occ & mask, noise=float(noise),
                 name=name)

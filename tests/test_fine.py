@@ -8,7 +8,8 @@ import scipy.sparse as sp
 from geomfit.fine import (PHASE1, PHASE2, DepthOptions, FineOptions, _DepthProblem, _depth_normals, _ratio_albedo,
                           band_light, fine_stage, landmark_regions, prepare_image, region_mean_albedo, solve_albedo,
                           solve_depth, solve_specular)
-from geomfit.scenes import synthetic_scene
+from geomfit.render import depth_normals
+from geomfit.scenes import normal_error, synthetic_scene
 from geomfit.grid import (central_gradient_operators, edge_masks, forward_difference_operators, interior_mask,
                           laplacian_operator)
 from geomfit.sh import shade
@@ -624,3 +625,27 @@ def test_albedo_floor_improves_known_albedo_under_side_light():
     print(f"albedo error plain {e_plain:.3f} (99 % quantile {q_plain:.1f}x median) -> {e_new:.3f} ({q_new:.1f}x)")
     # measured at 96 px: 0.289 -> 0.170, 99 % quantile 205x -> 2.3x median
     assert e_new < 0.8 * e_plain and q_new < 3.0 < q_plain
+
+
+def test_band_weight_keeps_mid_band_albedo_texture_out_of_the_depth():
+    # a 10 % albedo stripe pattern inside the band weight's pass band (wavelength 4 b): without the band
+    # weight the stage carves it into the depth; with it the stripes get no data weight and the normals
+    # stay at the input's; without the texture the band term changes next to nothing
+    s = synthetic_scene(96, n_blotches=0)
+    m = s["mask"]
+    b = 0.02 * np.sqrt(m.sum())
+    x = np.arange(96)[None, :] * np.ones((96, 1))
+    stripes = 1.0 + 0.1 * np.sin(2 * np.pi * x / (4 * b))
+    img = np.clip(s["image"] * stripes[..., None], 0, 1)
+    e0 = normal_error(depth_normals(s["depth_blur"]), s)
+    on = fine_stage(img, s["depth_blur"], m)
+    off = fine_stage(img, s["depth_blur"], m, options=FineOptions.robust(band_scale=0))
+    e_on, e_off = normal_error(on.normals, s), normal_error(off.normals, s)
+    assert e_off > 1.02 * e0  # the texture became geometry
+    assert e_on <= 1.001 * e0 and e_on < e_off
+    assert np.median(on.confidence[m]) < 0.1 * np.median(off.confidence[m])
+    plain_on = fine_stage(s["image"], s["depth_blur"], m)
+    plain_off = fine_stage(s["image"], s["depth_blur"], m, options=FineOptions.robust(band_scale=0))
+    assert normal_error(plain_on.normals, s) == pytest.approx(normal_error(plain_off.normals, s), rel=2e-3)
+    with pytest.raises(ValueError, match="band_level"):
+        FineOptions.robust(band_level=0)

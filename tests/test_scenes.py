@@ -70,16 +70,29 @@ def suite_results():
 
 
 def test_robust_stage_stays_near_its_input_on_every_scene(suite_results):
-    # measured worst case 1.009x (top light on the textured scan; side light 1.019x before the albedo's shading
-    # floor); the paper's method is 2-3x worse there
+    # measured worst case 1.0000x (+5e-6 deg, top light on the textured scan; 1.009x before the mid-band
+    # texture weight, 1.019x before the albedo's shading floor); the paper's method is 2-3x worse there
     for name, fam, e0, e1 in suite_results:
-        print(f"{name:40s} {fam:9s} {e0:.3f} -> {e1:.3f} ({e1 / e0:.3f}x)")
-        assert e1 <= 1.03 * e0, name
+        print(f"{name:40s} {fam:9s} {e0:.4f} -> {e1:.4f} ({e1 / e0:.5f}x, {e1 - e0:+.2e} deg)")
+        assert e1 <= 1.005 * e0, name
     if HAVE_JAMES:
         assert {f for _, f, _, _ in suite_results} >= {"textured", "smooth", "occluder", "synthetic"}
 
 
-@pytest.mark.xfail(strict=True, reason="not reached (docs/fine.md 'Limitations'): the issue's floor <= 1.0x on "
-                   "every scene; the top- and frontal-lit textured scans end 0.1-1 % worse than the input")
-def test_robust_stage_never_worse_than_input(suite_results):
-    assert all(e1 <= e0 for _, _, e0, e1 in suite_results)
+@needs_james
+def test_robust_stage_never_worse_than_input_on_the_real_scan(suite_results):
+    # the floor on the real scan's scenes (textured under three lights and two noise levels, smooth,
+    # glasses): where the image cannot tell detail from texture the input is left alone.  The tolerance,
+    # 1e-5 relative (3e-5 deg), is far below anything measurable; measured +5e-6 deg at worst
+    for name, fam, e0, e1 in suite_results:
+        if fam != "synthetic":
+            assert e1 <= e0 * (1 + 1e-5), (name, e1 / e0)
+
+
+@pytest.mark.xfail(strict=True, reason="not reached (docs/fine.md 'Limitations'): the floor on the noisy uniform "
+                   "synthetic scene at 96 px (1.0013x: the estimated light; 1.0002x with the true light)")
+def test_robust_stage_never_worse_than_input_on_noisy_synthetic_scene():
+    s = synthetic_scene(96, n_blotches=0, noise=0.005)
+    e0 = normal_error(_depth_normals(s["depth_blur"], s["mask"]), s)
+    r = fine_stage(s["image"], s["depth_blur"], s["mask"])
+    assert normal_error(r.normals, s) <= e0
