@@ -40,7 +40,7 @@ def stage_ratio(s, e0, truth=False, **opt):
     if not truth:
         return normal_error(fine_stage(s["image"], s["depth_blur"], s["mask"], **kw).normals, s) / e0
     with mock.patch.object(fine, "band_light", lambda *a, **k: s["sh"]), \
-            mock.patch.object(fine, "_ratio_albedo", lambda I, S0, dm, *a, **k: (s["albedo"], dm)):
+            mock.patch.object(fine, "_ratio_albedo", lambda I, S0, dm, *a, **k: (s["albedo"], dm, s["albedo"])):
         return normal_error(fine_stage(s["image"], s["depth_blur"], s["mask"], **kw).normals, s) / e0
 
 

@@ -1011,10 +1011,10 @@ class FineOptions:
     noise_quantile: float = 0.2
     texture_power: float = 4.0
     kappa: float = 3e-4
-    pin: float = 0.3
+    pin: float = 0.15
     smoothness: float = 0.01
     robust_iterations: int = 3
-    curvature_quantile: float = 0.95
+    curvature_quantile: float = 0.0
     dark: float = 0.35
     noise_floor: float = 2e-3
     cg_tol: float = 0.05
@@ -1022,6 +1022,7 @@ class FineOptions:
     residual_texture: bool = True
     shading_floor: float = 0.4
     albedo_clip: float = 3.0
+    albedo_eps: float = 1e-3
     band_scale: float = 0.02
     band_level: float = 0.01
     band_power: float = 4.0
@@ -1129,19 +1130,53 @@ def band_light(image, normals, mask, scale, iterations=5):
     return sh
 
 
-def _ratio_albedo(I, S0, dm, skin, sigma, shading_floor, clip, xp):
-    """Smooth albedo ``G * (I / S0)`` from trusted pixels only; returns ``(albedo, trust)``.
+def _guided_log(R, trust, sigma, eps, xp):
+    """Edge-preserving low-pass of a ratio image: the guided filter (He, Sun & Tang, "Guided image
+    filtering", ECCV 2010 / TPAMI 2013) of ``log R`` per channel, guided by its own log-luminance, with
+    box statistics over the ``trust`` pixels only (window radius ``2 sigma``).  Variations whose local
+    variance exceeds ``eps`` (albedo edges: moles, brows, blotches) are kept; smaller ones (shading
+    detail) are averaged away."""
+    nd = ndimage_module(xp)
+    size = 2 * int(round(2.0 * sigma)) + 1
+    t = trust.astype(xp.float64)
+    L = xp.log(xp.maximum(R, 1e-6))
+    g = L.mean(-1)
+
+    def box(a):
+        return nd.uniform_filter(a * t, size, mode="nearest")
+
+    n = xp.maximum(box(xp.ones_like(g)), 1e-9)
+    mg = box(g) / n
+    vg = xp.maximum(box(g * g) / n - mg * mg, 0.0)
+    out = []
+    for c in range(L.shape[-1]):
+        mp = box(L[..., c]) / n
+        a = (box(g * L[..., c]) / n - mg * mp) / (vg + eps)
+        b = mp - a * mg
+        ma = nd.uniform_filter(a, size, mode="nearest")
+        mb = nd.uniform_filter(b, size, mode="nearest")
+        out.append(xp.exp(ma * g + mb))
+    return xp.stack(out, -1)
+
+
+def _ratio_albedo(I, S0, dm, skin, sigma, shading_floor, clip, xp, eps=0.0):
+    """Smooth albedo from the ratio ``I / S0`` of the trusted pixels; returns ``(albedo, trust, smooth)``.
 
     A pixel is trusted when its predicted shading is at least ``shading_floor`` times the skin's
     median shading (where the first-order light predicts little light, ``I / S0`` divides by a small,
     unreliable number: nostrils, the shadowed side) and its ratio's brightness is at most ``clip``
-    times the skin's median ratio (specular highlights, light-model failures).  The low-pass is a
-    normalised convolution over the trusted pixels, so a blown-out pixel does not spread; pixels
-    with little trusted support take a 4x wider average (the skin median where even that has none),
-    and the result's brightness is capped at ``clip`` times the median.
+    times the skin's median ratio (specular highlights, light-model failures).  ``smooth`` is the
+    Gaussian low-pass ``G * (I / S0)`` as a normalised convolution over the trusted pixels, so a
+    blown-out pixel does not spread; pixels with little trusted support take a 4x wider average (the
+    skin median where even that has none), and the brightness is capped at ``clip`` times the
+    median.  With ``eps > 0`` the trusted pixels' ``albedo`` is instead the edge-preserving guided
+    filter of the ratio (:func:`_guided_log`), which keeps albedo edges sharper than the shading
+    detail (``smooth`` is still returned: the texture weight measures what it leaves); otherwise
+    ``albedo is smooth``.
     """
     if shading_floor <= 0 and not np.isfinite(clip):
-        return _masked_gauss(I / S0, dm, sigma, xp), dm
+        a = _masked_gauss(I / S0, dm, sigma, xp)
+        return a, dm, a
     nd = ndimage_module(xp)
     ref = skin & dm if bool((skin & dm).any()) else dm
     S = S0.mean(-1)  # (H, W, 3) shading; white light: the channels agree
@@ -1155,14 +1190,22 @@ def _ratio_albedo(I, S0, dm, skin, sigma, shading_floor, clip, xp):
     tf = trust.astype(xp.float64)
     c_s = nd.gaussian_filter(tf, sigma, mode="nearest")
     c_l = nd.gaussian_filter(tf, 4.0 * sigma, mode="nearest")
-    a_s = _masked_gauss(R, trust, sigma, xp)
     a_l = _masked_gauss(R, trust, 4.0 * sigma, xp)
     fallback = xp.median(R[trust], axis=0)
     a_l = xp.where((c_l > 1e-3)[..., None], a_l, fallback)
     mix = xp.clip(c_s / 0.3, 0.0, 1.0)[..., None]
-    albedo = mix * a_s + (1.0 - mix) * a_l
-    scale = xp.minimum(1.0, clip * r_med / xp.maximum(albedo.mean(-1), 1e-12))[..., None]
-    return albedo * scale, trust
+    cap = clip * r_med
+
+    def finish(a_s):
+        a = mix * a_s + (1.0 - mix) * a_l
+        return a * xp.minimum(1.0, cap / xp.maximum(a.mean(-1), 1e-12))[..., None]
+
+    a_g = _masked_gauss(R, trust, sigma, xp)
+    smooth = finish(a_g)
+    if not eps > 0:
+        return smooth, trust, smooth
+    a_e = xp.where(trust[..., None], _guided_log(R, trust, sigma, eps, xp), a_g)
+    return finish(a_e), trust, smooth
 
 
 _HF_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]]) / 6.0  # unit-gain on white noise
@@ -1179,7 +1222,8 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
         skin = dm
     sh = band_light(I, n0, skin, o.light_scale * face)
     S0 = xp.maximum(shade(n0, sh), 1e-3)
-    albedo, trust = _ratio_albedo(I, S0, dm, skin, o.albedo_scale * face, o.shading_floor, o.albedo_clip, xp)
+    albedo, trust, albedo_band = _ratio_albedo(I, S0, dm, skin, o.albedo_scale * face, o.shading_floor,
+                                               o.albedo_clip, xp, eps=o.albedo_eps)
     timings["light_albedo"] = time.perf_counter() - t
     t = time.perf_counter()
     # noise- and texture-aware weights (discrepancy of the residual the smooth model leaves)
@@ -1206,7 +1250,7 @@ def _robust_stage(I, d_in, m, dm, reg, o: FineOptions, xp, timings):
         weight = weight * ((reg <= REGIONS["skin"]) | (reg == REGIONS["lips"]))
     if o.band_scale > 0:  # mid-band texture: local band energy of the log residual above what shading detail gives
         b = o.band_scale * face
-        lres = xp.where(dm, xp.log(xp.maximum(I.mean(-1), 1e-4)) - xp.log(xp.maximum((albedo * S0).mean(-1), 1e-4)), 0.0)
+        lres = xp.where(dm, xp.log(xp.maximum(I.mean(-1), 1e-4)) - xp.log(xp.maximum((albedo_band * S0).mean(-1), 1e-4)), 0.0)
         dog = _masked_gauss(lres, dm, 0.5 * b, xp) - _masked_gauss(lres, dm, 2.0 * b, xp)
         eb = xp.sqrt(xp.maximum(_masked_gauss(xp.where(dm, dog, 0.0) ** 2, inner, 2.0 * b, xp), 0.0))
         weight = weight * (o.band_level / xp.maximum(eb, o.band_level)) ** o.band_power

@@ -511,12 +511,65 @@ def _phong_subdivide(v, f, alpha: float = 0.75):
     return v2, f2
 
 
+def _loop_subdivide(v, f):
+    """One level of Loop subdivision (C. Loop, "Smooth subdivision surfaces based on triangles",
+    M.S. thesis, University of Utah, 1987), with the same connectivity as :func:`subdivide`.
+
+    Interior edge points are ``3/8 (a + b) + 1/8 (c + d)`` (``c, d`` the vertices opposite the edge),
+    boundary (and non-manifold) edge points the midpoint; an interior vertex of valence ``k`` moves to
+    ``(1 - k beta) v + beta sum(neighbours)`` with Loop's ``beta = (5/8 - (3/8 + cos(2 pi / k) / 4)^2) / k``,
+    a boundary vertex to ``3/4 v + 1/8 (b1 + b2)`` (its two boundary neighbours; the cubic B-spline
+    rule).  The limit surface is C2 except at extraordinary vertices (C1 there), so a coarse mesh
+    refined to pixel-sized edges shows neither facets nor the creases that Phong tessellation leaves
+    along the original edges.  Loop is approximating: the original vertices move (by about the local
+    curvature times the squared edge length), planes stay planes.
+    """
+    n = v.shape[0]
+    F = f.shape[0]
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    opp = np.concatenate([f[:, 2], f[:, 0], f[:, 1]])
+    uniq, inv = np.unique(np.sort(e, axis=1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    cnt = np.bincount(inv, minlength=len(uniq))
+    a, b = uniq[:, 0], uniq[:, 1]
+    osum = np.zeros((len(uniq), 3))
+    np.add.at(osum, inv, v[opp])
+    interior_edge = cnt == 2
+    ept = np.where(interior_edge[:, None], 0.375 * (v[a] + v[b]) + 0.125 * osum, 0.5 * (v[a] + v[b]))
+    # vertex rule
+    nsum = np.zeros((n, 3))
+    np.add.at(nsum, a, v[b])
+    np.add.at(nsum, b, v[a])
+    k = np.bincount(np.concatenate([a, b]), minlength=n).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        beta = np.where(k > 0, (0.625 - (0.375 + 0.25 * np.cos(2 * np.pi / np.maximum(k, 1))) ** 2) / k, 0.0)
+    vnew = (1.0 - k * beta)[:, None] * v + beta[:, None] * nsum
+    bd = ~interior_edge
+    if bd.any():
+        ba, bb = a[bd], b[bd]
+        bsum = np.zeros((n, 3))
+        np.add.at(bsum, ba, v[bb])
+        np.add.at(bsum, bb, v[ba])
+        bk = np.bincount(np.concatenate([ba, bb]), minlength=n)
+        rim = bk == 2  # a regular boundary vertex (corner / non-manifold vertices stay put)
+        vnew[rim] = 0.75 * v[rim] + 0.125 * bsum[rim]
+        odd = bk > 0
+        vnew[odd & ~rim] = v[odd & ~rim]
+    used = np.zeros(n, bool)
+    used[f.reshape(-1)] = True
+    vnew[~used] = v[~used]
+    _, f2 = subdivide(v, f, 1)
+    return np.concatenate([vnew, ept]), f2
+
+
 def subdivide_for_view(vertices, faces, camera, image_height, target_edge_px: float = 1.0,
-                       max_subdivisions: int = 3, smooth: bool = True):
+                       max_subdivisions: int = 3, smooth="loop"):
     """Subdivide (1-to-4) until the median projected length of front-facing edges is at most
-    ``target_edge_px`` (at most ``max_subdivisions`` levels); ``smooth`` places the new vertices
-    on the Phong tessellation (Boubekeur & Alexa 2008) instead of the flat faces.  The level
-    chosen depends only on the inputs, so a depth rendered from this mesh and
+    ``target_edge_px`` (at most ``max_subdivisions`` levels).  ``smooth``: ``"loop"`` (or True,
+    the default) Loop subdivision (:func:`_loop_subdivide`: a smooth limit surface; the original
+    vertices move slightly), ``"phong"`` the new vertices on the Phong tessellation (Boubekeur &
+    Alexa 2008; original vertices fixed, creases along the original edges remain), False flat
+    midpoints.  The level chosen depends only on the inputs, so a depth rendered from this mesh and
     :func:`displace_mesh` with the same arguments see the same surface.
 
     Returns
@@ -525,6 +578,11 @@ def subdivide_for_view(vertices, faces, camera, image_height, target_edge_px: fl
     """
     v = np.asarray(vertices, dtype=np.float64)
     f = np.asarray(faces, dtype=np.int64)
+    schemes = {"loop": _loop_subdivide, True: _loop_subdivide, "phong": _phong_subdivide,
+               False: lambda a, b: subdivide(a, b, 1)}
+    if not any(smooth is k or (isinstance(smooth, str) and smooth == k) for k in schemes):
+        raise ValueError(f"smooth must be 'loop', 'phong', True or False, got {smooth!r}")
+    step = schemes[smooth]
     level = 0
     while level < max_subdivisions:
         scr = np.asarray(camera.to_screen(v, image_height))
@@ -533,13 +591,13 @@ def subdivide_for_view(vertices, faces, camera, image_height, target_edge_px: fl
         lens = np.linalg.norm(np.diff(e, axis=1), axis=-1)
         if lens.size == 0 or np.median(lens) <= target_edge_px:
             break
-        v, f = _phong_subdivide(v, f) if smooth else subdivide(v, f, 1)
+        v, f = step(v, f)
         level += 1
     return v, f, level
 
 
 def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: float = 1.0,
-                  max_subdivisions: int = 3, visibility_tol: float = 1.0, smooth: bool = True, subdivided=None):
+                  max_subdivisions: int = 3, visibility_tol: float = 1.0, smooth="loop", subdivided=None):
     """Carry a depth change map onto a mesh: subdivide, then move visible vertices along the view.
 
     Parameters
@@ -554,16 +612,17 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
         refinement.
     image_height : int
     target_edge_px : float
-        Subdivide (midpoint, 1-to-4) until the median projected length of visible edges is at most
+        Subdivide (1-to-4, scheme ``smooth``) until the median projected length of visible edges is at most
         this many pixels, so that one vertex samples about one pixel of detail.
     max_subdivisions : int
         Cap on the subdivision level (each level multiplies the face count by 4).
     visibility_tol : float
         A vertex is visible when its depth is within this many pixels of the z-buffer at its pixel.
-    smooth : bool
-        Place the new vertices on the Phong tessellation of the mesh (Boubekeur & Alexa 2008)
-        rather than on its flat faces: a coarse mesh subdivided to pixel-sized edges otherwise shows
-        its facets as a fine, even bumpiness.  ``delta`` is applied on top (False: plain midpoints).
+    smooth : {"loop", "phong", True, False}
+        The subdivision scheme (:func:`subdivide_for_view`): Loop (default; True means the same),
+        new vertices on the Phong tessellation, or flat midpoints (False).  A coarse mesh subdivided
+        to pixel-sized edges by midpoints shows its facets as a fine, even bumpiness, and Phong
+        tessellation still shows creases along the original edges.  ``delta`` is applied on top.
     subdivided : tuple (vertices, faces, level), optional
         The result of :func:`subdivide_for_view` with the same arguments, when the caller already has
         it (the pipeline renders the medium depth from it); skips subdividing again.
@@ -572,7 +631,8 @@ def displace_mesh(vertices, faces, camera, delta, image_height, target_edge_px: 
     -------
     vertices (N', 3), faces (F', 3), info : dict
         ``subdivisions`` (level used) and ``displaced`` (vertices moved).  The first N vertices
-        are the input vertices (moved where visible).
+        are the input vertices (moved where visible; with Loop subdivision, also repositioned by its
+        vertex rule).
 
     Notes
     -----

@@ -202,7 +202,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
                 fine: bool = True, coarse_options: Optional[dict] = None, medium_options: Optional[dict] = None,
                 fine_options: Optional[dict] = None, target_edge_px: float = 1.0, max_subdivisions: int = 2,
                 feather_px: float = 3.0, progress: Optional[Callable[[str], None]] = None,
-                refiner=None,
+                refiner=None, subdivision: str = "loop",
                 coarse: str = "landmarks", photometric_options: Optional[dict] = None) -> Reconstruction:
     """Reconstruct a detailed 3D face from one photo: coarse -> medium -> fine.
 
@@ -229,6 +229,10 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         or a dict of its fields (default: the robust method; ``{"method": "paper"}`` for the paper's).
     target_edge_px, max_subdivisions :
         Fine-mesh resampling, see :func:`displace_mesh`.
+    subdivision : {"loop", "phong", False}
+        How the medium mesh is refined for the fine mesh and the medium depth map
+        (:func:`geomfit.mesh.subdivide_for_view`): Loop subdivision (default), Phong tessellation, or
+        flat midpoints.
     feather_px : float
         The depth change carried onto the mesh fades linearly to 0 over this many pixels towards
         the face silhouette (0: no fading).
@@ -346,7 +350,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
     # the medium depth is rendered from the mesh subdivided exactly as displace_mesh will subdivide it
     # (Phong tessellation): a coarse mesh's flat facets would otherwise show as a fine, even bumpiness
     # in the depth, the normals and the fine mesh
-    sub = subdivide_for_view(v_medium, faces, cam, H, target_edge_px, max_subdivisions)
+    sub = subdivide_for_view(v_medium, faces, cam, H, target_edge_px, max_subdivisions, smooth=subdivision)
     v_sub, f_sub, _ = sub
     d_med = np.asarray(render_depth(v_sub, f_sub, cam, H, W))
     mask = np.isfinite(d_med)
@@ -396,7 +400,7 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
             dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
             delta = delta * np.clip(dist / feather_px, 0.0, 1.0)
         v_fine, f_fine, dinfo = displace_mesh(v_medium, faces, cam, delta, H, target_edge_px=target_edge_px,
-                                              max_subdivisions=max_subdivisions, subdivided=sub)
+                                              max_subdivisions=max_subdivisions, smooth=subdivision, subdivided=sub)
         diag.update(fine_mesh=dinfo)
         diag["fine_depth_change_px"] = {
             "mean_abs": float(np.abs(delta[mask]).mean()), "max_abs": float(np.abs(delta[mask]).max())}

@@ -596,8 +596,8 @@ def test_ratio_albedo_ignores_pixels_the_light_model_leaves_dark():
     img[spot] *= 4.0
     S0 = S_true.copy()
     S0[disc] = 0.03
-    plain, _ = _ratio_albedo(img, S0, m, m, 2.0, 0.0, np.inf, np)
-    got, trust = _ratio_albedo(img, S0, m, m, 2.0, 0.5, 2.5, np)
+    plain, _, _ = _ratio_albedo(img, S0, m, m, 2.0, 0.0, np.inf, np)
+    got, trust, _ = _ratio_albedo(img, S0, m, m, 2.0, 0.5, 2.5, np)
     assert plain[disc].mean(-1).max() > 5 * alb[disc].mean(-1).max()  # the defect this guards against
     assert not trust[disc].any() and not trust[spot].any() and trust.mean() > 0.9
     np.testing.assert_allclose(got, alb, rtol=0.08)
