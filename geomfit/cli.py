@@ -195,22 +195,15 @@ def _version():
 
 # -- fit-landmarks --------------------------------------------------------------------------------
 def _decode_image(path: pathlib.Path, what: str):
-    """cv2.imdecode with every failure (empty, corrupt, unreadable) as a CLIError naming the file."""
-    import cv2
+    """:func:`geomfit.photo.decode_image` with every failure as a CLIError naming the file."""
+    from .photo import ImageReadError, decode_image
 
     try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as e:
-        raise CLIError(f"cannot read {what} {path}: {e.strerror or e}") from e
-    if buf.size == 0:
-        raise CLIError(f"cannot read {what} {path}: the file is empty (0 bytes)")
-    try:
-        im = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as e:
-        raise CLIError(f"cannot read {what} {path}: OpenCV could not decode it") from e
-    if im is None:
-        raise CLIError(f"cannot read {what} {path}: corrupt, truncated or not an image format OpenCV reads")
-    return im
+        return decode_image(path)
+    except ImageReadError as e:
+        raise CLIError(f"cannot read {what} {path}: {e.reason}") from e
+    except FileNotFoundError as e:
+        raise CLIError(f"cannot read {what} {path}: not found or not a regular file") from e
 
 
 def _image_size_for(pts_path: pathlib.Path, pts: np.ndarray, given):

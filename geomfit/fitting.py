@@ -42,6 +42,7 @@ Algorithm:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
@@ -96,16 +97,35 @@ class FitOptions:
         return replace(self, **changes)
 
 
+_OPTION_FIELDS = frozenset(f.name for f in fields(FitOptions))
+
+
+def _keywords_or_options(fn):
+    """Refuse a call that passes ``options`` together with any of the knobs as keywords.
+
+    The rule is "one or the other": every keyword the caller wrote counts, whatever its value. The
+    wrapped function's defaults cannot tell ``max_iter=50`` (written) from ``max_iter`` left out, so
+    the check looks at the keywords of the call itself, not at values."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("options") is not None:
+            both = sorted(_OPTION_FIELDS.intersection(kwargs))
+            if both:
+                raise ValueError(f"{fn.__name__}: {', '.join(both)} given both as keywords and through options; "
+                                 "use one")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _resolve_options(options, given: dict, where: str) -> FitOptions:
-    """``options``, or the keyword knobs ``given`` as FitOptions; both at once is an error."""
+    """``options``, or the keyword knobs ``given`` as FitOptions (a call with both is refused by
+    :func:`_keywords_or_options` before it gets here)."""
     if options is None:
         return FitOptions(**given)
     if not isinstance(options, FitOptions):
         raise TypeError(f"{where}: options must be a FitOptions, got {type(options).__name__}")
-    default = FitOptions()
-    clash = sorted(k for k, v in given.items() if v != getattr(default, k))
-    if clash:
-        raise ValueError(f"{where}: {', '.join(clash)} given both as keywords and through options; use one")
     return options
 
 
@@ -761,6 +781,7 @@ def _finish(p, model, R, s, t, coef, cost, conv, iters, hist, Ln, w, c, d, hw, s
     return LandmarkFit(idc, exc, R, scale, trans, rmse, iters, conv, hist, lv, cv, hw, model)
 
 
+@_keywords_or_options
 def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None, w_id: float = 1e-3,
                   w_exp: float = 1e-3, n_id: Optional[int] = None, n_exp: Optional[int] = None,
                   n_alternations: int = 2, max_iter: int = 50, ftol: float = 1e-6, xtol: float = 1e-8,
@@ -800,7 +821,8 @@ def fit_landmarks(model: MorphableModel, landmarks, image_size, *, visible=None,
         Use the compiled kernel of the input's target (see Notes). False runs the vectorised array
         path and forms ``J^T J`` directly (the reference; same results).
     options : FitOptions, optional
-        All the tuning knobs above (``w_id`` ... ``w_init``) in one object, instead of keywords.
+        All the tuning knobs above (``w_id`` ... ``w_init``) in one object, instead of keywords: a call
+        that also writes any of those keywords (even with its default value) raises ``ValueError``.
     engine : {'auto', 'numba', 'xp', 'cuda'}
         Deprecated (a ``DeprecationWarning``; removed in the next release): ``'auto'`` is the only
         non-deprecated value. ``'numba'`` is the CPU kernel, ``'cuda'`` the CUDA kernel (as inside
@@ -969,6 +991,7 @@ def _lm_multi(p: _Prep, Ln, w, R, s, t, coef, w_id, reg_exp, max_iter, ftol, xto
     return R, s, t, coef, F, conv, it, xp.asarray(hist)
 
 
+@_keywords_or_options
 def fit_landmarks_multi(model: MorphableModel, landmarks: Sequence, image_sizes, *, visible=None,
                         w_id: float = 1e-3, w_exp: float = 1e-3, n_id: Optional[int] = None,
                         n_exp: Optional[int] = None, n_alternations: int = 2, max_iter: int = 50,

@@ -3,7 +3,8 @@
 Every stage works on float RGB images in [0, 1] of shape (H, W, 3).  :func:`read_image` turns any
 file OpenCV decodes (8- or 16-bit, grayscale, colour, with or without alpha; EXIF orientation
 applied) into that, and :func:`as_float_rgb` does the same for arrays.  ``skimage:NAME`` reads a
-sample image that ships with scikit-image (``skimage:astronaut``).  :func:`as_float_image` is
+sample image that ships with scikit-image (``skimage:astronaut``).  :func:`decode_image` is the one
+reader of image files (stored values; :func:`read_image` and the command line use it).  :func:`as_float_image` is
 geomfit's one rule for turning image dtypes into floats (any channel count, NumPy or CuPy); every
 module that accepts images uses it.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from .backend import get_array_module
 
-__all__ = ["read_image", "as_float_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo", "srgb_to_linear",
+__all__ = ["read_image", "decode_image", "ImageReadError", "as_float_image", "as_float_rgb", "as_uint8_rgb", "resize_longest", "load_photo", "srgb_to_linear",
            "linear_to_srgb"]
 
 
@@ -126,6 +127,64 @@ def as_uint8_rgb(image) -> np.ndarray:
     return np.round(as_float_rgb(image) * 255.0).astype(np.uint8)
 
 
+class ImageReadError(ValueError):
+    """An image file that exists but cannot be read or decoded.
+
+    ``str(e)`` is ``"cannot read image PATH: REASON"``; ``e.path`` and ``e.reason`` hold the parts."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def decode_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Decode an image file to its stored pixel values: geomfit's one image-file reader.
+
+    Unlike :func:`read_image` the values are not normalised: a 16-bit depth PNG comes back as uint16
+    counts. Channels are in RGB(A) order; EXIF orientation is applied (the frame a viewer shows).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Any format OpenCV decodes.
+
+    Returns
+    -------
+    ndarray
+        (H, W) for grayscale, (H, W, 3) RGB, (H, W, 4) RGBA; the file's dtype (uint8, uint16, float32).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing (or no regular file) at ``path``.
+    ImageReadError
+        A folder, an unreadable, empty, corrupt or truncated file, or one OpenCV refuses (e.g. a
+        header claiming more pixels than OpenCV's limit); the message names the file.
+    """
+    import cv2
+
+    p = pathlib.Path(os.fspath(path)).expanduser()
+    if p.is_dir():
+        raise ImageReadError(p, "it is a folder, not an image file")
+    if not p.is_file():  # also FIFOs and devices, whose reading could block
+        raise FileNotFoundError(f"image file not found: {p}")
+    try:
+        buf = np.fromfile(str(p), dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(p, e.strerror or str(e)) from e
+    if buf.size == 0:
+        raise ImageReadError(p, "the file is empty (0 bytes)")
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as e:
+        raise ImageReadError(p, "OpenCV could not decode it (" + str(e).strip().splitlines()[-1][:200] + ")") from e
+    if img is None:
+        raise ImageReadError(p, "corrupt, truncated or not an image format OpenCV reads")
+    if img.ndim == 3:
+        img = img[..., ::-1] if img.shape[2] == 3 else img[..., [2, 1, 0, 3]]
+    return img
+
+
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Read a photo file as float64 RGB in [0, 1], shape (H, W, 3).
 
@@ -141,7 +200,8 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     FileNotFoundError
         The file does not exist.
     ValueError
-        The file cannot be decoded (corrupt, truncated or not an image), naming the file.
+        The file cannot be decoded (corrupt, truncated or not an image: :class:`ImageReadError`),
+        naming the file.
     """
     s = os.fspath(path)
     if s.startswith("skimage:"):
@@ -151,20 +211,10 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
         if fn is None or not callable(fn):
             raise ValueError(f"{s}: scikit-image has no sample image of that name")
         return as_float_rgb(fn(), name=s)
-    import cv2
-
     p = pathlib.Path(s).expanduser()
     if p.is_dir():
         raise ValueError(f"{p} is a folder, not an image file (for a folder of photos: geomfit.reconstruct_many)")
-    if not p.is_file():
-        raise FileNotFoundError(f"image file not found: {p}")
-    buf = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buf.size else None
-    if img is None:
-        raise ValueError(f"cannot read image {p}: corrupt, truncated or not an image format OpenCV reads")
-    if img.ndim == 3:
-        img = img[..., ::-1] if img.shape[2] == 3 else img[..., [2, 1, 0, 3]]
-    return as_float_rgb(img, name=str(p))
+    return as_float_rgb(decode_image(p), name=str(p))
 
 
 def resize_longest(image: np.ndarray, max_side: int | None) -> Tuple[np.ndarray, float]:

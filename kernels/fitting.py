@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit
 
 from geomfit.camera import _rodrigues_coefficients
-from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module, numba_cuda
+from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module
 
 __all__ = ["fit_batch", "fit_one", "fit_batch_cuda", "CUDA"]
 
@@ -984,7 +984,8 @@ def _define_cuda(cu):
     return {"fit_batch_kernel": fit_batch_kernel}
 
 
-cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through it (the simulator swaps it)
+cuda = None  # module global bound to numba.cuda by LazyCuda on first use (not at import: 0.3-0.5 s); kernel
+# bodies reach ``cuda.grid`` through it, and the simulator swaps it
 CUDA = LazyCuda(_define_cuda)
 
 

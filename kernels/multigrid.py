@@ -24,7 +24,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from geomfit.backend import LazyCuda, get_array_module, numba_cuda
+from geomfit.backend import LazyCuda, get_array_module
 
 # ----------------------------------------------------------------------------------------------
 # per-pixel maths of the aggregation multigrid, written once: inlined into the @njit kernels below
@@ -269,7 +269,8 @@ def xpby(z, p, beta):
 # CUDA kernels (one thread per pixel); reductions are left to CuPy
 # ----------------------------------------------------------------------------------------------
 
-cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through it (the simulator swaps it)
+cuda = None  # module global bound to numba.cuda by LazyCuda on first use (not at import: 0.3-0.5 s); kernel
+# bodies reach ``cuda.grid`` through it, and the simulator swaps it
 
 
 def _define_cuda(cu):

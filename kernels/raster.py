@@ -40,7 +40,7 @@ import math
 import numpy as np
 from numba import njit
 
-from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module, numba_cuda
+from geomfit.backend import LazyCuda, cuda_result, cuda_view, get_array_module
 
 __all__ = ["rasterize_cpu", "rasterize_cuda", "CUDA"]
 
@@ -239,7 +239,8 @@ def rasterize_cpu(verts, faces, H, W):
 # CUDA
 # ------------------------------------------------------------------------------------------------
 
-cuda = numba_cuda()  # module global: kernel bodies reach ``cuda.grid`` through it (the simulator swaps it)
+cuda = None  # module global bound to numba.cuda by LazyCuda on first use (not at import: 0.3-0.5 s); kernel
+# bodies reach ``cuda.grid`` through it, and the simulator swaps it
 
 
 def _define_cuda(cu):

@@ -314,6 +314,33 @@ def test_builtin_kernels_resolve_on_cpu():
         assert callable(backend.kernel(name, on="cpu")) or hasattr(backend.kernel(name, on="cpu"), "matvec")
 
 
+def test_cpu_paths_do_not_import_numba_cuda():
+    """numba.cuda costs 0.3-0.5 s to import: importing the kernel modules and running the CPU kernels
+    (rasterizer, screened-Poisson multigrid, every registered CPU kernel) must not load it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+from geomfit import backend
+import geomfit.kernels.raster, geomfit.kernels.fitting, geomfit.kernels.multigrid
+for name in backend.KERNELS:
+    backend.kernel(name, on="cpu")
+from geomfit.render import rasterize
+v = np.array([[1.0, 1.0, 0.0], [9.0, 1.0, 0.0], [1.0, 9.0, 0.0]])
+rasterize(v, np.array([[0, 1, 2]]), 10, 10)
+from geomfit.multigrid import solve_screened_poisson
+d = np.ones((8, 8))
+solve_screened_poisson(d, np.ones((8, 7)), np.ones((7, 8)), np.arange(64.0).reshape(8, 8))
+print(sorted(m for m in ("numba.cuda", "numba_cuda", "numba.cuda.simulator") if m in sys.modules))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 @pytest.mark.cudasim
 def test_builtin_cuda_kernels_resolve_under_simulator():
     if not backend.cuda_available():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from geomfit.cli import main
+from test_photo import _png_header_only
 
 
 def _read_pts(p):
@@ -68,6 +69,7 @@ IMAGE_CONTENTS = {
     "gzip": gzip.compress(b"x" * 1000),
     "pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
     "nul": b"\0" * 4096,
+    "png-huge-header": lambda z: _png_header_only(200000, 200000),  # OpenCV raises, not returns None
 }
 CASES = {}
 for _k, _c in IMAGE_CONTENTS.items():
@@ -415,7 +417,8 @@ def _(tmp, zoo, data):
     return ["fit-landmarks", str(zoo / "face.pts"), "-o", "OUT", "--image-size", "20", "20"], "face.pts"
 
 
-for _k, _c in [("empty", b""), ("corrupt", b"\x89PNG\r\n\x1a\n" + b"\0" * 40), ("text", b"not an image")]:
+for _k, _c in [("empty", b""), ("corrupt", b"\x89PNG\r\n\x1a\n" + b"\0" * 40), ("text", b"not an image"),
+               ("huge-header", _png_header_only(200000, 200000))]:
     def _b(tmp, zoo, data, _c=_c, _k=_k):
         d = tmp / f"side-{_k}"
         d.mkdir()

@@ -295,3 +295,20 @@ def test_options_object_equals_keywords():
         fit_landmarks(model, L, HW, max_iter=3, options=FitOptions())
     with pytest.raises(TypeError, match="FitOptions"):
         fit_landmarks(model, L, HW, options={"max_iter": 3})
+
+
+@pytest.mark.parametrize("kw", [dict(max_iter=50), dict(max_iter=7), dict(w_id=1e-3, n_id=None)])
+def test_options_refuse_any_written_keyword(kw):
+    """A knob written as a keyword beside ``options`` is refused even when it carries the default
+    value (the old check compared with the defaults and let ``max_iter=50`` through silently)."""
+    from geomfit.fitting import FitOptions
+
+    model = random_model()
+    L, *_ = synth(model, 1, seed=43)
+    opts = FitOptions(max_iter=7, w_id=1e-2, n_id=3)
+    for fn, lm, size in ((fit_landmarks, L[0], HW), (fit_landmarks_multi, [L[0], L[0]], HW)):
+        with pytest.raises(ValueError, match=", ".join(sorted(kw))):
+            fn(model, lm, size, options=opts, **kw)
+    # options=None with keywords, and options alone, stay accepted
+    assert fit_landmarks(model, L[0], HW, options=None, max_iter=7).iterations <= 7
+    assert fit_landmarks(model, L[0], HW, options=opts).iterations <= 7

@@ -429,6 +429,83 @@ def test_train_drn_lowers_its_loss():
     assert np.isfinite(h).all() and last < first and g1 < g0
 
 
+def _reference_train_fan(ds, bnet, steps, seed, ngf, ndf):
+    """train_fan as first written: the targets recomputed from the batch at every step (batch size 1)."""
+    torch.manual_seed(seed)
+    G, Dn = L.FAN(ngf=ngf, size=ds.size), L.PatchDiscriminator(ndf=ndf)
+    opt_g = torch.optim.Adam(G.parameters(), lr=D.PAPER["lr"], betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(Dn.parameters(), lr=D.PAPER["lr"], betas=(0.5, 0.999))
+    hist = []
+    for idx in D._batches(len(ds), 1, steps, seed):
+        b = ds.batch(idx)
+        tex, vis, nrm, m = b["texture"], b["visible"], b["normals"], b["mask"]
+        if bnet is not None:
+            real, gamma = D._bnet_outputs(bnet, bnet.albedo_model, tex)
+        else:
+            real, gamma = D._default_albedo_light(tex, vis, nrm, ds.size / 32)
+        albedo = G(tex)
+        D._descend(opt_d, L.gan_discriminator_loss(Dn(real * m), Dn(albedo.detach() * m)))
+        loss, _ = L.fan_generator_loss(tex, vis, albedo * D.sh_shade(nrm, gamma), Dn(albedo * m), None)
+        hist.append(D._descend(opt_g, loss))
+    G.discriminator = Dn
+    return G, hist
+
+
+def _reference_train_drn(ds, fan, bnet, steps, seed, ngf):
+    """train_drn as first written: albedo and lighting recomputed from the batch at every step (batch size 1)."""
+    torch.manual_seed(seed)
+    net = L.DRN(ngf=ngf, size=ds.size)
+    opt = torch.optim.Adam(net.parameters(), lr=D.PAPER["lr"])
+    hist = []
+    for idx in D._batches(len(ds), 1, steps, seed):
+        b = ds.batch(idx)
+        tex, vis, nrm, mask = b["texture"], b["visible"], b["normals"], b["mask"]
+        with torch.no_grad():
+            if fan is not None:
+                albedo = fan.eval()(tex)
+                gamma = D._bnet_outputs(bnet, bnet.albedo_model, tex)[1] if bnet else D._fit_sh(tex, vis, albedo, nrm)
+            else:
+                albedo, gamma = D._default_albedo_light(tex, vis, nrm, ds.size / 32)
+                if bnet is not None:
+                    gamma = D._bnet_outputs(bnet, bnet.albedo_model, tex)[1]
+        rate = net(tex)
+        synth = albedo * D.sh_shade(D.displaced_normals(nrm, b["dpdu"], b["dpdv"], rate, mask), gamma)
+        hist.append(D._descend(opt, L.drn_loss(tex, vis, synth, rate * nrm, mask)[0]))
+    return net, hist
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fan_drn_targets_computed_once_per_map_bitwise_as_per_step(monkeypatch):
+    """FAN's and DRN's targets (albedo, lighting, shading) do not depend on the weights being trained:
+    they are computed once per map, not at every step. With one map per step the trained weights and
+    losses are bitwise those of the per-step recomputation (8 steps over 3 maps: each map reused)."""
+    ds = _synthetic_dataset(n=3, S=32)
+    b, _ = L.train_bnet(ds, L.PCAAlbedo.from_textures(ds.texture, ds.visible, 2), steps=2, batch_size=2, width=8)
+    for bnet in (None, b):
+        fan, h = L.train_fan(ds, bnet=bnet, steps=8, batch_size=1, ngf=8, ndf=8, perceptual=None, seed=1)
+        ref, href = _reference_train_fan(ds, bnet, 8, 1, 8, 8)
+        assert h == href and _same_weights(fan, ref)
+    for kw in (dict(), dict(fan=fan), dict(bnet=b), dict(fan=fan, bnet=b)):
+        drn, h = L.train_drn(ds, steps=8, batch_size=1, ngf=8, seed=2, **kw)
+        ref, href = _reference_train_drn(ds, kw.get("fan"), kw.get("bnet"), 8, 2, 8)
+        assert h == href and _same_weights(drn, ref), kw
+    # how often the fixed parts are evaluated: once per map that the steps use
+    seen = []
+    for name, tex_arg in (("_default_albedo_light", 0), ("_bnet_outputs", 2)):
+        def counted(*a, _fn=getattr(D, name), _i=tex_arg):
+            seen.append(a[_i].shape[0])
+            return _fn(*a)
+        monkeypatch.setattr(D, name, counted)
+    L.train_fan(ds, steps=8, batch_size=2, ngf=8, ndf=8, perceptual=None)      # stand-in: 3 maps
+    L.train_drn(ds, bnet=b, steps=8, batch_size=2, ngf=8)                      # stand-in + B-Net: 3 + 3
+    L.train_drn(ds.subset([0]), steps=3, batch_size=1, ngf=8)                  # stand-in: 1 map
+    assert sum(seen) == 3 + 6 + 1  # per step it was 16 + 32 + 3
+
+
 # ------------------------------------------------------------------------------------------------
 # UVDataset from the shared photo
 # ------------------------------------------------------------------------------------------------

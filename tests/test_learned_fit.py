@@ -263,3 +263,32 @@ def test_cli_has_coarse_option():
     a = build_parser().parse_args(["reconstruct", "x.png", "-o", "out", "--coarse", "photometric"])
     assert a.coarse == "photometric"
     assert build_parser().parse_args(["reconstruct", "x.png", "-o", "out"]).coarse == "landmarks"
+
+
+def test_no_host_sync_per_iteration_in_the_fit_loop(sfm, monkeypatch):
+    """On CUDA every float()/item()/bool() of a tensor waits for the GPU. The optimisation loop of
+    fit_photometric keeps its bookkeeping (losses, history) on the device: the number of such
+    conversions made by photometric.py itself does not grow with the iterations (the renderer's own
+    checks and the boolean-mask indexing of the pixel loss are counted separately, not here)."""
+    import sys
+
+    from geomfit.learned.identity import FaceIdentity, dlib_model_path
+
+    img, L, _, _ = synthetic_face(sfm, 2, size=64)
+    lf = fit_landmarks(sfm, L, img.shape[:2])
+    ident = FaceIdentity.from_dlib() if dlib_model_path() is not None else None
+    calls = []
+    for name in ("__float__", "__bool__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename.endswith("photometric.py"):
+                calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for iterations in (1, 4):
+        calls.clear()
+        fit_photometric(sfm, img, L, landmark_fit=lf, identity=ident, iterations=iterations, warmup=1, max_side=None)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts

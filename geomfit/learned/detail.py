@@ -723,6 +723,27 @@ def _batches(n, batch_size, steps, seed):
         yield idx
 
 
+def _fixed_per_map(dataset, batches, chunk, device, fn):
+    """Quantities of each map that training does not change (targets, lighting), computed once.
+
+    ``fn(batch) -> tuple of (B, ...) tensors`` runs without gradients on chunks of ``chunk`` maps, over
+    every map that ``batches`` (the index arrays of the training steps) uses, and nowhere else. The
+    results stay in host memory beside the dataset; the returned ``lookup(idx)`` gives the rows of the
+    maps ``idx`` on ``device``, as ``fn`` on ``dataset.batch(idx)`` would have."""
+    used = np.unique(np.concatenate(batches)) if batches else np.zeros(0, np.int64)
+    pos = np.full(len(dataset), -1, np.int64)
+    pos[used] = np.arange(used.size)
+    with torch.no_grad():
+        parts = [[t.cpu() for t in fn(dataset.batch(used[i:i + chunk], device))] for i in range(0, used.size, chunk)]
+    stored = [torch.cat(col) for col in zip(*parts)]
+
+    def lookup(idx):
+        rows = torch.from_numpy(pos[np.asarray(idx)])
+        return tuple(t[rows].to(device) for t in stored)
+
+    return lookup
+
+
 def _progress(progress, stage, step, steps, loss):
     if progress is not None:
         progress(stage, step, steps, loss)
@@ -813,7 +834,9 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
     is the "real" sample ``x`` of Eq. 6; FAN's albedo times the SH shading is ``I_syn`` for Eq. 7.
     Without it (documented default): the lighting is fitted per texture by least squares with a unit
     albedo, the real samples are the shading-divided textures low-passed by a Gaussian of ``S/32``
-    texels (visibility-normalised), and the lighting is re-fitted against them.
+    texels (visibility-normalised), and the lighting is re-fitted against them. These targets (real
+    sample, lighting, shading) do not change during training: they are computed once per map, before
+    the first step, each map within a chunk of ``batch_size`` maps.
 
     Parameters
     ----------
@@ -847,19 +870,24 @@ def train_fan(dataset, bnet: Optional[BNet] = None, albedo_model=None, *, steps:
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     hist, parts_hist = [], []
-    G.train()
-    D.train()
-    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed)):
-        b = dataset.batch(idx, dev)
+
+    def targets(b):  # D's real sample (on the UV layout only: outside it the PCA albedo is 0, FAN's output free)
         tex, vis, nrm = b["texture"], b["visible"], b["normals"]
         if bnet is not None:
             real, gamma = _bnet_outputs(bnet, albedo_model, tex)
         else:
             real, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
-        shading = sh_shade(nrm, gamma)
+        return real * b["mask"], sh_shade(nrm, gamma)
+
+    batches = list(_batches(len(dataset), batch_size, steps, seed))
+    fixed = _fixed_per_map(dataset, batches, batch_size, dev, targets)
+    G.train()
+    D.train()
+    for step, idx in enumerate(batches):
+        b = dataset.batch(idx, dev)
+        tex, vis, m = b["texture"], b["visible"], b["mask"]
+        real, shading = fixed(idx)
         albedo = G(tex)
-        m = b["mask"]  # D sees the UV layout only (outside it the PCA albedo is 0, FAN's output free)
-        real = real * m
         # discriminator step (Eq. 6); none when the GAN term is switched off
         d_loss = torch.zeros(())
         if w_gan:
@@ -887,7 +915,8 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
     DRN "based on FAN") and the lighting B-Net's. Defaults when they are not passed: the stand-in of
     :func:`train_fan` (lighting fitted with a unit albedo, ``A`` = the shading-divided texture
     low-passed by a Gaussian of ``S/32`` texels) and, with FAN but no B-Net, lighting fitted against
-    FAN's albedo with the undisplaced normals.
+    FAN's albedo with the undisplaced normals. Albedo and lighting are computed once per map, before
+    the first step (as in :func:`train_fan`).
 
     Returns
     -------
@@ -906,18 +935,25 @@ def train_drn(dataset, fan: Optional[FAN] = None, bnet: Optional[BNet] = None, *
     net = (drn if drn is not None else DRN(ngf=ngf, size=S)).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     hist, parts_hist = [], []
+
+    def albedo_light(b):
+        tex, vis, nrm = b["texture"], b["visible"], b["normals"]
+        if fan is not None:
+            albedo = fan(tex)
+            gamma = _bnet_outputs(bnet, albedo_model, tex)[1] if bnet is not None else _fit_sh(tex, vis, albedo, nrm)
+        else:
+            albedo, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
+            if bnet is not None:
+                gamma = _bnet_outputs(bnet, albedo_model, tex)[1]
+        return albedo, gamma
+
+    batches = list(_batches(len(dataset), batch_size, steps, seed))
+    fixed = _fixed_per_map(dataset, batches, batch_size, dev, albedo_light)
     net.train()
-    for step, idx in enumerate(_batches(len(dataset), batch_size, steps, seed)):
+    for step, idx in enumerate(batches):
         b = dataset.batch(idx, dev)
         tex, vis, nrm, mask = b["texture"], b["visible"], b["normals"], b["mask"]
-        with torch.no_grad():
-            if fan is not None:
-                albedo = fan(tex)
-                gamma = _bnet_outputs(bnet, albedo_model, tex)[1] if bnet is not None else _fit_sh(tex, vis, albedo, nrm)
-            else:
-                albedo, gamma = _default_albedo_light(tex, vis, nrm, S / 32)
-                if bnet is not None:
-                    gamma = _bnet_outputs(bnet, albedo_model, tex)[1]
+        albedo, gamma = fixed(idx)
         rate = net(tex)
         n2 = displaced_normals(nrm, b["dpdu"], b["dpdv"], rate, mask)
         synth = albedo * sh_shade(n2, gamma)

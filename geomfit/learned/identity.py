@@ -606,15 +606,25 @@ def align_chip(image, landmarks, size: int = 150, padding: float = 0.25):
         raise ValueError(f"align_chip: image must have shape (B, 3, H, W), got {tuple(image.shape)}")
     if L.shape[0] != img.shape[0]:
         L = L.expand(img.shape[0], -1, -1)
-    M, off = _chip_to_image(L.to(torch.float64 if img.dtype == torch.float64 else torch.float32), size, padding)
-    M, off = M.to(img.dtype), off.to(img.dtype)
-    H, W = img.shape[-2:]
-    u = torch.arange(size, dtype=img.dtype, device=img.device)
+    chip = _sample_chip(img, _chip_grid(L, img.shape[-2:], img.dtype, img.device, size, padding))
+    return chip[0] if single else chip
+
+
+def _chip_grid(L, hw, dtype, device, size: int = 150, padding: float = 0.25):
+    """The ``grid_sample`` grid (B, size, size, 2) of :func:`align_chip` for landmarks ``L`` (B, 68, 2)
+    on images of size ``hw``: computed once where the landmarks do not change (it syncs with the GPU)."""
+    M, off = _chip_to_image(L.to(torch.float64 if dtype == torch.float64 else torch.float32), size, padding)
+    M, off = M.to(dtype), off.to(dtype)
+    H, W = hw
+    u = torch.arange(size, dtype=dtype, device=device)
     vv, uu = torch.meshgrid(u, u, indexing="ij")
     q = torch.stack([uu, vv], -1).reshape(1, -1, 2)
     p = q @ M.transpose(1, 2) + off[:, None, :]  # (B, size*size, 2) image (x, y)
     gx = p[..., 0] / (W - 1) * 2 - 1
     gy = p[..., 1] / (H - 1) * 2 - 1
-    grid = torch.stack([gx, gy], -1).reshape(-1, size, size, 2)
-    chip = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return chip[0] if single else chip
+    return torch.stack([gx, gy], -1).reshape(-1, size, size, 2)
+
+
+def _sample_chip(img, grid):
+    """The chip of ``img`` (B, 3, H, W) at ``grid`` (from :func:`_chip_grid`), bilinear."""
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)

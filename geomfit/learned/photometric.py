@@ -343,8 +343,8 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
             Lc = Lc * f
             sc.chip_L = torch.as_tensor(Lc, dtype=dtype, device=device)
             with torch.no_grad():
-                chip = _chip(sc.photo, sc.chip_L)
-                sc.id_target, sc.con_target = identity.features(chip)
+                sc.chip_grid = _chip_grid(sc.chip_L[None], (sc.h, sc.w), dtype, device)  # fixed landmarks: once
+                sc.id_target, sc.con_target = identity.features(_chip(sc.photo, sc.chip_grid))
 
     params = [{"params": [tex.albedo] if isinstance(tex, VertexAlbedo) else [tex.latent], "lr": lr["albedo"]}]
     params.append({"params": [sc.sh for sc in scenes], "lr": lr["light"]})
@@ -357,16 +357,24 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
         params.append({"params": [sc.t for sc in scenes], "lr": lr["translation"]})
     opt = torch.optim.Adam(params)
     sh0 = scenes[0].sh.detach().clone()
+    for sc in scenes:  # the landmarks that count, selected once (a boolean mask in the loop syncs with the GPU)
+        ok = sc.lm_ok & (sc.lv >= 0)
+        sc.lan_v, sc.lan_xy = sc.lv[ok], sc.lm[ok]
+    # no host synchronisation per iteration for bookkeeping: losses stay 0-d device tensors until printed
+    # or returned (float() on a CUDA tensor waits for the GPU)
     hist = []
-    parts = {}
     t0 = time.perf_counter()
     n_total = int(warmup) + int(iterations)
+
+    def summed(parts_t):
+        return {k: sum(float(x) for x in v) for k, v in parts_t.items()}
+
     for it in range(n_total + 1):
         final = it == n_total
         opt.zero_grad(set_to_none=True)
         albedo = tex()
         total = 0.0
-        parts = {"pix": 0.0, "lan": 0.0, "id": 0.0, "con": 0.0}
+        parts_t = {"pix": [], "lan": [], "id": [], "con": []}
         for sc in scenes:
             v = tm.shape(idc, sc.exp)
             scr, R = sc.screen(v)
@@ -374,33 +382,32 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
             shading = sh_basis_torch(n) @ sc.sh  # (N, 3)
             col = albedo * shading
             img, m = render(scr, tm.faces, col, (sc.h, sc.w))
-            diff = (img - sc.photo)[m].abs()
-            l_pix = diff.mean() if m.any() else img.sum() * 0
-            lm2 = scr[sc.lv.clamp_min(0), :2]
-            ok = sc.lm_ok & (sc.lv >= 0)
-            l_lan = ((lm2 - sc.lm)[ok] ** 2).sum(1).mean() / sc.lm_norm ** 2
+            diff = (img - sc.photo)[m].abs()  # the boolean mask syncs once; diff's size is then known on the host
+            l_pix = diff.mean() if diff.numel() else img.sum() * 0
+            l_lan = ((scr[sc.lan_v, :2] - sc.lan_xy) ** 2).sum(1).mean() / sc.lm_norm ** 2
             loss = w_pix * l_pix + w_lan * l_lan
             loss = loss + w_light * ((sc.sh - sh0) ** 2).sum() / 9.0
             loss = loss + w_exp * (sc.exp ** 2).sum() / max(1, tm.n_exp)
             if identity is not None and (w_id > 0 or w_con > 0):
                 comp = torch.where(m[..., None], img, sc.photo)
-                emb, feats = identity.features(_chip(comp, sc.chip_L))
+                emb, feats = identity.features(_chip(comp, sc.chip_grid))
                 l_id = (1.0 - F.cosine_similarity(emb, sc.id_target, dim=-1)).mean()
                 l_con = sum((a - b).norm() / a.numel() for a, b in zip(feats, sc.con_target))
                 loss = loss + w_id * l_id + w_con * l_con
-                parts["id"] += float(l_id.detach())
-                parts["con"] += float(l_con.detach())
-            parts["pix"] += float(l_pix.detach())
-            parts["lan"] += float(l_lan.detach())
+                parts_t["id"].append(l_id.detach())
+                parts_t["con"].append(l_con.detach())
+            parts_t["pix"].append(l_pix.detach())
+            parts_t["lan"].append(l_lan.detach())
             total = total + loss
             if final:
                 sc.out_img, sc.out_mask = img.detach(), m
-                sc.out_err = float(diff.detach().mean()) if m.any() else float("nan")
+                sc.out_err = float(diff.detach().mean()) if diff.numel() else float("nan")
         total = total / len(scenes)
         total = total + w_shape * (idc ** 2).sum() / max(1, tm.n_id) + w_albedo * tex.prior()
-        hist.append(float(total.detach()))
+        hist.append(total.detach())
         if verbose and (it % 50 == 0 or final):
-            print(f"fit_photometric it {it}: total {hist[-1]:.5f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+            print(f"fit_photometric it {it}: total {float(hist[-1]):.5f} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in summed(parts_t).items()))
         if final:
             break
         total.backward()
@@ -408,6 +415,8 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
             for p in geometry:
                 p.grad = None
         opt.step()
+    parts = summed(parts_t)
+    hist = torch.stack(hist).cpu().tolist()  # one transfer for the whole history
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         albedo = tex().detach().cpu().numpy().astype(np.float64)
@@ -423,11 +432,18 @@ def _fit(model, images, landmarks, lfs, *, texture, identity, n_id, n_exp, itera
     return idn, out, albedo, np.asarray(hist), seconds, parts
 
 
-def _chip(img_hw3, L):
-    from .identity import align_chip
+def _chip_grid(L, hw, dtype, device):
+    """dlib's face-chip sampling grid for landmarks ``L`` (1, 68, 2) (:func:`geomfit.learned.identity.align_chip`)."""
+    from .identity import _chip_grid as grid
 
-    from_lin = linear_to_srgb_torch(img_hw3).permute(2, 0, 1)[None]
-    return align_chip(from_lin, L[None].to(from_lin.dtype))
+    return grid(L.to(dtype), hw, dtype, device)
+
+
+def _chip(img_hw3, grid):
+    """The sRGB face chip (1, 3, 150, 150) of a linear image at a grid from :func:`_chip_grid`."""
+    from .identity import _sample_chip
+
+    return _sample_chip(linear_to_srgb_torch(img_hw3).permute(2, 0, 1)[None], grid)
 
 
 class _threads:
