@@ -4,10 +4,10 @@ Two methods (:class:`FineOptions`):
 
 * ``method="robust"`` (the default; docs/fine.md "The robust method"): geomfit's method for real,
   noisy, textured photos: a first-order light from the band-pass correlation of the log image with
-  the input normals (:func:`band_light`), the albedo as the low-passed ratio image, a noise-aware
-  data weight with per-pixel weights that fall where the chromaticity (pigment, hair, frames) or
-  the residual says texture, a Levenberg-Marquardt solve for a displacement over the input with its
-  low frequencies pinned, and a gate that keeps the input depth where it has no curvature to lose.
+  the input normals (:func:`band_light`), the albedo as the edge-preserving (guided-filter) low-pass
+  of the ratio image, a noise-aware data weight with per-pixel weights that fall where the
+  chromaticity (pigment, hair, frames), the residual or its mid band says texture, and a
+  Levenberg-Marquardt solve for a displacement over the input with its low frequencies pinned.
 * ``method="paper"``: Jin et al., "High-fidelity 3D face reconstruction with multi-scale details",
   Pattern Recognition Letters 2021, Sec. 3.4, Eqs. 4-9, with the image model
   ``I = gamma * S(n(d)) + epsilon * beta`` (albedo ``gamma``, second-order SH shading ``S``
@@ -935,7 +935,12 @@ class FineOptions:
     light_scale : float
         Band-pass scale of the light fit, as a fraction of the face size ``sqrt(mask pixels)``.
     albedo_scale : float
-        Gaussian sigma (fraction of the face size) of the low-passed ratio image used as albedo.
+        Gaussian sigma (fraction of the face size) of the low-passed ratio image used as albedo (the
+        guided filter's window radius is twice it).
+    albedo_eps : float
+        The guided filter's ``eps`` on the log ratio (He, Sun & Tang 2010): local variations with a
+        variance above it stay in the albedo (albedo edges), smaller ones go to the depth.  0: a plain
+        Gaussian low-pass.
     noise_window : float
         Gaussian sigma (pixels) of the local high-frequency residual energy.
     noise_quantile : float
@@ -1325,15 +1330,17 @@ def fine_stage(image, depth, mask, landmarks=None, regions=None, albedo=None, op
     ``"robust"`` (default; geomfit's method for real photos, docs/fine.md "The robust method"):
 
     1. a first-order light from the band-pass correlation of the log image with the input normals
-       (:func:`band_light`), the albedo = the low-passed ratio ``I / S`` (smooth by construction);
+       (:func:`band_light`), the albedo = the guided-filter low-pass of the ratio ``I / S`` (He, Sun
+       & Tang, "Guided image filtering", ECCV 2010): albedo edges stronger than shading detail stay;
     2. a noise-aware data weight ``kappa / sigma_n^2`` with ``sigma_n`` the noise floor of the
        residual's high-pass energy, and per-pixel weights that fall as ``(sigma_n / e)^p`` where the
-       local residual energy ``e`` says texture, and vanish on dark (hair, frames) and non-skin
-       landmark regions (eyes, brows, mouth interior);
+       local residual energy ``e`` says texture, as ``(band_level / e_b)^p`` where the mid band of the
+       log residual carries more than skin shading detail does, and vanish on dark (hair, frames) and
+       non-skin landmark regions (eyes, brows, mouth interior);
     3. a Levenberg-Marquardt depth solve of the weighted shading term plus ``pin ||d - d0||^2 +
        smoothness ||L (d - d0)||^2`` (a bounded displacement, low frequencies pinned to the input);
-    4. the displacement is kept in proportion to the input's local curvature (detail is missing where
-       the blurred input bends) and the input depth is kept elsewhere.
+    4. optionally (``curvature_quantile > 0``; off by default) the displacement is kept in proportion
+       to the input's local curvature (detail is missing where the blurred input bends).
 
     ``"paper"`` (Jin et al. 2021, Sec. 3.4 and 4.1, with geomfit's solvers):
 

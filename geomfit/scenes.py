@@ -244,7 +244,7 @@ def _load_james(d: pathlib.Path):
 
 
 def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_sigma=None, seed=0,
-                occluder=None, data_dir=None, albedo_sigma=None):
+                occluder=None, data_dir=None, albedo_sigma=None, yaw=0.0):
     """The real "james" head scan rendered as a fine-stage test scene.
 
     The scan (6.7k vertices, its photogrammetry texture as the albedo) is turned to a frontal pose
@@ -277,6 +277,9 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
         image; the true depth stays the face's (the frame must not become geometry).
     albedo_sigma : float, optional
         Blur of the ``"smooth"`` albedo in pixels (default ``size / 64``).
+    yaw : float
+        Turn the head about the vertical axis by this many degrees before rendering (positive: the
+        nose turns towards the image's right); the light stays in the camera frame.
     data_dir : path, optional
         The folder with ``james.obj``, ``james.jpg`` and ``james.ljson`` (default
         ``$GEOMFIT_DATA/scans/james``).
@@ -309,6 +312,11 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     v, f, uv, tex, lm3 = _load_james(_james_dir(data_dir))
+    if yaw:
+        t = np.radians(float(yaw))
+        Ry = np.array([[np.cos(t), 0.0, np.sin(t)], [0.0, 1.0, 0.0], [-np.sin(t), 0.0, np.cos(t)]])
+        c0 = lm3.mean(0)
+        v, lm3 = (v - c0) @ Ry.T + c0, (lm3 - c0) @ Ry.T + c0
     # screen frame: x = column, y = row (down), z = depth (larger = closer), face width ~ 0.8 size
     jaw = lm3[:17, :2]
     lo = np.array([jaw[:, 0].min(), lm3[:, 1].min()])
@@ -377,6 +385,8 @@ def james_scene(size=256, light="frontal", noise=0.003, albedo="textured", blur_
     name = f"james_{albedo}_{name_light}_n{noise:g}" + ("_glasses" if occluder else "")
     if albedo == "smooth" and albedo_sigma is not None:
         name += f"_s{float(albedo_sigma):g}"
+    if yaw:
+        name += f"_yaw{float(yaw):g}"
     return dict(image=img, depth=np.where(ras.mask, depth, np.nan), depth_blur=depth_blur, mask=mask,
                 albedo=alb, sh=sh, normals=normals, landmarks=lm2, occluder=occ & mask, noise=float(noise),
                 name=name)

@@ -46,6 +46,19 @@ def test_james_scene_renders_the_scan_with_known_light_and_noise():
     with pytest.raises(ValueError, match="light"):
         james_scene(64, light="moon")
     assert set(LIGHTS) >= {"frontal", "side", "top"}
+    # a larger albedo blur leaves even less texture; a turned head: the nose tip moves towards the side
+    # it turns to, by about the nose's depth times sin(yaw) (the landmarks turn with the mesh)
+    sm8 = james_scene(96, light="side", noise=0.006, albedo="smooth", albedo_sigma=12.0)
+    assert hp(sm8["albedo"][..., 0]) < 0.5 * hp(sm["albedo"][..., 0]) and sm8["name"].endswith("_s12")
+    with pytest.raises(ValueError, match="albedo_sigma"):
+        james_scene(64, albedo="smooth", albedo_sigma=0)
+    t = james_scene(96, yaw=25)
+    eyes = lambda sc: (sc["landmarks"][36:42].mean(0), sc["landmarks"][42:48].mean(0))  # noqa: E731
+    nose = lambda sc: sc["landmarks"][30, 0] - 0.5 * (eyes(sc)[0][0] + eyes(sc)[1][0])  # noqa: E731
+    assert abs(nose(s)) < 2.0 and nose(t) > 2.0 and t["name"].endswith("_yaw25")
+    assert t["mask"][int(t["landmarks"][30, 1]), int(t["landmarks"][30, 0])]
+    t2 = james_scene(96, yaw=-25)
+    assert nose(t2) < -2.0
 
 
 def test_james_scene_missing_data_says_why(tmp_path):
