@@ -1,7 +1,17 @@
 import os
 import pathlib
+import signal
 
 import pytest
+
+
+def pytest_configure(config):
+    # A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored:
+    # Python then installs no KeyboardInterrupt handler and every child process starts with SIGINT
+    # ignored too, so the Ctrl-C tests (test_reliability, test_batch) would test nothing but the
+    # shell.  Restore Python's own handler (children get the default action again on exec).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def data_dir():
