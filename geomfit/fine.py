@@ -1043,7 +1043,8 @@ class FineOptions:
                 raise ValueError(f"FineOptions.{name} must be > 0, got {getattr(self, name)}")
         if not self.albedo_clip > 1:
             raise ValueError(f"FineOptions.albedo_clip must be > 1, got {self.albedo_clip}")
-        for name in ("pin", "smoothness", "texture_power", "dark", "shading_floor", "band_scale", "band_power"):
+        for name in ("pin", "smoothness", "texture_power", "dark", "shading_floor", "band_scale", "band_power",
+                     "albedo_eps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"FineOptions.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("noise_quantile", "curvature_quantile"):

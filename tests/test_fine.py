@@ -649,6 +649,8 @@ def test_band_weight_keeps_mid_band_albedo_texture_out_of_the_depth():
     assert normal_error(plain_on.normals, s) == pytest.approx(normal_error(plain_off.normals, s), rel=2e-3)
     with pytest.raises(ValueError, match="band_level"):
         FineOptions.robust(band_level=0)
+    with pytest.raises(ValueError, match="albedo_eps"):
+        FineOptions.robust(albedo_eps=-1e-3)
 
 
 def _guided_reference(R, trust, sigma, eps):
