@@ -385,6 +385,10 @@ def reconstruct(image, model="sfm", landmarks=None, *, detector: str = "auto", m
         sh, spec = fine_res.sh, getattr(fine_res, "specular", None)
         diag["fine_energy"] = _jsonable(getattr(fine_res, "energy", None))
         diag["fine_timings"] = _jsonable(getattr(fine_res, "timings", None))
+        conf = getattr(fine_res, "confidence", None)
+        if conf is not None:  # robust method: where the image was trusted to say something about the shape
+            c = np.asarray(conf)[sub_m]
+            diag["fine_supported_fraction"] = float((c > 0.5).mean()) if c.size else 0.0
     else:
         depth, normals = d_start.copy(), np.asarray(depth_normals(d_start))
         albedo, sh, spec = np.full((H, W, 3), np.nan), None, None
