@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from _harness import write_results
+from geomfit.mesh import subdivide_for_view
 from geomfit.pipeline import reconstruct
 from geomfit.render import depth_normals, render_depth
 from geomfit.scenes import james_available, james_scene, normal_error
@@ -35,6 +36,8 @@ def stage_errors(d, s):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--subdivision", default="loop", choices=["loop", "phong", "midpoint"],
+                    help="fine-mesh / medium-depth subdivision scheme (reconstruct's subdivision=)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     ok, why = james_available()
@@ -48,10 +51,14 @@ def main():
         img8 = np.round(img * 255).astype(np.uint8)
         for sigma in (0.0, 1.0 * a.size / 512, 3.0 * a.size / 512):
             lm = s["landmarks"] + sigma * rng.standard_normal(s["landmarks"].shape)
-            r = reconstruct(img8, landmarks=lm, max_side=a.size)
+            r = reconstruct(img8, landmarks=lm, max_side=a.size,
+                            subdivision=False if a.subdivision == "midpoint" else a.subdivision)
             H, W = r.mask.shape
             row = {"scene": s["name"], "landmark_noise_px": sigma, "working_size": [H, W]}
-            d_coarse = np.asarray(render_depth(r.coarse.vertices, r.coarse.faces, r.camera, H, W))
+            # the coarse mesh through the same subdivision the medium depth is rendered from (a fair comparison)
+            sub = subdivide_for_view(r.coarse.vertices, r.coarse.faces, r.camera, H, 1.0, 2,
+                                     smooth=False if a.subdivision == "midpoint" else a.subdivision)
+            d_coarse = np.asarray(render_depth(sub[0], sub[1], r.camera, H, W))
             for name, d in (("coarse", d_coarse), ("medium", r.medium_depth), ("fine", r.depth)):
                 row[name] = stage_errors(np.asarray(d, np.float64), s)
             rows.append(row)
@@ -61,8 +68,9 @@ def main():
     summ = {k: {"depth_mad_px_mean": float(np.mean([r_[k]["depth_mad_px"] for r_ in rows])),
                 "normal_deg_mean": float(np.mean([r_[k]["normal_deg"] for r_ in rows]))} for k in ("coarse", "medium", "fine")}
     print(summ)
-    print("results in", write_results("james_pipeline", {"size": a.size, "loadavg_at_start": os.getloadavg(),
-                                                          "rows": rows, "summary": summ}, a.out))
+    name = "james_pipeline" if a.subdivision == "loop" else f"james_pipeline_{a.subdivision}"
+    print("results in", write_results(name, {"size": a.size, "subdivision": a.subdivision,
+                                             "loadavg_at_start": os.getloadavg(), "rows": rows, "summary": summ}, a.out))
 
 
 if __name__ == "__main__":
