@@ -15,10 +15,16 @@ Sections (each stored in benchmarks/results/refiner.json):
    peer measured in the same run (rendering the same scan's depth map with geomfit's rasterizer).
 6. ``james``: do-no-harm on a scene rendered from the james scan (frontal, textured with its own
    photo texture, SH light, noise): input = the scan's depth blurred (Gaussian, 2 px); mean normal
-   angle error against the scan for the input, the refined depth and the classical fine stage.
+   angle error against the scan for the input, the refined depth (with and without the photometric
+   safeguard; also for ``--previous CKPT``, an earlier default) and the classical fine stage.
+7. ``analysis``: what limits the held-out target: the coarse error left after removing, per face,
+   the best constant / plane / plane + depth scale / quadratic (oracles that see the ground truth),
+   the coarse error of the same faces fitted from noise-free landmarks, and the linear probe at
+   32 x 32 with ``--extra-pairs`` added to the training split.
 
 Run: ``GEOMFIT_DATA=... python benchmarks/bench_refiner.py --pairs PAIRS.npz [--default CKPT]
-[--compare PROG.pt P2P.pt PROG.json P2P.json] [--history DEFAULT.json]``.
+[--compare PROG.pt P2P.pt PROG.json P2P.json] [--history DEFAULT.json] [--previous OLD.pt]
+[--extra-pairs MORE.npz]``.
 """
 from __future__ import annotations
 
@@ -107,18 +113,36 @@ def normal_error_deg(depth, gt, mask, erode=3):
     return float(np.degrees(np.arccos(np.clip((a * b).sum(-1), -1, 1))).mean())
 
 
-def bench_james(refiner, with_fine=True):
+def bench_james(refiner, with_fine=True, previous=None):
+    from geomfit.learned.refiner import photometric_residual
+
     sc = james_scene(256)
     gt, m, img, inp = sc["depth"], sc["mask"], sc["image"], sc["input"]
     out = {"size": 256, "blur_px": 2.0, "pixels": int(m.sum()),
-           "input_normal_error_deg": normal_error_deg(inp, gt, m)}
+           "input_normal_error_deg": normal_error_deg(inp, gt, m),
+           "input_photometric_residual": photometric_residual(inp, m, img),
+           "scan_photometric_residual": photometric_residual(gt, m, img)}
     t = time.perf_counter()
     ref = refiner.refine(inp, m, img)
     out["refine_s"] = time.perf_counter() - t
+    out["safeguard"] = refiner.last_safeguard
     out["refined_normal_error_deg"] = normal_error_deg(ref, gt, m)
     out["refined_depth_mae_mm"] = float(np.abs(ref - gt)[m].mean() * sc["mm_per_px"])
     out["input_depth_mae_mm"] = float(np.abs(inp - gt)[m].mean() * sc["mm_per_px"])
     out["mean_abs_change_px"] = float(np.abs(ref - inp)[m].mean())
+    raw = refiner.refine(inp, m, img, safeguard=False)
+    out["network_only"] = {"normal_error_deg": normal_error_deg(raw, gt, m),
+                           "depth_mae_mm": float(np.abs(raw - gt)[m].mean() * sc["mm_per_px"]),
+                           "mean_abs_change_px": float(np.abs(raw - inp)[m].mean())}
+    if previous is not None:
+        from geomfit.learned.refiner import Refiner
+
+        old = Refiner.load(previous)
+        po = old.refine(inp, m, img)
+        out["previous"] = {"checkpoint": pathlib.Path(previous).name, "normal_error_deg": normal_error_deg(po, gt, m),
+                           "safeguard": old.last_safeguard,
+                           "network_only_normal_error_deg": normal_error_deg(old.refine(inp, m, img, safeguard=False),
+                                                                             gt, m)}
     if with_fine:
         from geomfit.fine import fine_stage
 
@@ -176,6 +200,86 @@ def linear_probe(pairs, resolutions=(8, 16), lam=10.0):
             pred = te.x[:, 0].astype(float) + (feats(te, ch) @ Wt).reshape(-1, r, r)
             out[f"{name}_{r}"] = {"mae_mm": mae(pred, te), "coarse_mae_mm": base, "ratio": mae(pred, te) / base,
                                   "ridge_lambda": lam}
+    return out
+
+
+def _masked_mae_mm(pred, S):
+    m = S.mask
+    e = (np.abs(pred - S.y[:, 0].astype(float)) * m).reshape(len(S), -1).sum(1)
+    return float(np.mean(e / np.maximum(m.reshape(len(S), -1).sum(1), 1) * S.mm_per_unit))
+
+
+def error_decomposition(test):
+    """Oracles on the held-out pairs: the coarse depth error left after removing, per face, the best
+    (least-squares, using the ground truth) constant, plane, plane + depth scale, quadratic + scale."""
+    r = test.resolution
+    jj, ii = np.meshgrid(np.linspace(-1, 1, r), np.linspace(-1, 1, r))
+    bases = {"constant": lambda x0: [np.ones_like(x0)],
+             "plane": lambda x0: [np.ones_like(x0), jj, ii],
+             "plane_and_scale": lambda x0: [np.ones_like(x0), jj, ii, x0],
+             "quadratic_and_scale": lambda x0: [np.ones_like(x0), jj, ii, x0, jj * jj, ii * ii, ii * jj]}
+    base = _masked_mae_mm(test.x[:, 0].astype(float), test)
+    out = {"resolution": r, "n": len(test), "coarse_mae_mm": base}
+    for name, cols in bases.items():
+        preds = []
+        for k in range(len(test)):
+            m = test.mask[k]
+            x0 = test.x[k, 0].astype(float)
+            A = np.stack([c[m] for c in cols(x0)], 1)
+            w = np.linalg.lstsq(A, test.y[k, 0].astype(float)[m] - x0[m], rcond=None)[0]
+            p = x0.copy()
+            p[m] += A @ w
+            preds.append(p)
+        mae = _masked_mae_mm(np.stack(preds), test)
+        out[f"after_best_{name}"] = {"mae_mm": mae, "ratio": mae / base}
+    return out
+
+
+def landmark_noise_effect(n=256, seed=7, r=32):
+    """Coarse-input MAE of the same faces fitted from noisy (3 % IOD) and noise-free landmarks."""
+    from geomfit.learned.refiner_data import make_synthetic_pairs
+
+    out = {"n": n, "seed": seed, "resolution": r}
+    for noise in (0.03, 0.0):
+        P = make_synthetic_pairs(n, 64, seed=seed, landmark_noise=noise).downsample(r)
+        out[f"landmark_noise_{noise}"] = {"coarse_mae_mm": _masked_mae_mm(P.x[:, 0].astype(float), P),
+                                          **{k: v for k, v in error_decomposition(P).items()
+                                             if k == "after_best_plane"}}
+    return out
+
+
+def linear_probe_more(pairs, extra, r=32, lams=(10.0, 100.0, 1000.0), sizes=(0, 2000, None)):
+    """Ridge probe at r x r (primal normal equations) with more synthetic pairs in the training split."""
+    from geomfit.learned.refiner_data import RefinerPairs
+
+    tr, te = pairs.downsample(r).split(0.1, 0)
+    ex = extra.downsample(r) if extra is not None else None
+    base = _masked_mae_mm(te.x[:, 0].astype(float), te)
+    out = {"resolution": r, "coarse_mae_mm": base}
+
+    def feats(x, ch):
+        f = x[:, ch].astype(np.float32).reshape(len(x), -1)
+        return np.concatenate([f, np.ones((len(x), 1), np.float32)], 1)
+
+    for size in sizes:
+        if ex is None and size != 0:
+            continue
+        k = len(ex) if (ex is not None and size is None) else int(size or 0)
+        S = tr if k == 0 else RefinerPairs(np.concatenate([tr.x, ex.x[:k]]), np.concatenate([tr.y, ex.y[:k]]),
+                                           np.concatenate([tr.mask, ex.mask[:k]]),
+                                           np.concatenate([tr.mm_per_unit, ex.mm_per_unit[:k]]))
+        B = (S.y[:, 0].astype(np.float32) - S.x[:, 0].astype(np.float32)).reshape(len(S), -1)
+        for name, ch in (("D", [0]), ("DCE", [0, 1, 2]), ("DCE+RGB", [0, 1, 2, 3, 4, 5])):
+            A, At = feats(S.x, ch), feats(te.x, ch)
+            G, AB = (A.T @ A).astype(np.float64), (A.T @ B).astype(np.float64)
+            best = None
+            for lam in lams:
+                W = np.linalg.solve(G + lam * np.eye(len(G)), AB)
+                mae = _masked_mae_mm(te.x[:, 0].astype(float) + (At @ W).reshape(-1, r, r), te)
+                if best is None or mae < best[0]:
+                    best = (mae, lam)
+            out[f"{name}_{len(S)}_pairs"] = {"mae_mm": best[0], "ratio": best[0] / base, "ridge_lambda": best[1],
+                                             "lambda_chosen_on": "the held-out split (optimistic)"}
     return out
 
 
@@ -247,6 +351,8 @@ def main():
     ap.add_argument("--history", help="history JSON of the default's training run")
     ap.add_argument("--compare", nargs=4, metavar=("PROG_PT", "P2P_PT", "PROG_JSON", "P2P_JSON"))
     ap.add_argument("--no-fine", action="store_true")
+    ap.add_argument("--previous", help="an earlier default checkpoint, also measured on the james scene")
+    ap.add_argument("--extra-pairs", help="more synthetic pairs for the 32x32 linear probe (analysis)")
     ap.add_argument("--only", nargs="*", help="sections to run (default all)")
     a = ap.parse_args()
     import torch
@@ -254,11 +360,11 @@ def main():
     from geomfit.learned.refiner import Refiner
     from geomfit.learned.refiner_data import RefinerPairs, calibrate_detail
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one core: the machine is shared
     out_path = RESULTS / "refiner.json"
     res = json.loads(out_path.read_text()) if out_path.is_file() else {}
     res["machine"] = {**environment(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    want = set(a.only or ["calibration", "heldout", "probe", "compare", "curves", "refine_512", "james"])
+    want = set(a.only or ["calibration", "heldout", "probe", "compare", "curves", "refine_512", "james", "analysis"])
     data = pathlib.Path(os.environ.get("GEOMFIT_DATA", ""))
     pairs = RefinerPairs.load(a.pairs)
     _, test = pairs.split(0.1, 0)  # the held-out split train-refiner uses (--held-out 0.1, --seed 0)
@@ -297,8 +403,8 @@ def main():
         if a.history and not (a.compare and pathlib.Path(a.compare[2]).resolve() == pathlib.Path(a.history).resolve()):
             hs["default (progressive DCE+RGB)"] = json.loads(pathlib.Path(a.history).read_text())
         if a.compare:
-            hs["progressive DCE+RGB (default)"] = json.loads(pathlib.Path(a.compare[2]).read_text())
-            hs["pix2pix DCE+RGB"] = json.loads(pathlib.Path(a.compare[3]).read_text())
+            hs["progressive, 12-min equal-time comparison"] = json.loads(pathlib.Path(a.compare[2]).read_text())
+            hs["pix2pix, 12-min equal-time comparison"] = json.loads(pathlib.Path(a.compare[3]).read_text())
         if hs:
             res["curves"] = plot_curves(hs, RESULTS / "refiner_curves.png")
             save()
@@ -306,7 +412,15 @@ def main():
         res["refine_512"] = {**bench_refine_512(refiner), "load": _load()}
         save()
     if "james" in want:
-        res["james"] = {**bench_james(refiner, with_fine=not a.no_fine), "load": _load()}
+        res["james"] = {**bench_james(refiner, with_fine=not a.no_fine, previous=a.previous), "load": _load()}
+        save()
+    if "analysis" in want:
+        from geomfit.learned.refiner_data import RefinerPairs as RP
+
+        extra = RP.load(a.extra_pairs) if a.extra_pairs else None
+        res["analysis"] = {"error_decomposition": error_decomposition(test.downsample(32)),
+                           "landmark_noise": landmark_noise_effect(),
+                           "linear_probe_32": linear_probe_more(pairs, extra), "load": _load()}
         save()
     print(json.dumps({k: v for k, v in res.items() if k != "calibration"}, indent=1, default=float))
 

@@ -438,3 +438,134 @@ def test_pipeline_applies_the_refiner_and_reports_it():
     assert rep["applied"] == "after the medium stage (alone)" and rep["config"] == "DCE"
     assert np.median((out - d)[m]) == pytest.approx(0.2 * frame.span / 2 / frame.zoom, rel=1e-3)
     assert rep["mean_abs_change_px"] > 0 and np.isnan(out[~m]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# photometric safeguard (a departure from the paper: the refinement is kept only where/if the photo's
+# shading agrees with it better than with the input)
+# ------------------------------------------------------------------------------------------------
+def _shaded(depth, mask, sh=(2.8, 0.3, 0.6, 0.4, 0.05, 0.0, -0.05, 0.03, 0.02), albedo=(0.8, 0.6, 0.5)):
+    from geomfit.render import depth_normals
+    from geomfit.sh import shade
+
+    n = np.nan_to_num(np.asarray(depth_normals(np.where(mask, depth, np.nan))))
+    img = np.clip(shade(n, np.asarray(sh)), 0, None)[..., None] * np.asarray(albedo)
+    return np.where(mask[..., None], img, 0.0)
+
+
+def _bumps(S, side=None, amp=1.5, seed=0):
+    jj, ii = np.meshgrid(np.arange(S) + 0.5, np.arange(S) + 0.5)
+    b = amp * np.sin(jj / 2.3) * np.cos(ii / 1.9)
+    if side == "left":
+        b = b * (jj < S / 2 - 6)
+    elif side == "right":
+        b = b * (jj > S / 2 + 6)
+    return b
+
+
+def test_photometric_residual_is_zero_for_the_depth_that_made_the_image():
+    d, _ = _sphere(S=64, radius=28.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    assert rf.photometric_residual(d, m, img) < 1e-20
+    assert rf.photometric_residual(d + _bumps(64), m, img) > 1e-5
+    # a constant depth offset does not change the normals: the same residual
+    assert rf.photometric_residual(d + 5.0, m, img) == pytest.approx(rf.photometric_residual(d, m, img), abs=1e-12)
+
+
+def test_safeguard_rejects_a_change_the_photo_contradicts():
+    d, _ = _sphere(S=64, radius=28.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    bad = d + _bumps(64)
+    out, info = rf.photometric_safeguard(d, bad, m, img)
+    assert info["chosen"] == "input" and info["accepted_fraction"] == 0.0
+    assert np.array_equal(out[m], d[m]) and np.isnan(out[~m]).all()
+    assert info["residual"]["refined"] > info["residual"]["input"]
+
+
+def test_safeguard_accepts_a_change_the_photo_supports():
+    d, _ = _sphere(S=64, radius=28.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    wrong = d + _bumps(64)
+    out, info = rf.photometric_safeguard(wrong, d, m, img)
+    assert info["chosen"] in ("refined", "regional")
+    assert rf.photometric_residual(out, m, img) < 0.1 * rf.photometric_residual(wrong, m, img)
+    assert np.abs(out - d)[m].mean() < 0.1 * np.abs(wrong - d)[m].mean()
+
+
+def test_safeguard_keeps_the_change_only_where_it_helps():
+    d, _ = _sphere(S=96, radius=44.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    inp = d + _bumps(96, "left")          # wrong on the left half
+    ref = d + _bumps(96, "right")         # the "refiner" fixes the left, breaks the right
+    out, info = rf.photometric_safeguard(inp, ref, m, img, sigma=3.0)
+    r_in, r_out = rf.photometric_residual(inp, m, img), rf.photometric_residual(out, m, img)
+    assert info["chosen"] == "regional" and 0.2 < info["accepted_fraction"] < 0.8
+    assert r_out < r_in and r_out < rf.photometric_residual(ref, m, img)
+    jj = np.arange(96)[None, :].repeat(96, 0) + 0.5
+    left, right = m & (jj < 30), m & (jj > 66)
+    assert np.abs(out - d)[left].mean() < 0.2 * np.abs(inp - d)[left].mean()
+    assert np.abs(out - d)[right].mean() < 0.2 * np.abs(ref - d)[right].mean()
+
+
+def test_refine_with_a_photo_never_raises_the_photometric_residual():
+    d, _ = _sphere(S=64, radius=28.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    torch.manual_seed(0)
+    G = rf.ProgressiveGenerator(6, 3, 16, 0.1, True, True)
+    with torch.no_grad():  # a randomly initialised correction: a harmful change
+        for p in G.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ref = rf.Refiner(G, "DCE+RGB", 16)
+    raw = ref.refine(d, m, img, safeguard=False)
+    assert ref.last_safeguard is None
+    assert rf.photometric_residual(raw, m, img) > rf.photometric_residual(d, m, img)
+    out = ref.refine(d, m, img)
+    assert ref.last_safeguard["chosen"] == "input"
+    assert rf.photometric_residual(out, m, img) <= rf.photometric_residual(d, m, img)
+
+
+def test_safeguard_bad_input():
+    d, _ = _sphere(S=32, radius=14.0)
+    m = np.isfinite(d)
+    img = _shaded(d, m)
+    with pytest.raises(ValueError, match="image has size"):
+        rf.photometric_safeguard(d, d, m, img[:-1])
+    with pytest.raises(ValueError, match="refined has shape"):
+        rf.photometric_safeguard(d, d[:-1], m, img)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        rf.photometric_safeguard(d, np.where(m, np.nan, 0), m, img)
+    with pytest.raises(ValueError, match="sigma"):
+        rf.photometric_safeguard(d, d, m, img, sigma=0)
+
+
+def test_synthetic_pairs_with_blurred_ground_truth_inputs(sfm_dir):
+    plain = rd.make_synthetic_pairs(4, 16, model="sfm", seed=3, chunk=4)
+    again = rd.make_synthetic_pairs(4, 16, model="sfm", seed=3, chunk=4, blurred_fraction=0.0)
+    assert np.array_equal(plain.x, again.x)  # the option draws nothing when off: old pair files reproduce
+    bl = rd.make_synthetic_pairs(4, 16, model="sfm", seed=3, chunk=4, blurred_fraction=1.0, blur_px=(0.5, 0.5))
+    # blurred ground truth as input: far closer to the target than a landmark fit of another identity
+    def mae(p):
+        e = np.abs(p.x[:, 0].astype(float) - p.y[:, 0].astype(float))
+        return np.mean([e[k][p.mask[k]].mean() * p.mm_per_unit[k] for k in range(len(p))])
+    assert mae(bl) < 0.3 * mae(plain) and mae(bl) > 0
+    assert bl.meta["blurred_fraction"] == 1.0
+    with pytest.raises(ValueError, match="blurred_fraction"):
+        rd.make_synthetic_pairs(2, 16, model="sfm", blurred_fraction=1.5)
+
+
+def test_train_refiner_extra_pairs_join_the_training_split_only(tmp_path):
+    pairs = _pairs(n=20, R=8)
+    extra = _pairs(n=12, R=8, seed=1)
+    res = rf.train_refiner(pairs, tmp_path / "r.pt", config="DCE", images_per_phase=16, batch_size=4, width=0.1,
+                           progress=False, extra_train=extra)
+    ck = torch.load(tmp_path / "r.pt", weights_only=False)
+    assert ck["args"]["n_extra_train"] == 12 and ck["args"]["n_pairs"] == 20
+    assert res["final"]["n"] == 2  # the held-out split is 10 % of `pairs`, untouched by the extra pairs
+    with pytest.raises(ValueError, match="extra_train pairs are 16x16"):
+        rf.train_refiner(pairs, tmp_path / "r2.pt", config="DCE", images_per_phase=16, width=0.1, progress=False,
+                         extra_train=_pairs(n=4, R=16))

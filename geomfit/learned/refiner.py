@@ -44,7 +44,8 @@ from torch import nn
 from .refiner_data import CONFIGS, RefinerPairs, check_config, decode_depth_delta, encode_depth
 
 __all__ = ["ProgressiveGenerator", "ProgressiveDiscriminator", "gradient_penalty", "discriminator_loss",
-           "generator_loss", "kappa_for", "schedule", "train_refiner", "Refiner", "DEFAULT_CHECKPOINT"]
+           "generator_loss", "kappa_for", "schedule", "train_refiner", "Refiner", "DEFAULT_CHECKPOINT",
+           "photometric_residual", "photometric_safeguard"]
 
 #: The shipped refiner (trained here on synthetic pairs; see docs/learned.md for command and licence).
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).with_name("weights") / "refiner_default.pt"
@@ -406,7 +407,8 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
                   lr: float = 1e-5, betas=(0.0, 0.99), width: float = 0.25, skips: bool = True, residual: bool = True,
                   ngf: int = 16,
                   held_out: float = 0.1, seed: int = 0, resume: bool = True, device=None, progress: bool = True,
-                  checkpoint_every_s: float = 60.0, eval_max: int = 256, threads: Optional[int] = None) -> dict:
+                  checkpoint_every_s: float = 60.0, eval_max: int = 256, threads: Optional[int] = None,
+                  extra_train: Optional[RefinerPairs] = None) -> dict:
     """Train a refiner (progressive CGAN, or the pix2pix baseline) and write a checkpoint.
 
     Parameters
@@ -437,6 +439,10 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
         'cpu', 'cuda', default: CUDA when available.
     threads : int, optional
         torch intra-op threads.
+    extra_train : RefinerPairs, optional
+        More pairs (same resolution) added to the training split only: the held-out split and its
+        report stay those of ``pairs`` (e.g. more synthetic identities, or pairs whose input is a
+        blurred ground truth, :func:`~geomfit.learned.refiner_data.make_synthetic_pairs`).
 
     Returns
     -------
@@ -451,12 +457,25 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
     R = pairs.resolution
     phases = schedule(R) if kind == "progressive" else [(_levels(R), "stab")]
     train, test = pairs.split(held_out, seed)
+    n_extra = 0
+    if extra_train is not None:
+        if not isinstance(extra_train, RefinerPairs):
+            raise TypeError(f"extra_train must be RefinerPairs, got {type(extra_train).__name__}")
+        if extra_train.resolution != R:
+            raise ValueError(f"extra_train pairs are {extra_train.resolution}x{extra_train.resolution}, "
+                             f"the pairs {R}x{R}")
+        n_extra = len(extra_train)
+        train = RefinerPairs(np.concatenate([train.x, extra_train.x.astype(train.x.dtype)]),
+                             np.concatenate([train.y, extra_train.y.astype(train.y.dtype)]),
+                             np.concatenate([train.mask, extra_train.mask]),
+                             np.concatenate([train.mm_per_unit, extra_train.mm_per_unit]), dict(train.meta))
     if len(test) > eval_max:
         test = test.subset(np.arange(eval_max))
     args = {"kind": kind, "config": config, "resolution": R, "width": width, "skips": skips, "residual": residual,
             "ngf": ngf,
             "batch_size": batch_size, "lr": lr, "betas": list(betas), "seed": seed, "minutes": minutes,
             "images_per_phase": images_per_phase, "held_out": held_out, "n_pairs": len(pairs),
+            "n_extra_train": n_extra, "extra_meta": dict(extra_train.meta) if extra_train is not None else None,
             "encode_resolution": int(pairs.meta.get("encode_resolution", R)),
             "pairs_meta": pairs.meta}
     torch.manual_seed(seed)
@@ -574,6 +593,160 @@ def train_refiner(pairs: RefinerPairs, output, *, config: str = "DCE+RGB", kind:
 
 
 # ------------------------------------------------------------------------------------------------
+# photometric safeguard (not in Galteri et al.)
+# ------------------------------------------------------------------------------------------------
+#: Share of the face pixels (lowest errors) that :func:`photometric_residual` averages (robust to albedo edges).
+SAFEGUARD_TRIM = 0.8
+
+
+def _smooth(a, mask, sigma):
+    """Normalised Gaussian convolution over the mask (the background does not leak in)."""
+    import cv2
+
+    k = int(2 * np.ceil(3 * sigma) + 1)
+    num = cv2.GaussianBlur(np.where(mask, a, 0.0), (k, k), sigma)
+    den = cv2.GaussianBlur(mask.astype(np.float64), (k, k), sigma)
+    return num / np.maximum(den, 1e-9)
+
+
+def _box_side(mask):
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+
+
+def _shading_error_map(depth, mask, image):
+    """Per-pixel squared error ``sum_c (Y(n) @ sh_c - I_c)^2`` of the photo against the depth's best SH shading.
+
+    ``sh`` is the least-squares lighting per channel (:func:`geomfit.sh.fit_sh_lighting`) with a
+    constant albedo per channel (it folds into ``sh``). Returns the map (0 outside) and the pixels
+    used (the mask eroded by 2 pixels: no one-sided normals at the silhouette).
+    """
+    import cv2
+
+    from ..render import depth_normals
+    from ..sh import fit_sh_lighting, shade
+
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if inner.sum() < 16:
+        inner = mask
+    n = np.nan_to_num(np.asarray(depth_normals(np.where(mask, depth, np.nan))), nan=0.0)
+    sh = fit_sh_lighting(image, n, 1.0, inner)
+    e = ((shade(n, sh) - image) ** 2).sum(-1)
+    return np.where(inner, e, 0.0), inner
+
+
+def _trimmed_mean(e, trim=SAFEGUARD_TRIM):
+    e = np.sort(np.asarray(e, dtype=np.float64))
+    return float(e[: max(1, int(trim * len(e)))].mean())
+
+
+def photometric_residual(depth, mask, image) -> float:
+    """Robust photometric residual of a depth map against the photo under least-squares SH lighting.
+
+    The mean of the lowest ``SAFEGUARD_TRIM`` (80 %) of the per-pixel errors
+    ``sum_c (Y(n_p) @ sh_c - I_c(p))^2`` over the face (eroded by 2 pixels), where ``n`` are the
+    normals of ``depth`` (:func:`geomfit.render.depth_normals`) and ``sh`` the least-squares
+    second-order SH lighting per channel with a constant albedo per channel
+    (:func:`geomfit.sh.fit_sh_lighting`; Ramamoorthi & Hanrahan, "An efficient representation for
+    irradiance environment maps", SIGGRAPH 2001; Jin et al., Pattern Recognition Letters 2021,
+    Eqs. 4-5). Trimming discards the worst-explained pixels (albedo edges: brows, lips, eyes). A
+    rotation of the whole face is largely absorbed by the lighting, a depth offset entirely.
+    """
+    d, m, img = _check_safeguard_inputs(depth, mask, image)
+    e, inner = _shading_error_map(d, m, img)
+    return _trimmed_mean(e[inner])
+
+
+def _check_safeguard_inputs(depth, mask, image, refined=None):
+    from ..photo import as_float_rgb
+
+    d = np.asarray(depth, dtype=np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"depth must have shape (H, W), got {d.shape}")
+    m = np.isfinite(d) if mask is None else np.asarray(mask, dtype=bool)
+    if m.shape != d.shape:
+        raise ValueError(f"mask has shape {m.shape} but depth has {d.shape}")
+    img = as_float_rgb(image)
+    if img.shape[:2] != d.shape:
+        raise ValueError(f"image has size {img.shape[:2]} but depth has {d.shape}")
+    if refined is not None and np.shape(refined) != d.shape:
+        raise ValueError(f"refined has shape {np.shape(refined)} but depth has {d.shape}")
+    if not np.isfinite(d[m]).all() or (refined is not None and not np.isfinite(np.asarray(refined)[m]).all()):
+        raise ValueError("depth is NaN or infinite inside the mask")
+    if m.sum() < 16:
+        raise ValueError(f"the mask covers {int(m.sum())} pixels; need at least 16")
+    return d, m, img
+
+
+def photometric_safeguard(depth, refined, mask, image, sigma: Optional[float] = None):
+    """Keep a refinement only where and if it explains the photo's shading better than its input.
+
+    Parameters
+    ----------
+    depth, refined : arrays (H, W)
+        The refiner's input and output (pixel units, larger = closer).
+    mask : bool array (H, W)
+        Face pixels.
+    image : array (H, W, 3)
+        The aligned photo (linear RGB, or uint8).
+    sigma : float, optional
+        Standard deviation (pixels) of the Gaussian that pools per-pixel residuals into regions;
+        default 1/16 of the mask's bounding-box side.
+
+    Returns
+    -------
+    out : array (H, W)
+        ``depth + w * (refined - depth)``, NaN outside the mask. Candidates: the full refinement
+        (``w = 1``) and a regional one (``w`` = the smoothed indicator of the pixels whose pooled
+        error the refinement lowers; errors capped at their 80th percentile); the one with the
+        lower :func:`photometric_residual` is returned if that is not above the input's, else the
+        input itself. The returned depth's
+        residual is therefore never above the input's (equal residuals keep the refinement: shading
+        cannot see a depth offset).
+    info : dict
+        Residuals of input, candidates and output, and which was chosen.
+
+    Notes
+    -----
+    Not part of Galteri et al. (CVIU 2019), whose refiner has no test at inference. A network trained
+    on synthetic pairs can move a face that needs no change (a real scan, a good fit); the photo's
+    shading is independent evidence. The test compares least-squares SH lighting fits
+    (:func:`photometric_residual`; Ramamoorthi & Hanrahan 2001, Jin et al. 2021 Eqs. 4-5) with a
+    constant albedo and a trimmed mean, so albedo edges (brows, lips) weigh on neither candidate.
+    Where the albedo carries shading of its own (a photo texture with baked-in light) the test
+    can prefer a smoother or a wrong surface; docs/learned.md reports what it does on a real scan.
+    Shading constrains local relief, hardly the overall pose or a smooth change of shape: those
+    parts of a refinement pass whenever the relief does not get worse.
+    """
+    import cv2
+
+    d, m, img = _check_safeguard_inputs(depth, mask, image, refined)
+    r = np.where(m, np.asarray(refined, dtype=np.float64), d)
+    side = _box_side(m)
+    sigma = side / 16.0 if sigma is None else float(sigma)
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    e_in, inner = _shading_error_map(d, m, img)
+    e_ref, _ = _shading_error_map(r, m, img)
+    # albedo edges weigh no more than the trimmed residual lets them
+    cap = np.quantile(np.concatenate([e_in[inner], e_ref[inner]]), SAFEGUARD_TRIM)
+    k = int(2 * np.ceil(3 * sigma) + 1)
+    better = (_smooth(np.minimum(e_ref, cap), inner, sigma) < _smooth(np.minimum(e_in, cap), inner, sigma)) & m
+    den = np.maximum(cv2.GaussianBlur(m.astype(np.float64), (k, k), sigma), 1e-9)
+    w = cv2.GaussianBlur(better.astype(np.float64), (k, k), sigma) / den
+    regional = d + w * (r - d)
+    res = {"input": _trimmed_mean(e_in[inner]), "refined": _trimmed_mean(e_ref[inner])}
+    res["regional"] = _trimmed_mean(_shading_error_map(regional, m, img)[0][inner])
+    cands = ("refined", "regional") if (w[m] > 0).any() else ("refined",)  # w = 0: the regional one is the input
+    best = min(cands, key=lambda c: res[c])
+    chosen = best if res[best] <= res["input"] else "input"  # a tie (e.g. a depth offset) keeps the change
+    out = {"input": d, "refined": r, "regional": regional}[chosen]
+    info = {"residual": res, "chosen": chosen, "accepted_fraction": float(w[m].mean()) if chosen == "regional"
+            else (1.0 if chosen == "refined" else 0.0), "sigma_px": sigma}
+    return np.where(m, out, np.nan), info
+
+
+# ------------------------------------------------------------------------------------------------
 # inference
 # ------------------------------------------------------------------------------------------------
 class Refiner:
@@ -593,6 +766,8 @@ class Refiner:
         self.device = _device(device) if device is not None else next(generator.parameters()).device
         #: resolution the depth is encoded at before area-downsampling to the network's (>= resolution)
         self.encode_resolution = self.resolution
+        #: what :func:`photometric_safeguard` decided in the last :meth:`refine` call (None: not run)
+        self.last_safeguard: Optional[dict] = None
 
     @property
     def needs_image(self) -> bool:
@@ -640,7 +815,7 @@ class Refiner:
         _save_checkpoint(path, payload)
         return pathlib.Path(path)
 
-    def refine(self, depth, mask=None, image=None) -> np.ndarray:
+    def refine(self, depth, mask=None, image=None, safeguard: bool = True) -> np.ndarray:
         """Refine a depth map (geomfit conventions: pixel units, larger = closer, NaN outside).
 
         Parameters
@@ -650,7 +825,12 @@ class Refiner:
         mask : bool array (H, W), optional
             Face pixels (default: finite depth); depth must be finite there.
         image : array (H, W, 3), optional
-            The aligned photo (uint8 or float in [0, 1]); required by DCE+RGB refiners.
+            The aligned photo (uint8 or float in [0, 1]; linear RGB is best); required by DCE+RGB
+            refiners.
+        safeguard : bool
+            With a photo, keep the network's change only where and if it lowers the photometric
+            residual of a least-squares SH lighting fit (:func:`photometric_safeguard`; not in the
+            paper); :attr:`last_safeguard` records the decision. Without a photo it is not run.
 
         Returns
         -------
@@ -679,4 +859,8 @@ class Refiner:
             xt = torch.from_numpy(x[list(idx)][None]).to(self.device)
             out = self.G(xt)[0, 0].cpu().numpy().astype(np.float64)
         delta = decode_depth_delta(out - x[0], mnet, frame, d.shape)
-        return np.where(m, d + delta, np.nan)
+        refined = np.where(m, d + delta, np.nan)
+        self.last_safeguard = None
+        if safeguard and image is not None:
+            refined, self.last_safeguard = photometric_safeguard(d, refined, m, image)
+        return refined

@@ -526,6 +526,7 @@ def _landmark_targets(model, V):
 
 def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int = 0, render_scale: int = 2,
                          landmark_noise: float = 0.03, detail_scale: float = 1.0, max_yaw_deg: float = 30.0,
+                         blurred_fraction: float = 0.0, blur_px=(0.5, 2.0),
                          chunk: int = 64, progress=None) -> RefinerPairs:
     """Generate coarse/ground-truth training pairs for the refiner on this machine.
 
@@ -547,6 +548,14 @@ def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int
     max_yaw_deg : float
         Yaw is uniform in +-max_yaw, pitch in +-max_yaw/2, roll in +-max_yaw/3 (the papers augment
         with +-45/+-20/+-20 degrees).
+    blurred_fraction : float
+        Fraction of the pairs (drawn at random) whose coarse input is the ground truth itself,
+        Gaussian-blurred by ``blur_px`` (uniform range, pixels of the ``render_scale * R`` render)
+        instead of the landmark fit: an input whose shape is already right, where the refiner should
+        only restore detail. Not in Galteri et al.; it teaches "do no harm" on inputs such as a
+        smoothed real scan or a shape-from-shading result.
+    blur_px : (float, float)
+        Range of the blur's standard deviation.
     chunk : int
         Faces fitted and rendered per batch.
 
@@ -574,6 +583,11 @@ def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int
 
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= float(blurred_fraction) <= 1.0:
+        raise ValueError(f"blurred_fraction must be in [0, 1], got {blurred_fraction}")
+    blur_lo, blur_hi = (float(v) for v in blur_px)
+    if not 0.0 < blur_lo <= blur_hi:
+        raise ValueError(f"blur_px must be a range 0 < lo <= hi, got {blur_px}")
     mdl = resolve_model(model)
     anchors = _anchors(mdl)
     rng = np.random.default_rng(seed)
@@ -634,6 +648,11 @@ def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int
         alb = _albedo(px, py, anchors, rng)
         img = np.clip(alb * np.clip(shading, 0, None)[..., None] + rng.normal(0, 0.01, alb.shape), 0, 1)
         img = np.where(np.isfinite(gt_d)[..., None], img, 0.0)
+        if blurred_fraction > 0:  # (no draws otherwise: the pairs of a given seed stay reproducible)
+            blurred = rng.random(B) < blurred_fraction
+            sig = rng.uniform(blur_lo, blur_hi, B)
+            for b in np.flatnonzero(blurred):
+                co_d[b] = _masked_blur(gt_d[b], sig[b])
         for b in range(B):
             cm = np.isfinite(co_d[b])
             if cm.sum() < 64:
@@ -652,9 +671,23 @@ def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int
     meta = {"generator": "geomfit.learned.refiner_data.make_synthetic_pairs", "n": int(n), "resolution": R,
             "seed": int(seed), "render_scale": int(render_scale), "landmark_noise": landmark_noise,
             "detail_scale": detail_scale, "detail_mm": DETAIL_MM, "max_yaw_deg": max_yaw_deg,
+            "blurred_fraction": float(blurred_fraction), "blur_px": [blur_lo, blur_hi],
             "model": getattr(mdl, "name", str(model))}
     return RefinerPairs(np.stack(xs).astype(np.float16), np.stack(ys).astype(np.float16), np.stack(ms),
                         np.asarray(mm, dtype=np.float64), meta)
+
+
+def _masked_blur(depth, sigma):
+    """Gaussian blur (standard deviation ``sigma`` px) of a depth map over its finite pixels only
+    (normalised convolution: the silhouette does not pull depth towards the background)."""
+    import cv2
+
+    m = np.isfinite(depth)
+    k = int(2 * np.ceil(3 * sigma) + 1)
+    num = cv2.GaussianBlur(np.where(m, depth, 0.0), (k, k), sigma)
+    den = cv2.GaussianBlur(m.astype(np.float64), (k, k), sigma)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(m, num / np.maximum(den, 1e-9), np.nan)
 
 
 def _sh_basis(normals):

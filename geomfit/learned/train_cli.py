@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 
 def add_train_refiner_parser(sub, func):
     t = sub.add_parser("train-refiner", help="train the progressive CGAN depth refiner (needs torch)")
@@ -15,6 +17,8 @@ def add_train_refiner_parser(sub, func):
     t.add_argument("--kind", default="progressive", choices=["progressive", "pix2pix"])
     t.add_argument("--data", metavar="DIR_OR_NPZ",
                    help="your pairs (folder with coarse/ and gt/, see docs/learned.md) or a pairs .npz")
+    t.add_argument("--extra-data", nargs="+", metavar="NPZ",
+                   help="more pairs files (.npz) added to the training split only (the held-out split stays --data's)")
     t.add_argument("--pairs", type=int, default=3200, help="synthetic pairs to generate when --data is absent [3200]")
     t.add_argument("--encode-resolution", type=int,
                    help="encode the pairs at this resolution and area-downsample them to --resolution "
@@ -66,6 +70,23 @@ def _load_data(a, say):
     return pairs
 
 
+def _load_extra(a, resolution, say):
+    from .refiner_data import RefinerPairs
+
+    if not getattr(a, "extra_data", None):
+        return None
+    parts = []
+    for f in a.extra_data:
+        p = RefinerPairs.load(pathlib.Path(f).expanduser())
+        if p.resolution < resolution:
+            raise ValueError(f"the extra pairs {f} are {p.resolution}x{p.resolution}, below --resolution {resolution}")
+        parts.append(p.downsample(resolution))
+        say(f"extra training pairs: {len(p)} from {f}")
+    return RefinerPairs(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                        np.concatenate([p.mask for p in parts]), np.concatenate([p.mm_per_unit for p in parts]),
+                        {"files": [pathlib.Path(f).name for f in a.extra_data], "parts": [p.meta for p in parts]})
+
+
 def run_train_refiner(a, say) -> int:
     try:
         import torch  # noqa: F401
@@ -80,11 +101,13 @@ def run_train_refiner(a, say) -> int:
     if a.minutes is not None and not a.minutes > 0:
         raise ValueError("--minutes must be positive")
     pairs = _load_data(a, say)
+    extra = _load_extra(a, pairs.resolution, say)
     say(f"{len(pairs)} pairs; training {a.kind} {a.config} at {a.resolution}x{a.resolution} -> {out}")
     res = train_refiner(pairs, out, config=a.config, kind=a.kind, minutes=a.minutes,
                         images_per_phase=a.images_per_phase, batch_size=a.batch_size, lr=a.lr, width=a.width,
                         skips=not a.no_skips, residual=not a.no_residual, held_out=a.held_out, seed=a.seed,
-                        resume=not a.fresh, device=a.device, progress=not a.quiet, threads=a.threads)
+                        resume=not a.fresh, device=a.device, progress=not a.quiet, threads=a.threads,
+                        extra_train=extra)
     if a.history:
         atomic.write_json(a.history, res)
     f = res["final"]
