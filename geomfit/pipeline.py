@@ -443,7 +443,8 @@ def _apply_refiner(refiner, d_med, mask, img, fine, log):
     return np.where(mask, d, np.nan), {
         "refiner": name, "config": getattr(refiner, "config", None), "resolution": getattr(refiner, "resolution", None),
         "applied": "after the medium stage, before the fine stage" if fine else "after the medium stage (alone)",
-        "mean_abs_change_px": float(change.mean()), "max_abs_change_px": float(change.max())}
+        "mean_abs_change_px": float(change.mean()), "max_abs_change_px": float(change.max()),
+        "safeguard": getattr(refiner, "last_safeguard", None)}
 
 
 def _jsonable(x):

@@ -438,6 +438,8 @@ def test_pipeline_applies_the_refiner_and_reports_it():
     assert rep["applied"] == "after the medium stage (alone)" and rep["config"] == "DCE"
     assert np.median((out - d)[m]) == pytest.approx(0.2 * frame.span / 2 / frame.zoom, rel=1e-3)
     assert rep["mean_abs_change_px"] > 0 and np.isnan(out[~m]).all()
+    assert rep["safeguard"]["chosen"] == "refined"  # a depth offset leaves the shading alike: kept
+    json.dumps(rep)
 
 
 # ------------------------------------------------------------------------------------------------

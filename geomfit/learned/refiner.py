@@ -742,7 +742,7 @@ def photometric_safeguard(depth, refined, mask, image, sigma: Optional[float] = 
     chosen = best if res[best] <= res["input"] else "input"  # a tie (e.g. a depth offset) keeps the change
     out = {"input": d, "refined": r, "regional": regional}[chosen]
     info = {"residual": res, "chosen": chosen, "accepted_fraction": float(w[m].mean()) if chosen == "regional"
-            else (1.0 if chosen == "refined" else 0.0), "sigma_px": sigma}
+            else (1.0 if chosen == "refined" else 0.0), "sigma_px": float(sigma)}
     return np.where(m, out, np.nan), info
 
 
