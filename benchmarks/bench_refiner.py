@@ -20,7 +20,8 @@ Sections (each stored in benchmarks/results/refiner.json):
 7. ``analysis``: what limits the held-out target: the coarse error left after removing, per face,
    the best constant / plane / plane + depth scale / quadratic (oracles that see the ground truth),
    the coarse error of the same faces fitted from noise-free landmarks, and the linear probe at
-   32 x 32 with ``--extra-pairs`` added to the training split.
+   32 x 32 with ``--extra-pairs`` added to the training split; and the refiners on held-out pairs
+   whose input is the blurred ground truth (an input that needs no change).
 
 Run: ``GEOMFIT_DATA=... python benchmarks/bench_refiner.py --pairs PAIRS.npz [--default CKPT]
 [--compare PROG.pt P2P.pt PROG.json P2P.json] [--history DEFAULT.json] [--previous OLD.pt]
@@ -248,6 +249,20 @@ def landmark_noise_effect(n=256, seed=7, r=32):
     return out
 
 
+def blurred_inputs(checkpoints, n=160, seed=3, r=32):
+    """Held-out pairs whose coarse input is the ground truth blurred (never trained on): does a refiner
+    leave an input that is already right alone? Depth MAE of each refiner versus the input's."""
+    from geomfit.learned.refiner import Refiner, evaluate
+    from geomfit.learned.refiner_data import make_synthetic_pairs
+
+    P = make_synthetic_pairs(n, 64, seed=seed, blurred_fraction=1.0).downsample(r)
+    out = {"n": n, "seed": seed, "resolution": r}
+    for name, path in checkpoints.items():
+        ref = Refiner.load(path)
+        out[name] = evaluate(ref.G, P, ref.config, None, ref.kind)
+    return out
+
+
 def linear_probe_more(pairs, extra, r=32, lams=(10.0, 100.0, 1000.0), sizes=(0, 2000, None)):
     """Ridge probe at r x r (primal normal equations) with more synthetic pairs in the training split."""
     from geomfit.learned.refiner_data import RefinerPairs
@@ -420,7 +435,10 @@ def main():
         extra = RP.load(a.extra_pairs) if a.extra_pairs else None
         res["analysis"] = {"error_decomposition": error_decomposition(test.downsample(32)),
                            "landmark_noise": landmark_noise_effect(),
-                           "linear_probe_32": linear_probe_more(pairs, extra), "load": _load()}
+                           "linear_probe_32": linear_probe_more(pairs, extra),
+                           "blurred_inputs": blurred_inputs({"default": a.default, **({"previous": a.previous}
+                                                                                    if a.previous else {})}),
+                           "load": _load()}
         save()
     print(json.dumps({k: v for k, v in res.items() if k != "calibration"}, indent=1, default=float))
 
