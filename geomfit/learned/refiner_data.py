@@ -672,9 +672,17 @@ def make_synthetic_pairs(n: int, resolution: int = 64, *, model="sfm", seed: int
             "seed": int(seed), "render_scale": int(render_scale), "landmark_noise": landmark_noise,
             "detail_scale": detail_scale, "detail_mm": DETAIL_MM, "max_yaw_deg": max_yaw_deg,
             "blurred_fraction": float(blurred_fraction), "blur_px": [blur_lo, blur_hi],
-            "model": getattr(mdl, "name", str(model))}
+            "model": _model_label(getattr(mdl, "name", str(model)))}
     return RefinerPairs(np.stack(xs).astype(np.float16), np.stack(ys).astype(np.float16), np.stack(ms),
                         np.asarray(mm, dtype=np.float64), meta)
+
+
+def _model_label(name) -> str:
+    """The model's file name without its folder: pair metadata (and the checkpoints that carry it) must
+    not record a path on the machine that made them."""
+    import pathlib
+
+    return pathlib.PurePath(str(name)).name or str(name)
 
 
 def _masked_blur(depth, sigma):
