@@ -435,21 +435,30 @@ def subdivide(vertices, faces, iterations: int = 1):
     v = np.asarray(asnumpy(_check_vertices(vertices)))
     f = np.asarray(asnumpy(_check_faces(faces, v.shape[0])), dtype=np.int64)
     for _ in range(int(iterations)):
-        n = v.shape[0]
-        e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])  # (3F, 2): ab, bc, ca
-        key = np.sort(e, axis=1)
-        uniq, inv = np.unique(key, axis=0, return_inverse=True)
-        inv = inv.reshape(-1)
-        mid = 0.5 * (v[uniq[:, 0]] + v[uniq[:, 1]])
-        F = f.shape[0]
-        ab, bc, ca = (n + inv[:F]), (n + inv[F:2 * F]), (n + inv[2 * F:])
-        a, b, c = f[:, 0], f[:, 1], f[:, 2]
-        # children of a face are consecutive (keeps the input's spatial face order: cache-friendly
-        # rasterisation)
-        f = np.stack([np.stack([a, ab, ca], 1), np.stack([ab, b, bc], 1),
-                      np.stack([ca, bc, c], 1), np.stack([ab, bc, ca], 1)], 1).reshape(-1, 3)
-        v = np.concatenate([v, mid])
+        uniq, _, f2 = _edge_split(f, v.shape[0])
+        v = np.concatenate([v, 0.5 * (v[uniq[:, 0]] + v[uniq[:, 1]])])
+        f = f2
     return v, f
+
+
+def _edge_split(f, n):
+    """The 1-to-4 split of faces ``f`` over ``n`` vertices: ``(edges, inverse, faces)``.
+
+    ``edges`` (E, 2) are the unique edges (sorted pairs) in the order their new vertices ``n + k`` are
+    appended; ``inverse`` (3F,) maps the face edges ``ab`` (all faces), then ``bc``, then ``ca`` to
+    them; ``faces`` (4F, 3) are the children, those of face ``k`` at ``4k .. 4k+3``.
+    """
+    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])  # (3F, 2): ab, bc, ca
+    uniq, inv = np.unique(np.sort(e, axis=1), axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    F = f.shape[0]
+    ab, bc, ca = (n + inv[:F]), (n + inv[F:2 * F]), (n + inv[2 * F:])
+    a, b, c = f[:, 0], f[:, 1], f[:, 2]
+    # children of a face are consecutive (keeps the input's spatial face order: cache-friendly
+    # rasterisation)
+    f2 = np.stack([np.stack([a, ab, ca], 1), np.stack([ab, b, bc], 1),
+                   np.stack([ca, bc, c], 1), np.stack([ab, bc, ca], 1)], 1).reshape(-1, 3)
+    return uniq, inv, f2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,17 +507,13 @@ def _phong_subdivide(v, f, alpha: float = 0.75):
     edge ``ab`` moves to ``(1 - alpha) m + alpha (pi_a(m) + pi_b(m)) / 2``, ``pi_a`` the projection
     onto the tangent plane of ``a`` (vertex normal).  Original vertices are unchanged, planes stay
     planes, and a coarse curved mesh no longer shows its facets once it is finely subdivided."""
-    n = v.shape[0]
     nv = np.asarray(vertex_normals(v, f))
-    v2, f2 = subdivide(v, f, 1)
-    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    uniq = np.unique(np.sort(e, axis=1), axis=0)  # the order subdivide() appends the midpoints in
+    uniq, _, f2 = _edge_split(f, v.shape[0])
     a, b = uniq[:, 0], uniq[:, 1]
-    m = v2[n:]
+    m = 0.5 * (v[a] + v[b])
     pa = m - ((m - v[a]) * nv[a]).sum(1, keepdims=True) * nv[a]
     pb = m - ((m - v[b]) * nv[b]).sum(1, keepdims=True) * nv[b]
-    v2[n:] = (1.0 - alpha) * m + alpha * 0.5 * (pa + pb)
-    return v2, f2
+    return np.concatenate([v, (1.0 - alpha) * m + alpha * 0.5 * (pa + pb)]), f2
 
 
 def _loop_subdivide(v, f):
@@ -525,11 +530,8 @@ def _loop_subdivide(v, f):
     curvature times the squared edge length), planes stay planes.
     """
     n = v.shape[0]
-    F = f.shape[0]
-    e = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    opp = np.concatenate([f[:, 2], f[:, 0], f[:, 1]])
-    uniq, inv = np.unique(np.sort(e, axis=1), axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
+    uniq, inv, f2 = _edge_split(f, n)
+    opp = np.concatenate([f[:, 2], f[:, 0], f[:, 1]])  # the vertex opposite each face edge ab, bc, ca
     cnt = np.bincount(inv, minlength=len(uniq))
     a, b = uniq[:, 0], uniq[:, 1]
     osum = np.zeros((len(uniq), 3))
@@ -558,7 +560,6 @@ def _loop_subdivide(v, f):
     used = np.zeros(n, bool)
     used[f.reshape(-1)] = True
     vnew[~used] = v[~used]
-    _, f2 = subdivide(v, f, 1)
     return np.concatenate([vnew, ept]), f2
 
 
